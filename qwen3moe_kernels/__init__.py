@@ -1,0 +1,12 @@
+"""qwen3moe-kernels: CUDA and Triton kernels, behind PyTorch ops, for Qwen3-MoE models.
+
+``qwen3moe_kernels.reference`` is the specification (pure PyTorch); ``qwen3moe_kernels.ops`` holds the
+registered ``torch.ops.qwen3moe`` ops; ``qwen3moe_kernels.implementations()`` says which implementation
+each op used last.
+"""
+
+from . import reference
+from .dispatch import FallbackWarning, implementations
+
+__version__ = "0.1.0"
+__all__ = ["reference", "implementations", "FallbackWarning", "__version__"]
