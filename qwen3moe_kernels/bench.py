@@ -1,0 +1,652 @@
+"""The shared timing harness, and the embedded default benchmark (the Qwen3-30B-A3B sparse MoE block).
+
+Every benchmark in this project times through :func:`time_fn`:
+
+* the result is checked against the reference *before* anything is timed (a wrong kernel gets no number);
+* a few warm-up calls (lazy init, Triton autotuning, allocator growth) are not timed;
+* then many timed calls, rotating over several input sets so that a small op cannot keep its inputs hot in
+  cache between calls (weights too large for any cache are shared, as they are in a model);
+* CUDA is timed with device events around each call (host timers would include launch queueing);
+* the median is reported with the 10th and 90th percentiles as the spread; the number of calls adapts to a
+  time budget (at least ``min_runs``), so a 40 ms prefill and a 20 us decode call both get a stable median.
+
+:func:`machine_info` records what the numbers mean: CPU capability (``torch.backends.cpu.get_cpu_capability()``),
+the lscpu model name and flags that matter (avx512_bf16, amx), GPU name, torch/triton/transformers versions and
+the git commit. :func:`save_json` writes results with that record; :func:`plot` draws time vs token count per
+implementation (matplotlib, when installed).
+
+The block benchmark (:func:`bench_moe_block`) compares, on identical weights and inputs:
+``fused`` (``qwen3moe_kernels.fused.sparse_moe_block``), ``eager`` (``qwen3moe_kernels.reference``, the
+transformers eager loop re-written as the spec) and transformers' own ``Qwen3MoeSparseMoeBlock`` with
+``experts_implementation="eager"`` and ``"grouped_mm"`` (when transformers is installed and the mode runs here).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import dispatch, fused, reference
+from .tolerances import TOL, twice_torch_error_bound
+
+# Qwen3-30B-A3B MoE layer shapes (config.json of the released checkpoint).
+QWEN3_30B_A3B = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}
+
+DEFAULT_TOKENS = {"cpu": [1, 8, 64, 512], "cuda": [1, 8, 64, 512, 2048, 8192]}
+QUICK_TOKENS = {"cpu": [1, 16], "cuda": [1, 64, 1024]}
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+# ------------------------------------------------------------------------------------------ the machine
+
+
+@functools.lru_cache(maxsize=None)
+def _lscpu() -> dict[str, str]:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cpu_flags() -> set[str]:
+    flags = _lscpu().get("Flags", "")
+    if not flags:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    flags = line.partition(":")[2]
+                    break
+        except OSError:
+            pass
+    return set(flags.split())
+
+
+def cpu_bench_dtype() -> tuple[torch.dtype, str]:
+    """The dtype a CPU benchmark should run in, and why.
+
+    bf16 GEMMs are fast only where the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16); on an
+    AVX2-only CPU oneDNN emulates them and a bf16 matmul runs at under 1 GFLOP/s, which would benchmark the
+    emulation, not our kernels. ``get_cpu_capability()`` says "AVX512" for any AVX-512 CPU (with or without
+    BF16), so the lscpu flags decide.
+    """
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_flags()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return torch.bfloat16, f"bf16: CPU capability {cap} with native {', '.join(native)}"
+    return torch.float32, f"fp32: CPU capability {cap} without avx512_bf16/amx_bf16 (bf16 GEMMs would be emulated)"
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # not installed, or broken: the record says so rather than failing the benchmark
+        return None
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Everything needed to read a number later: CPU model and capability, GPU, versions, commit."""
+    device = torch.device(device)
+    lscpu = _lscpu()
+    flags = cpu_flags()
+    info = {
+        "device": str(device),
+        "cpu_model": lscpu.get("Model name") or platform.processor() or None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}),
+        "cpu_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "gpu": None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "qwen3moe_kernels": _version("qwen3moe_kernels"),
+        "git_commit": _git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def device_label(info: dict[str, Any]) -> str:
+    if info.get("gpu"):
+        return f"{info['gpu']} (sm_{info.get('gpu_capability', '?').replace('.', '')})"
+    return f"{info.get('cpu_model')} ({info.get('cpu_capability')}, {info.get('cpu_threads')} threads)"
+
+
+def device_peak(device: str | torch.device, dtype: torch.dtype) -> dict[str, float] | None:
+    """Measured peak TFLOP/s and GB/s of the device, from ``qwen3moe_kernels.roofline`` where that module exists.
+
+    Only GPUs get roofline fractions: a shared 2-core CPU's "peak" is not a stable number.
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from . import roofline  # written separately; optional
+    except ImportError:
+        return None
+    for name in ("device_peak", "measured_peak", "peak"):
+        fn = getattr(roofline, name, None)
+        if callable(fn):
+            try:
+                got = fn(device, dtype)
+            except TypeError:
+                got = fn(device)
+            if isinstance(got, dict):
+                return got
+            tflops = getattr(got, "tflops", None)
+            gbps = getattr(got, "gbps", None) or getattr(got, "gb_per_s", None)
+            if tflops or gbps:
+                return {"tflops": tflops, "gbps": gbps}
+    return None
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[..., Any],
+    arg_sets: Sequence[Sequence[Any]],
+    device: str | torch.device = "cpu",
+    *,
+    warmup: int = 2,
+    min_runs: int = 5,
+    max_runs: int = 200,
+    budget_s: float = 1.5,
+) -> dict[str, float]:
+    """Median, p10 and p90 (in ms) of ``fn(*args)`` over calls rotating through ``arg_sets``.
+
+    At least ``min_runs`` timed calls, then more until ``budget_s`` of timed work or ``max_runs``.
+    """
+    device = torch.device(device)
+    n_sets = len(arg_sets)
+    if n_sets == 0:
+        raise ValueError("time_fn needs at least one input set")
+    with torch.inference_mode():
+        for i in range(warmup):
+            fn(*arg_sets[i % n_sets])
+        _sync(device)
+        times: list[float] = []
+        spent = 0.0
+        i = 0
+        while len(times) < max_runs and (len(times) < min_runs or spent < budget_s):
+            args = arg_sets[i % n_sets]
+            i += 1
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(*args)
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn(*args)
+                ms = (time.perf_counter() - t0) * 1e3
+            times.append(ms)
+            spent += ms / 1e3
+    return summarize(times)
+
+
+def summarize(times_ms: Sequence[float]) -> dict[str, float]:
+    s = sorted(times_ms)
+
+    def q(p: float) -> float:  # linear interpolation between order statistics
+        x = p * (len(s) - 1)
+        lo, hi = math.floor(x), math.ceil(x)
+        return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+    return {"median_ms": statistics.median(s), "p10_ms": q(0.1), "p90_ms": q(0.9), "runs": len(s)}
+
+
+def peak_memory_fwd_bwd(fn: Callable[[], torch.Tensor], device: str | torch.device) -> float | None:
+    """Peak allocated GiB for one forward + backward of ``fn()`` (CUDA only; None elsewhere)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    out.float().square().mean().backward()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+# ------------------------------------------------------------------------------------- result checks
+
+
+def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.numel() == 0:
+        return 0.0
+    return (out.float() - ref.float()).abs().max().item()
+
+
+def close_bound(ref: torch.Tensor, kind: str, dtype: torch.dtype) -> float:
+    """The max-abs error ``assert_close(atol, rtol)`` of the table allows against ``ref`` (worst element)."""
+    atol, rtol = TOL[kind][dtype]
+    return atol + rtol * (ref.float().abs().max().item() if ref.numel() else 0.0)
+
+
+def close_ok(out: torch.Tensor, ref: torch.Tensor, kind: str, dtype: torch.dtype) -> bool:
+    atol, rtol = TOL[kind][dtype]
+    if out.shape != ref.shape:
+        return False
+    return bool(torch.isclose(out.float(), ref.float(), atol=atol, rtol=rtol).all()) if out.numel() else True
+
+
+# ------------------------------------------------------------------------------------ tables and files
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if spec:
+            return format(v, spec)
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.3f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``columns`` = (key, header, format spec). Missing keys print as '-'."""
+    cells = [[h for _, h, _ in columns]] + [[_fmt(r.get(k), spec) for k, _, spec in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+BENCH_COLUMNS = [
+    ("op", "op", ""),
+    ("dtype", "dtype", ""),
+    ("tokens", "T", ""),
+    ("impl", "impl", ""),
+    ("median_ms", "median ms", ".3f"),
+    ("spread", "p10-p90 ms", ""),
+    ("vs_eager", "x eager", ".2f"),
+    ("vs_transformers", "x transformers", ".2f"),
+    ("tflops", "TFLOP/s", ".3f"),
+    ("gbps", "GB/s", ".1f"),
+    ("frac_peak", "% peak", ".1f"),
+    ("peak_mem_gib", "fwd+bwd GiB", ".2f"),
+    ("ran", "ran", ""),
+]
+
+
+def bench_table(results: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        row = dict(r)
+        if r.get("p10_ms") is not None and r.get("p90_ms") is not None:
+            row["spread"] = f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"
+        if r.get("error"):
+            row["ran"] = f"{r.get('ran') or ''} ERROR: {r['error']}".strip()
+        rows.append(row)
+    cols = [c for c in BENCH_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    return format_table(rows, cols)
+
+
+def save_json(path: str | Path, results: Sequence[dict[str, Any]], machine: dict[str, Any], config: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "config": config, "results": list(results)}
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return path
+
+
+def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Median time vs token count, one line per implementation, one panel per (op, dtype). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib, or '.[bench]')")
+        return None
+    panels: dict[tuple[str, str], dict[str, list[tuple[int, float, float, float]]]] = {}
+    for r in results:
+        if r.get("median_ms") is None or r.get("tokens") is None:
+            continue
+        key = (r.get("op", "?"), r.get("dtype", "?"))
+        panels.setdefault(key, {}).setdefault(r.get("impl", "?"), []).append(
+            (int(r["tokens"]), r["median_ms"], r.get("p10_ms", r["median_ms"]), r.get("p90_ms", r["median_ms"]))
+        )
+    if not panels:
+        print("no timed results to plot")
+        return None
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, ((op, dt), impls) in zip(axes.flat, sorted(panels.items())):
+        for impl, pts in sorted(impls.items()):
+            pts.sort()
+            t = [p[0] for p in pts]
+            ax.plot(t, [p[1] for p in pts], marker="o", label=impl)
+            ax.fill_between(t, [p[2] for p in pts], [p[3] for p in pts], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("median ms (band: p10-p90)")
+        ax.set_title(f"{op} ({dt})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_ratios(results: list[dict[str, Any]], baseline: str = "eager", transformers: str | None = None) -> None:
+    """Fill ``vs_eager`` / ``vs_transformers`` = baseline time / this time (>1 means faster), per (op, dtype, T).
+
+    ``transformers`` names the transformers implementation to compare with; by default the fastest row whose
+    impl starts with "transformers" in the same group (the best transformers can do here).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r.get("op"), r.get("dtype"), r.get("tokens")), []).append(r)
+    for rows in groups.values():
+        timed = [r for r in rows if r.get("median_ms")]
+        base = next((r for r in timed if r.get("impl") == baseline), None)
+        hf = [r for r in timed if str(r.get("impl", "")).startswith("transformers")]
+        if transformers is not None:
+            hf = [r for r in hf if r.get("impl") == transformers]
+        hf_best = min(hf, key=lambda r: r["median_ms"]) if hf else None
+        for r in timed:
+            if base is not None and r.get("vs_eager") is None:
+                r["vs_eager"] = base["median_ms"] / r["median_ms"]
+            if hf_best is not None and r.get("vs_transformers") is None:
+                r["vs_transformers"] = hf_best["median_ms"] / r["median_ms"]
+                r.setdefault("transformers_baseline", hf_best["impl"])
+
+
+def add_rates(r: dict[str, Any], flops: float | None, nbytes: float | None, peak: dict | None) -> None:
+    """TFLOP/s and GB/s from the median, and the fraction of the device peak of whichever bound is nearer."""
+    ms = r.get("median_ms")
+    if not ms:
+        return
+    if flops:
+        r["tflops"] = flops / (ms * 1e-3) / 1e12
+    if nbytes:
+        r["gbps"] = nbytes / (ms * 1e-3) / 1e9
+    if peak:
+        fracs = []
+        if flops and peak.get("tflops"):
+            fracs.append(r["tflops"] / peak["tflops"])
+        if nbytes and peak.get("gbps"):
+            fracs.append(r["gbps"] / peak["gbps"])
+        if fracs:
+            r["frac_peak"] = 100.0 * max(fracs)
+
+
+def last_implementations(prefixes: Sequence[str] | None = None) -> str:
+    """What ``qwen3moe_kernels.implementations()`` says ran, as one short string."""
+    impls = dispatch.implementations()
+    if prefixes is not None:
+        impls = {k: v for k, v in impls.items() if any(k.startswith(p) for p in prefixes)}
+    return ", ".join(f"{k}={v}" for k, v in sorted(impls.items())) or "-"
+
+
+# --------------------------------------------------------------------------------- the MoE block bench
+
+
+def make_moe_weights(
+    hidden: int, inter: int, experts: int, dtype: torch.dtype, device: str | torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Seeded random weights scaled like a trained layer (unit-variance activations in, O(1) out)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale):
+        # generated in chunks along dim 0 so a 1.2 GB bf16 tensor never needs a 2.4 GB fp32 twin
+        out = torch.empty(shape, dtype=dtype, device=device)
+        for i in range(0, shape[0], 8):
+            out[i : i + 8] = (torch.randn((min(8, shape[0] - i), *shape[1:]), generator=g) * scale).to(dtype)
+        return out
+
+    return {
+        "router_weight": rnd(experts, hidden, scale=hidden**-0.5),
+        "w_gate_up": rnd(experts, 2 * inter, hidden, scale=hidden**-0.5),
+        "w_down": rnd(experts, hidden, inter, scale=inter**-0.5),
+    }
+
+
+def moe_block_cost(T: int, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
+                   active_experts: int) -> tuple[float, float]:
+    """FLOPs and the minimum bytes moved by one sparse block call (router, gate_up, down; weights of the
+    experts actually hit read once, activations in and out once)."""
+    el = torch.finfo(dtype).bits // 8
+    flops = 2.0 * T * hidden * experts + 2.0 * T * top_k * (hidden * 2 * inter + inter * hidden)
+    nbytes = el * (experts * hidden + active_experts * 3 * hidden * inter + 2 * T * hidden)
+    return flops, nbytes
+
+
+def transformers_block(weights: dict[str, torch.Tensor], top_k: int, experts_implementation: str):
+    """transformers' ``Qwen3MoeSparseMoeBlock`` sharing ``weights`` (built on the meta device: no copy)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    E, two_i, H = weights["w_gate_up"].shape
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=two_i // 2, num_experts=E, num_experts_per_tok=top_k,
+                         norm_topk_prob=True, experts_implementation=experts_implementation)
+    with torch.device("meta"):
+        block = Qwen3MoeSparseMoeBlock(cfg)
+    block.gate.weight = torch.nn.Parameter(weights["router_weight"], requires_grad=False)
+    block.experts.gate_up_proj = torch.nn.Parameter(weights["w_gate_up"], requires_grad=False)
+    block.experts.down_proj = torch.nn.Parameter(weights["w_down"], requires_grad=False)
+    return block.eval()
+
+
+def router_tied_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Tokens whose k-th and (k+1)-th router probabilities are equal: any choice between them is correct.
+
+    bf16 logits carry 8 significant bits, so at prefill sizes some tokens tie at the top-k boundary; the spec
+    breaks ties by the lowest expert id, ``torch.topk`` (transformers) by whatever its kernel does.
+    """
+    probs = torch.softmax(torch.nn.functional.linear(x, router_weight).float(), dim=-1)
+    if top_k >= probs.shape[-1]:
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    top = torch.topk(probs, top_k + 1, dim=-1).values
+    return top[:, top_k - 1] == top[:, top_k]
+
+
+def check_moe_block(out: torch.Tensor, x: torch.Tensor, weights: dict, top_k: int,
+                    ref_lowp: torch.Tensor) -> tuple[float, float, bool]:
+    """(max error, allowed, ok) of a block output against an fp32 experts reference on the same routing.
+
+    fp32: the table's "gemm" tolerance against the reference. bf16/fp16: the flash-attention rule, at most twice
+    the error of PyTorch's own low-precision computation (``ref_lowp``, the reference in x.dtype). The routing is
+    the low-precision router's in both: an fp32 router would flip near-tied experts and measure only that.
+    Tokens tied at the top-k boundary (:func:`router_tied_tokens`) are left out of the comparison.
+    """
+    if out.shape != ref_lowp.shape:
+        return float("inf"), 0.0, False
+    keep = ~router_tied_tokens(x, weights["router_weight"], top_k)
+    if x.dtype == torch.float32:
+        o, r = out[keep], ref_lowp[keep]
+        return max_abs_err(o, r), close_bound(r, "gemm", x.dtype), close_ok(o, r, "gemm", x.dtype)
+    logits = torch.nn.functional.linear(x, weights["router_weight"])
+    w, ids = reference.router_topk(logits, top_k, True)
+    ref32 = _experts_fp32_by_chunks(x, ids, w, weights)[keep]
+    err = max_abs_err(out[keep], ref32)
+    bound = twice_torch_error_bound(ref32, ref_lowp[keep])
+    return err, bound, bool(err <= bound)
+
+
+def _experts_fp32_by_chunks(x, ids, w, weights):
+    """fp32 experts reference without an fp32 copy of all 128 experts at once (only the experts hit, one by one)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    w = w.to(x.dtype).float()
+    idl = ids.long()
+    for e in torch.unique(idl).tolist():
+        tok, ch = torch.where(idl == e)
+        h = reference.swiglu(torch.nn.functional.linear(x[tok].float(), weights["w_gate_up"][e].float()))
+        out.index_add_(0, tok, torch.nn.functional.linear(h, weights["w_down"][e].float()) * w[tok, ch, None])
+    return out
+
+
+def bench_moe_block(
+    device: str | torch.device = "cpu",
+    token_counts: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    shapes: dict[str, int] | None = None,
+    impls: Sequence[str] | None = None,
+    n_inputs: int = 3,
+    budget_s: float = 1.5,
+    min_runs: int = 5,
+    memory: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Time the sparse MoE block per implementation and token count. Returns one dict per (T, impl).
+
+    ``impls`` from: "fused", "eager", "transformers-eager", "transformers-grouped_mm" (default: all that run).
+    """
+    device = torch.device(device)
+    shapes = dict(QWEN3_30B_A3B, **(shapes or {}))
+    H, I, E, k = shapes["hidden"], shapes["moe_intermediate"], shapes["experts"], shapes["top_k"]
+    if dtype is None:
+        dtype = cpu_bench_dtype()[0] if device.type == "cpu" else torch.bfloat16
+    if token_counts is None:
+        token_counts = DEFAULT_TOKENS.get(device.type, DEFAULT_TOKENS["cuda"])
+    wanted = list(impls or ["fused", "eager", "transformers-eager", "transformers-grouped_mm"])
+    weights = make_moe_weights(H, I, E, dtype, device)
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    skipped: dict[str, str] = {}
+    for name in wanted:
+        if name == "fused":
+            fns[name] = lambda x: fused.sparse_moe_block(x, weights["router_weight"], weights["w_gate_up"],
+                                                         weights["w_down"], k, True)[0]
+        elif name == "eager":
+            fns[name] = lambda x: reference.sparse_moe_block(x, weights["router_weight"], weights["w_gate_up"],
+                                                             weights["w_down"], k, True)[0]
+        elif name.startswith("transformers-"):
+            mode = name.split("-", 1)[1]
+            try:
+                block = transformers_block(weights, k, mode)
+            except Exception as exc:  # transformers missing, or this mode not available here
+                skipped[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            fns[name] = lambda x, block=block: block(x[None])[0]
+        else:
+            raise ValueError(f"unknown MoE block implementation {name!r}")
+    for name, why in skipped.items():
+        if log:
+            log(f"moe_block: skipping {name}: {why}")
+    peak = device_peak(device, dtype)
+    results: list[dict[str, Any]] = []
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    for T in token_counts:
+        xs = [torch.randn(T, H, generator=g).to(device=device, dtype=dtype) for _ in range(n_inputs)]
+        with torch.inference_mode():
+            ref = reference.sparse_moe_block(xs[0], weights["router_weight"], weights["w_gate_up"], weights["w_down"],
+                                             k, True)[0]
+            ids = reference.router_topk(torch.nn.functional.linear(xs[0], weights["router_weight"]), k, True)[1]
+            tied = int(router_tied_tokens(xs[0], weights["router_weight"], k).sum())
+        active = int(torch.unique(ids).numel())
+        flops, nbytes = moe_block_cost(T, H, I, E, k, dtype, active)
+        for name, fn in fns.items():
+            row: dict[str, Any] = {"op": "moe_block", "impl": name, "tokens": T, "dtype": dtype_name(dtype),
+                                   "shape": f"H={H} I={I} E={E} k={k}", "device": str(device),
+                                   "flops": flops, "bytes": nbytes, "active_experts": active,
+                                   "router_tied_tokens": tied}
+            try:
+                dispatch.reset()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", dispatch.FallbackWarning)
+                    with torch.inference_mode():
+                        out = fn(xs[0])
+                    err, bound, ok = check_moe_block(out, xs[0], weights, k, ref)
+                    row.update(max_err=err, tol=bound, check="pass" if ok else "FAIL")
+                    if name == "fused":
+                        row["ran"] = last_implementations()
+                    if not ok:
+                        row["error"] = f"wrong result: max error {err:.3e} > {bound:.3e}; not timed"
+                    else:
+                        row.update(time_fn(fn, [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs))
+                        add_rates(row, flops, nbytes, peak)
+                        if memory and device.type == "cuda":
+                            row["peak_mem_gib"] = _block_fwd_bwd_memory(name, weights, k, xs[0], device)
+            except Exception as exc:  # one broken implementation must not hide the others' numbers
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            results.append(row)
+            if log:
+                msg = f"  moe_block T={T:<5} {name:<24} "
+                msg += f"{row['median_ms']:.3f} ms" if row.get("median_ms") else row.get("error", "")
+                log(msg)
+    add_ratios(results)
+    return results
+
+
+def _block_fwd_bwd_memory(name: str, weights: dict, k: int, x: torch.Tensor, device) -> float | None:
+    """Forward + backward peak memory of the block with trainable weights (a training step's footprint)."""
+    w = {n: t.detach().requires_grad_(True) for n, t in weights.items()}
+    xg = x.detach().requires_grad_(True)
+    if name == "fused":
+        fn = lambda: fused.sparse_moe_block(xg, w["router_weight"], w["w_gate_up"], w["w_down"], k, True)[0]  # noqa: E731
+    elif name == "eager":
+        fn = lambda: reference.sparse_moe_block(xg, w["router_weight"], w["w_gate_up"], w["w_down"], k, True)[0]  # noqa: E731
+    else:
+        block = transformers_block(weights, k, name.split("-", 1)[1])
+        for p in block.parameters():
+            p.requires_grad_(True)
+        fn = lambda: block(xg[None])[0]  # noqa: E731
+    try:
+        return peak_memory_fwd_bwd(fn, device)
+    except Exception:  # no backward for this path: the table shows '-'
+        return None
