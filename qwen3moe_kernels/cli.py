@@ -55,9 +55,9 @@ def _default_check_dtypes(device: torch.device) -> list[torch.dtype]:
 class _Inputs:
     """Seeded random inputs at the Qwen3-30B-A3B shapes, made once per dtype and shared by every case."""
 
-    def __init__(self, device: torch.device, tokens: int, seed: int = 0):
+    def __init__(self, device: torch.device, tokens: int, seed: int = 0, shapes: dict | None = None):
         self.device, self.T = device, tokens
-        s = QWEN3_30B_A3B
+        s = dict(QWEN3_30B_A3B, **(shapes or {}))
         self.H, self.I, self.E, self.k = s["hidden"], s["moe_intermediate"], s["experts"], s["top_k"]
         self.D, self.Hq, self.Hk, self.theta, self.eps = 128, 32, 4, 1_000_000.0, 1e-6
         self._w32 = None
@@ -248,9 +248,9 @@ CHECK_COLUMNS = [
 
 
 def run_check(device: str, dtypes: list[torch.dtype], tokens: int, ops_filter: list[str] | None = None,
-              log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
+              shapes: dict | None = None) -> tuple[list[dict], list[str]]:
     dev = torch.device(device)
-    inputs = _Inputs(dev, tokens)
+    inputs = _Inputs(dev, tokens, shapes=shapes)
     notes: list[str] = []
     cases = _fused_cases() + _op_cases(notes)
     if ops_filter:
@@ -281,11 +281,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     dev = torch.device(device)
     dtypes = [bench.DTYPES[d] for d in args.dtype.split(",")] if args.dtype else _default_check_dtypes(dev)
     info = bench.machine_info(dev)
+    shapes = {"experts": 16, "top_k": 4} if args.quick else None
+    tokens = args.tokens if args.tokens is not None else (16 if args.quick else 64)
     print(f"qwen3moe-kernels check on {bench.device_label(info)}; torch {info['torch']}, triton {info['triton']}")
-    print(f"shapes: Qwen3-30B-A3B (H=2048, I=768, E=128, top-8, head_dim 128, 32/4 heads), T={args.tokens}; "
-          f"dtypes: {', '.join(dtype_name(d) for d in dtypes)}")
+    what = ("Qwen3-30B-A3B (H=2048, I=768, E=128, top-8, head_dim 128, 32/4 heads)" if shapes is None
+            else "--quick: Qwen3-30B-A3B widths with 16 experts, top-4")
+    print(f"shapes: {what}, T={tokens}; dtypes: {', '.join(dtype_name(d) for d in dtypes)}")
     t0 = time.perf_counter()
-    rows, notes = run_check(device, dtypes, args.tokens, args.ops.split(",") if args.ops else None)
+    rows, notes = run_check(device, dtypes, tokens, args.ops.split(",") if args.ops else None, shapes)
     print()
     print(bench.format_table(rows, CHECK_COLUMNS))
     for note in notes:
@@ -296,7 +299,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"\n{r['op']} ({r['dtype']}):\n{r['trace']}")
     print(f"\n{len(rows) - len(bad)}/{len(rows)} passed in {time.perf_counter() - t0:.1f} s")
     if args.json:
-        bench.save_json(args.json, rows, info, {"command": "check", "tokens": args.tokens})
+        bench.save_json(args.json, rows, info, {"command": "check", "tokens": tokens, "shapes": shapes})
     return 1 if bad else 0
 
 
@@ -471,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check every fused op and op module against the reference on this device")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--dtype", help="comma-separated: fp32,bf16,fp16 (default: fp32 plus the native low precision)")
-    c.add_argument("--tokens", type=int, default=64, help="token count T of the inputs (default 64)")
+    c.add_argument("--tokens", type=int, help="token count T of the inputs (default 64; 16 with --quick)")
+    c.add_argument("--quick", action="store_true", help="16 experts instead of 128 (a smoke run in seconds)")
     c.add_argument("--ops", help="only the ops whose name contains one of these comma-separated words")
     c.add_argument("--json", help="also save the rows as JSON here")
     c.set_defaults(func=cmd_check)

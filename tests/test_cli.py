@@ -1,0 +1,213 @@
+"""The ``qwen3moe-kernels`` command: check, bench and compile-check, and the timing harness behind bench.
+
+The CLI runs in-process through ``main(argv)`` with ``--quick`` (Qwen3-30B-A3B widths, 16 experts) so the suite
+stays fast; one test runs the installed console script to prove the entry point exists.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import qwen3moe_kernels.fused as fused
+from qwen3moe_kernels import bench, cli, reference
+
+
+def test_check_quick_passes_and_prints_table(capsys, tmp_path):
+    out_json = tmp_path / "check.json"
+    rc = cli.main(["check", "--quick", "--dtype", "fp32", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    for op in ("fused.sparse_moe_block", "fused.rms_norm", "fused.fused_add_rms_norm", "fused.qk_norm_rope"):
+        assert op in text
+    assert "max abs err" in text and "tolerance" in text and "implementation that ran" in text
+    data = json.loads(out_json.read_text())
+    assert data["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    rows = data["results"]
+    assert rows and all(r["result"] == "pass" for r in rows)
+    assert all(r["ran"] != "-" for r in rows)  # every row says which implementation ran
+
+
+def test_check_fails_on_a_wrong_op(monkeypatch, capsys):
+    """A kernel that is off by a little more than the tolerance makes check exit non-zero and says which."""
+
+    def wrong_rms_norm(x, weight, eps):
+        return reference.rms_norm(x, weight, eps) * (1 + 1e-4)
+
+    monkeypatch.setattr(fused, "rms_norm", wrong_rms_norm)
+    rc = cli.main(["check", "--quick", "--dtype", "fp32", "--ops", "rms_norm"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    line = next(ln for ln in text.splitlines() if ln.startswith("fused.rms_norm "))
+    assert "FAIL" in line
+    assert "fused.fused_add_rms_norm" in text and "0/2 passed" not in text
+
+
+def test_check_reports_a_crash(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(fused, "qk_norm_rope", broken)
+    rc = cli.main(["check", "--quick", "--dtype", "fp32", "--ops", "qk_norm_rope"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "ERROR" in text and "kernel exploded" in text
+
+
+def test_check_compare_rules():
+    x = torch.randn(8, 16)
+    assert cli._compare(x, x.clone(), "elementwise", torch.float32)[2]
+    assert not cli._compare(x + 1e-3, x, "elementwise", torch.float32)[2]
+    ids = torch.arange(6, dtype=torch.int32)
+    assert cli._compare(ids, ids.clone(), "exact", torch.float32)[2]
+    assert not cli._compare(ids.flip(0), ids, "exact", torch.float32)[2]
+    assert not cli._compare(x[:4], x, "elementwise", torch.float32)[2]  # shape mismatch
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    assert not cli._compare(nan, x, "elementwise", torch.float32)[2]
+    # low precision against an fp32 reference: twice PyTorch's own error passes, far more fails
+    ref32 = torch.randn(64, 64)
+    lowp = ref32.bfloat16()
+    assert cli._compare(lowp, lowp, "gemm", torch.bfloat16, ref32)[2]
+    assert not cli._compare((ref32 * 1.1).bfloat16(), lowp, "gemm", torch.bfloat16, ref32)[2]
+
+
+def test_bench_quick_writes_json_and_table(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    rc = cli.main(["bench", "--quick", "--tokens", "1,4", "--ops", "moe_block", "--out", str(out),
+                   "--budget", "0.05"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads(out.read_text())
+    m = data["machine"]
+    for key in ("cpu_model", "cpu_capability", "torch", "triton", "transformers", "git_commit"):
+        assert key in m
+    assert data["config"]["dtype"] in ("bf16", "fp32") and data["config"]["dtype_reason"]
+    rows = data["results"]
+    impls = {r["impl"] for r in rows}
+    assert {"fused", "eager", "transformers-eager"} <= impls
+    assert {r["tokens"] for r in rows} == {1, 4}
+    for r in rows:
+        assert r["check"] == "pass", r
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["vs_eager"] > 0 and r["vs_transformers"] > 0
+    assert "median ms" in text and "x eager" in text and "x transformers" in text
+    png = out.with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists() and "matplotlib is not installed" in text
+    else:
+        assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_loads_op_benchmarks_from_the_checkout(monkeypatch, tmp_path, capsys):
+    """An op benchmark module's run(device, token_counts) rows join the table (and a broken one is reported)."""
+    root = tmp_path / "benchmarks"
+    root.mkdir()
+    (root / "bench_fake_op.py").write_text(
+        "def run(device, token_counts):\n"
+        "    return [dict(op='fake_op', impl=i, tokens=t, median_ms=m * t, p10_ms=m * t, p90_ms=m * t)\n"
+        "            for t in token_counts for i, m in (('fused', 1.0), ('eager', 2.0))]\n"
+    )
+    (root / "bench_broken.py").write_text("raise ImportError('needs a GPU library')\n")
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: root)
+    assert set(cli.find_op_benchmarks()) == {"fake_op", "broken"}
+    out = tmp_path / "r.json"
+    rc = cli.main(["bench", "--ops", "fake_op,broken,missing", "--tokens", "2,8", "--out", str(out), "--no-plot"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    fused_rows = [r for r in rows if r.get("op") == "fake_op" and r["impl"] == "fused"]
+    assert [r["vs_eager"] for r in fused_rows] == [2.0, 2.0]
+    assert "needs a GPU library" in text and "bench_missing.py" in text
+
+
+def test_repo_benchmarks_folder_is_found():
+    root = cli.benchmarks_dir()
+    assert root is not None and (root / "bench_moe_block.py").exists()
+
+
+def test_compile_check_missing_module(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "qwen3moe_kernels.compile_check", None)
+    assert cli.main(["compile-check"]) == 2
+    assert "qwen3moe_kernels.compile_check is missing" in capsys.readouterr().err
+
+
+def test_compile_check_passes_arguments_through(monkeypatch):
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 3
+
+    monkeypatch.setitem(sys.modules, "qwen3moe_kernels.compile_check", types.SimpleNamespace(main=fake_main))
+    assert cli.main(["compile-check", "--arch", "90", "--help"]) == 3
+    assert seen["argv"] == ["--arch", "90", "--help"]
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("qwen3moe-kernels") or str(__import__("pathlib").Path(sys.executable).parent / "qwen3moe-kernels")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    for cmd in ("check", "bench", "compile-check"):
+        assert cmd in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ the harness
+
+
+def test_summarize_quantiles():
+    s = bench.summarize([float(i) for i in range(1, 12)])  # 1..11
+    assert s["median_ms"] == 6.0 and s["p10_ms"] == 2.0 and s["p90_ms"] == 10.0 and s["runs"] == 11
+
+
+def test_time_fn_rotates_inputs_and_honours_min_runs():
+    seen = []
+    s = bench.time_fn(lambda x: seen.append(x), [(0,), (1,), (2,)], "cpu", warmup=1, min_runs=7, budget_s=0.0)
+    assert s["runs"] == 7
+    assert seen == [0, 0, 1, 2, 0, 1, 2, 0]  # one warm-up, then rotation through every input set
+
+
+def test_cpu_dtype_choice(monkeypatch):
+    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "avx512f"})
+    dtype, why = bench.cpu_bench_dtype()
+    assert dtype == torch.float32 and "emulated" in why
+    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert bench.cpu_bench_dtype()[0] == torch.bfloat16
+
+
+def test_block_check_catches_a_wrong_block():
+    w = bench.make_moe_weights(64, 32, 8, torch.float32, "cpu")
+    x = torch.randn(5, 64)
+    ref = reference.sparse_moe_block(x, w["router_weight"], w["w_gate_up"], w["w_down"], 2, True)[0]
+    assert bench.check_moe_block(ref.clone(), x, w, 2, ref)[2]
+    assert not bench.check_moe_block(ref * 1.01, x, w, 2, ref)[2]
+    xb = x.bfloat16()
+    wb = {n: t.bfloat16() for n, t in w.items()}
+    refb = reference.sparse_moe_block(xb, wb["router_weight"], wb["w_gate_up"], wb["w_down"], 2, True)[0]
+    assert bench.check_moe_block(refb, xb, wb, 2, refb)[2]
+    assert not bench.check_moe_block(refb * 1.1, xb, wb, 2, refb)[2]
+
+
+def test_add_ratios():
+    rows = [dict(op="a", dtype="bf16", tokens=1, impl="eager", median_ms=4.0),
+            dict(op="a", dtype="bf16", tokens=1, impl="fused", median_ms=1.0),
+            dict(op="a", dtype="bf16", tokens=1, impl="transformers-eager", median_ms=8.0),
+            dict(op="a", dtype="bf16", tokens=1, impl="transformers-grouped_mm", median_ms=2.0)]
+    bench.add_ratios(rows)
+    fused_row = rows[1]
+    assert fused_row["vs_eager"] == 4.0 and fused_row["vs_transformers"] == 2.0
+    assert fused_row["transformers_baseline"] == "transformers-grouped_mm"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timing and memory need a GPU")
+def test_cuda_timing_and_memory():
+    s = bench.time_fn(lambda a: a @ a, [(torch.randn(256, 256, device="cuda"),)], "cuda", min_runs=3, budget_s=0)
+    assert s["median_ms"] > 0
+    a = torch.randn(256, 256, device="cuda", requires_grad=True)
+    assert bench.peak_memory_fwd_bwd(lambda: a @ a, "cuda") > 0
