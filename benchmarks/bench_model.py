@@ -1,0 +1,290 @@
+"""Model-level benchmark: prefill and decode throughput (tokens/s) on a scaled-down Qwen3-30B-A3B.
+
+The model has Qwen3-30B-A3B's real layer shapes (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of
+moe_intermediate 768, top-8, RMSNorm eps 1e-6, rope theta 1e6) but only ``layers`` of its 48 decoder layers (2 by
+default, so it fits a laptop and a 2-core CI box). The vocabulary is cut by the same factor (151936 * layers / 48,
+rounded up to a multiple of 64) so that the embedding and lm_head keep the share of the work they have in the full
+model; with the full vocabulary a 2-layer model would mostly time its lm_head.
+
+Implementations, all on the same weights:
+
+* ``transformers``: transformers' ``Qwen3MoeForCausalLM`` as it ships, experts_implementation="eager";
+* ``transformers-grouped_mm``: the same with experts_implementation="grouped_mm" (transformers' default);
+* ``transformers+qwen3moe_kernels``: the same model after ``qwen3moe_kernels.integrations.transformers.apply``;
+* ``qwen3moe_kernels-fused`` / ``qwen3moe_kernels-eager``: the thin model ``qwen3moe_kernels.Qwen3MoeForCausalLM``
+  with the fused backend and with the reference backend, when the thin model is installed.
+
+Prefill: one forward of ``S`` prompt tokens (batch 1, ``logits_to_keep=1`` as generation does) -> S / time.
+Decode: greedy generation of ``decode_tokens`` new tokens after a 32-token prompt; the decode time is
+``t(generate N) - t(generate 1)`` so the prompt's prefill is not counted -> (N - 1) / time.
+Before timing, the patched model's prefill logits are compared with the unpatched model's.
+
+    python benchmarks/bench_model.py [--layers 2] [--tokens 64,512] [--decode-tokens 16]
+    qwen3moe-kernels bench --ops model
+    pytest benchmarks/bench_model.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import pytest
+import torch
+
+from qwen3moe_kernels import bench, dispatch
+
+FULL_VOCAB, FULL_LAYERS = 151936, 48
+
+
+def scaled_config(layers: int = 2, vocab: int | None = None, **kw):
+    from transformers import Qwen3MoeConfig
+
+    if vocab is None:
+        vocab = int(math.ceil(FULL_VOCAB * layers / FULL_LAYERS / 64) * 64)
+    base = dict(
+        vocab_size=vocab, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=False,
+        attn_implementation="sdpa", experts_implementation="eager", decoder_sparse_step=1, mlp_only_layers=[],
+    )
+    base.update(kw)
+    return Qwen3MoeConfig(**base)
+
+
+def build_transformers_model(layers: int, dtype: torch.dtype, device: str, vocab: int | None = None):
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM._from_config(scaled_config(layers, vocab), dtype=dtype)
+    return model.to(device).eval()
+
+
+def _set_variant(model, variant: str) -> None:
+    from qwen3moe_kernels.integrations import transformers as qk_hf
+
+    qk_hf.revert(model)
+    model.set_experts_implementation("grouped_mm" if variant == "transformers-grouped_mm" else "eager")
+    if variant == "transformers+qwen3moe_kernels":
+        qk_hf.apply(model)
+
+
+def _timed(fn, device, runs: int, warmup: int = 1) -> dict:
+    dev = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return bench.summarize(times)
+
+
+def _thin_model(hf_model):
+    """The thin model over the same weights, or None (with the reason) where it is not installed yet."""
+    try:
+        import qwen3moe_kernels
+
+        cls = getattr(qwen3moe_kernels, "Qwen3MoeForCausalLM")
+        from_hf = getattr(cls, "from_hf", None) or getattr(cls, "from_transformers", None)
+        if from_hf is None:
+            return None, "qwen3moe_kernels.Qwen3MoeForCausalLM has no from_hf(model)"
+        return from_hf(hf_model), None
+    except Exception as exc:  # not landed, or a different API: the benchmark says so and goes on
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 16, runs: int = 3,
+        variants=None, log=print) -> list[dict]:
+    """One dict per (phase, implementation, token count): median ms, spread and tokens/s."""
+    device = str(device)
+    if dtype is None:
+        dtype = bench.cpu_bench_dtype()[0] if torch.device(device).type == "cpu" else torch.bfloat16
+    prefill_lengths = sorted({int(t) for t in token_counts if int(t) > 1}) or [64]
+    variants = list(variants or ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"])
+    t0 = time.perf_counter()
+    model = build_transformers_model(layers, dtype, device)
+    cfg = model.config
+    if log:
+        log(f"model: scaled-down Qwen3-30B-A3B, {layers} layers, vocab {cfg.vocab_size}, {bench.dtype_name(dtype)}; "
+            f"built in {time.perf_counter() - t0:.1f} s")
+    g = torch.Generator().manual_seed(0)
+    prompts = {S: torch.randint(0, cfg.vocab_size, (1, S), generator=g).to(device) for S in prefill_lengths}
+    decode_prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=g).to(device)
+    shape = f"{layers}L H=2048 E=128 k=8 V={cfg.vocab_size}"
+    results: list[dict] = []
+
+    # the unpatched model's outputs, to check every other variant against before timing it
+    _set_variant(model, "transformers")
+    with torch.inference_mode():
+        ref_logits = {S: model(input_ids=p, logits_to_keep=1).logits.float() for S, p in prompts.items()}
+        ref_tokens = model.generate(decode_prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                                    do_sample=False, pad_token_id=0)
+
+    def measure(name, forward, generate, note=None):
+        dispatch.reset()
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", dispatch.FallbackWarning)
+            for S, p in prompts.items():
+                row = {"op": "model-prefill", "impl": name, "tokens": S, "dtype": bench.dtype_name(dtype),
+                       "shape": shape, "device": device}
+                try:
+                    logits = forward(p).float()
+                    err = bench.max_abs_err(logits, ref_logits[S])
+                    # bf16 logits after `layers` layers: compared at the scale of the logits, as a relative error
+                    rel = err / max(ref_logits[S].abs().max().item(), 1e-6)
+                    row.update(max_err=err, rel_err=rel, check="pass" if rel < 0.05 else "FAIL")
+                    if row["check"] == "pass":
+                        row.update(_timed(lambda: forward(p), device, runs))
+                        row["tokens_per_s"] = S / (row["median_ms"] / 1e3)
+                    else:
+                        row["error"] = f"prefill logits differ from transformers' by {rel:.1%} of their scale"
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                if note:
+                    row["note"] = note
+                results.append(row)
+                if log:
+                    log(f"  prefill S={S:<5} {name:<32} "
+                        + (f"{row['tokens_per_s']:.1f} tok/s" if row.get("tokens_per_s") else row.get("error", "")))
+            row = {"op": "model-decode", "impl": name, "tokens": decode_tokens, "dtype": bench.dtype_name(dtype),
+                   "shape": shape, "device": device}
+            try:
+                toks = generate(decode_prompt, decode_tokens)
+                row["same_greedy_tokens"] = bool(torch.equal(toks.cpu(), ref_tokens.cpu()))
+                full = _timed(lambda: generate(decode_prompt, decode_tokens), device, runs)
+                one = _timed(lambda: generate(decode_prompt, 1), device, runs)
+                ms = max(full["median_ms"] - one["median_ms"], 1e-6)
+                row.update(median_ms=ms, p10_ms=max(full["p10_ms"] - one["p90_ms"], 0.0),
+                           p90_ms=full["p90_ms"] - one["p10_ms"], runs=runs)
+                row["tokens_per_s"] = (decode_tokens - 1) / (ms / 1e3)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            row["ran"] = bench.last_implementations()
+            results.append(row)
+            if log:
+                log(f"  decode {decode_tokens} tokens {name:<28} "
+                    + (f"{row['tokens_per_s']:.1f} tok/s" if row.get("tokens_per_s") else row.get("error", "")))
+
+    def hf_generate(p, n):
+        return model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    for variant in variants:
+        if variant.startswith("transformers"):
+            _set_variant(model, variant)
+            measure(variant, lambda p: model(input_ids=p, logits_to_keep=1).logits, hf_generate)
+    _set_variant(model, "transformers")
+
+    if any(v.startswith("qwen3moe_kernels") for v in variants):
+        thin, why = _thin_model(model)
+        if thin is None:
+            if log:
+                log(f"  thin model skipped: {why}")
+        else:
+            measure("qwen3moe_kernels-fused", lambda p: thin(p).logits[:, -1:],
+                    lambda p, n: thin.generate(p, max_new_tokens=n))
+    for r in results:
+        r.setdefault("vs_eager", None)
+    _ratios(results)
+    return results
+
+
+def _ratios(results: list[dict]) -> None:
+    """tokens/s relative to unpatched transformers (eager experts) and to its best mode, per phase and T."""
+    groups: dict = {}
+    for r in results:
+        if r.get("median_ms"):
+            groups.setdefault((r["op"], r["tokens"]), []).append(r)
+    for rows in groups.values():
+        base = next((r for r in rows if r["impl"] == "transformers"), None)
+        hf = [r for r in rows if r["impl"].startswith("transformers") and "qwen3moe" not in r["impl"]]
+        best = min(hf, key=lambda r: r["median_ms"]) if hf else None
+        for r in rows:
+            if base:
+                r["vs_eager"] = base["median_ms"] / r["median_ms"]
+            if best:
+                r["vs_transformers"] = best["median_ms"] / r["median_ms"]
+                r["transformers_baseline"] = best["impl"]
+
+
+MODEL_COLUMNS = [
+    ("op", "phase", ""), ("impl", "impl", ""), ("tokens", "tokens", ""), ("median_ms", "median ms", ".1f"),
+    ("spread", "p10-p90 ms", ""), ("tokens_per_s", "tokens/s", ".1f"), ("vs_eager", "x transformers eager", ".2f"),
+    ("vs_transformers", "x transformers best", ".2f"), ("same_greedy_tokens", "same tokens", ""),
+]
+
+
+def table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        row = dict(r)
+        if r.get("p10_ms") is not None:
+            row["spread"] = f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}"
+        if r.get("error"):
+            row["impl"] = f"{r['impl']} ERROR: {r['error']}"
+        rows.append(row)
+    return bench.format_table(rows, MODEL_COLUMNS)
+
+
+# ------------------------------------------------------------------------------------ pytest-benchmark
+
+
+@pytest.fixture(scope="module")
+def scaled_model():
+    from conftest import bench_device, bench_dtype
+
+    return build_transformers_model(2, bench_dtype(), bench_device())
+
+
+@pytest.mark.parametrize("variant", ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"])
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_model(benchmark, scaled_model, variant, phase):
+    _set_variant(scaled_model, variant)
+    p = torch.randint(0, scaled_model.config.vocab_size, (1, 256 if phase == "prefill" else 32),
+                      device=scaled_model.device)
+    with torch.inference_mode():
+        if phase == "prefill":
+            fn = lambda: scaled_model(input_ids=p, logits_to_keep=1)  # noqa: E731
+        else:
+            fn = lambda: scaled_model.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False,  # noqa: E731
+                                               pad_token_id=0)
+        benchmark.group = f"model {phase}"
+        benchmark.extra_info.update(variant=variant, phase=phase)
+        benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+    _set_variant(scaled_model, "transformers")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(bench.DTYPES))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", default=None, help="prefill lengths (default 64,512 on CPU; 512,4096 on GPU)")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", help="JSON path")
+    args = ap.parse_args(argv)
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (
+        [64, 512] if args.device == "cpu" else [512, 4096])
+    dtype = bench.DTYPES[args.dtype] if args.dtype else None
+    results = run(args.device, tokens, dtype, layers=args.layers, decode_tokens=args.decode_tokens, runs=args.runs)
+    print()
+    print(table(results))
+    if args.out:
+        bench.save_json(args.out, results, bench.machine_info(args.device),
+                        {"command": "bench_model", "layers": args.layers, "tokens": tokens,
+                         "decode_tokens": args.decode_tokens})
+        print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
