@@ -317,6 +317,7 @@ BENCH_COLUMNS = [
     ("tflops", "TFLOP/s", ".3f"),
     ("gbps", "GB/s", ".1f"),
     ("frac_peak", "% peak", ".1f"),
+    ("tokens_per_s", "tokens/s", ".1f"),
     ("peak_mem_gib", "fwd+bwd GiB", ".2f"),
     ("ran", "ran", ""),
 ]
@@ -405,7 +406,8 @@ def add_ratios(results: list[dict[str, Any]], baseline: str = "eager", transform
     for rows in groups.values():
         timed = [r for r in rows if r.get("median_ms")]
         base = next((r for r in timed if r.get("impl") == baseline), None)
-        hf = [r for r in timed if str(r.get("impl", "")).startswith("transformers")]
+        # transformers' own implementations only (not a transformers model patched with ours)
+        hf = [r for r in timed if str(r.get("impl", "")).startswith("transformers") and "qwen3moe" not in r["impl"]]
         if transformers is not None:
             hf = [r for r in hf if r.get("impl") == transformers]
         hf_best = min(hf, key=lambda r: r["median_ms"]) if hf else None
