@@ -214,3 +214,17 @@ def test_experts_forward_refuses_other_layouts():
     experts.has_bias = True
     with pytest.raises(NotImplementedError, match="biases"):
         qk_hf.experts_forward(experts, torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+
+
+def test_training_with_gradient_checkpointing():
+    """The patched forwards also run under transformers' gradient checkpointing (recomputed in backward)."""
+    model = tiny_model()
+    model.train()
+    ids, labels = batch()
+    ref, ref_grads = forward_backward(model, ids, labels)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    qk_hf.apply(model)
+    got, got_grads = forward_backward(model, ids, labels)
+    torch.testing.assert_close(got.loss, ref.loss, **tol("gemm", torch.float32))
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
