@@ -208,7 +208,10 @@ def _op_cases(notes: list[str]) -> list[Case]:
         except Exception as exc:  # a broken op module is a failure of check, shown as one row
             cases.append(Case(f"ops.{stem}", "exact", lambda i: "-", _raiser(f"import failed: {exc!r}")))
             continue
-        names = [n for n in _OP_ARGS if callable(getattr(mod, n, None)) and getattr(mod, n).__module__ == mod.__name__]
+        # the op's own public function (a plain function or a torch.library custom op object), not a name the
+        # module merely imported from the reference or the fused entry points
+        names = [n for n in _OP_ARGS if callable(getattr(mod, n, None))
+                 and getattr(mod, n) is not getattr(reference, n, None) and getattr(mod, n) is not getattr(fused, n, None)]
         if not names:
             notes.append(f"ops.{stem}: no function named like a reference op ({', '.join(sorted(_OP_ARGS))}); "
                          "checked by its own tests only")
@@ -439,7 +442,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "tokens": tokens, "ops": wanted, "moe_shapes": dict(QWEN3_30B_A3B, **(shapes or {})),
               "seconds": round(time.perf_counter() - t0, 1)}
     bench.save_json(out, results, info, config)
-    print(f"saved {out}")
+    print(f"saved {out} ({config['seconds']} s)")
     if not args.no_plot:
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         got = bench.plot(results, png, title=f"qwen3moe-kernels bench: {bench.device_label(info)}")

@@ -211,3 +211,20 @@ def test_cuda_timing_and_memory():
     assert s["median_ms"] > 0
     a = torch.randn(256, 256, device="cuda", requires_grad=True)
     assert bench.peak_memory_fwd_bwd(lambda: a @ a, "cuda") > 0
+
+
+def test_check_discovers_op_modules(monkeypatch, capsys):
+    """Functions of an ops/<stem>.py module named like a reference op are checked with the reference's arguments."""
+    good = types.ModuleType("qwen3moe_kernels.ops.fakeop")
+    good.rms_norm = lambda x, w, eps: reference.rms_norm(x, w, eps)  # a correct "kernel"
+    good.router_topk = lambda logits, k, renorm: tuple(  # a kernel that breaks ties the wrong way round
+        t.flip(-1).contiguous() for t in reference.router_topk(logits, k, renorm))
+    good.swiglu = reference.swiglu  # merely imported from the reference: not an op of this module
+    monkeypatch.setitem(sys.modules, "qwen3moe_kernels.ops.fakeop", good)
+    monkeypatch.setattr(cli, "discover_op_modules", lambda: ["fakeop"])
+    rc = cli.main(["check", "--quick", "--dtype", "fp32", "--ops", "ops."])
+    text = capsys.readouterr().out
+    assert rc == 1
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("ops.")}
+    assert set(lines) == {"ops.fakeop.rms_norm", "ops.fakeop.router_topk"}
+    assert " pass " in lines["ops.fakeop.rms_norm"] and "FAIL" in lines["ops.fakeop.router_topk"]
