@@ -55,11 +55,11 @@ def scaled_config(layers: int = 2, vocab: int | None = None, **kw):
     return Qwen3MoeConfig(**base)
 
 
-def build_transformers_model(layers: int, dtype: torch.dtype, device: str, vocab: int | None = None):
+def build_transformers_model(layers: int, dtype: torch.dtype, device: str, vocab: int | None = None, **overrides):
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM._from_config(scaled_config(layers, vocab), dtype=dtype)
+    model = Qwen3MoeForCausalLM._from_config(scaled_config(layers, vocab, **overrides), dtype=dtype)
     return model.to(device).eval()
 
 
@@ -103,23 +103,26 @@ def _thin_model(hf_model):
 
 
 def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 16, runs: int = 3,
-        variants=None, log=print) -> list[dict]:
-    """One dict per (phase, implementation, token count): median ms, spread and tokens/s."""
+        variants=None, log=print, config_overrides: dict | None = None) -> list[dict]:
+    """One dict per (phase, implementation, token count): median ms, spread and tokens/s.
+
+    ``config_overrides`` changes the Qwen3MoeConfig (the tests run this on a tiny model).
+    """
     device = str(device)
     if dtype is None:
         dtype = bench.cpu_bench_dtype()[0] if torch.device(device).type == "cpu" else torch.bfloat16
     prefill_lengths = sorted({int(t) for t in token_counts if int(t) > 1}) or [64]
     variants = list(variants or ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"])
     t0 = time.perf_counter()
-    model = build_transformers_model(layers, dtype, device)
+    model = build_transformers_model(layers, dtype, device, **(config_overrides or {}))
     cfg = model.config
     if log:
-        log(f"model: scaled-down Qwen3-30B-A3B, {layers} layers, vocab {cfg.vocab_size}, {bench.dtype_name(dtype)}; "
+        log(f"model: {'scaled-down Qwen3-30B-A3B' if not config_overrides else 'overridden shapes'}, {layers} layers, vocab {cfg.vocab_size}, {bench.dtype_name(dtype)}; "
             f"built in {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(0)
     prompts = {S: torch.randint(0, cfg.vocab_size, (1, S), generator=g).to(device) for S in prefill_lengths}
     decode_prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=g).to(device)
-    shape = f"{layers}L H=2048 E=128 k=8 V={cfg.vocab_size}"
+    shape = f"{layers}L H={cfg.hidden_size} E={cfg.num_experts} k={cfg.num_experts_per_tok} V={cfg.vocab_size}"
     results: list[dict] = []
 
     # the unpatched model's outputs, to check every other variant against before timing it

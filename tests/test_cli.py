@@ -228,3 +228,19 @@ def test_check_discovers_op_modules(monkeypatch, capsys):
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("ops.")}
     assert set(lines) == {"ops.fakeop.rms_norm", "ops.fakeop.router_topk"}
     assert " pass " in lines["ops.fakeop.rms_norm"] and "FAIL" in lines["ops.fakeop.router_topk"]
+
+
+def test_model_benchmark_runs_on_a_tiny_model():
+    """benchmarks/bench_model.py end to end on tiny shapes, so the model-level benchmark cannot rot unseen."""
+    mod = cli.load_benchmark(cli.benchmarks_dir() / "bench_model.py")
+    tiny = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, attn_implementation="eager")
+    rows = mod.run("cpu", [1, 8], torch.float32, layers=1, decode_tokens=3, runs=1, log=None, config_overrides=tiny)
+    by = {(r["op"], r["impl"]): r for r in rows}
+    for impl in ("transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"):
+        pre, dec = by[("model-prefill", impl)], by[("model-decode", impl)]
+        assert pre["check"] == "pass" and pre["tokens"] == 8 and pre["tokens_per_s"] > 0, pre
+        assert dec["tokens_per_s"] > 0 and "error" not in dec, dec
+    assert by[("model-decode", "transformers+qwen3moe_kernels")]["same_greedy_tokens"] is True
+    assert "sparse_moe_block" in by[("model-decode", "transformers+qwen3moe_kernels")]["ran"]
+    assert "x transformers eager" in mod.table(rows)
