@@ -1,0 +1,58 @@
+// moe_permute: the index arithmetic and the per-token combine shared by the CPU (moe_permute_cpu.cpp) and CUDA
+// (moe_permute.cu) kernels of moe_sort, moe_align_block, moe_permute and moe_unpermute.
+//
+// Layout (see qwen3moe_kernels/reference.py): slot s = t * k + j is the j-th choice of token t; sorted_slots
+// lists the slots grouped by expert, ascending slot id within an expert (a stable counting sort), offsets[E+1]
+// the group starts, inv[s] the position of slot s. The block-padded variant rounds every expert's group up to a
+// multiple of block_size; padding positions hold the sentinel T*k, which moe_permute turns into a zero row.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace qwen3moe::permute {
+
+C10_HOST_DEVICE inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The padded length bound of moe_align_block: every expert wastes at most block_size - 1 positions, so
+// T*k + E*(block_size-1) rounded up to block_size. Known from shapes alone, so no device->host sync.
+C10_HOST_DEVICE inline int64_t padded_bound(int64_t numel, int64_t num_experts, int64_t block_size) {
+  return round_up(numel + num_experts * (block_size - 1), block_size);
+}
+
+// The token whose row slot `slot` gathers; -1 for the padding sentinel numel (a zero row).
+C10_HOST_DEVICE inline int64_t slot_token(int64_t slot, int64_t top_k, int64_t numel) {
+  return slot == numel ? -1 : slot / top_k;
+}
+
+C10_HOST_DEVICE inline float to_float(float v) { return v; }
+C10_HOST_DEVICE inline float to_float(c10::Half v) { return static_cast<float>(v); }
+C10_HOST_DEVICE inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// One step of the weighted combine: acc + w * y, rounded as the reference rounds it (the product is rounded to
+// fp32 before the add: torch computes rows * weights, then sums over k). No fused multiply-add on either side,
+// so CPU and GPU agree bit for bit and both match the reference's order j = 0..k-1.
+C10_HOST_DEVICE inline float combine_step(float acc, float w, float y) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(acc, __fmul_rn(w, y));
+#else
+  return acc + w * y;  // setup.py builds with -ffp-contract=off: no fma contraction here either
+#endif
+}
+
+// The combine of N consecutive columns of one token: acc[i] = sum_j w[j] * rows[j][i], j = 0..k-1 in order.
+// rows[j] points at column c0 of y row inv[t*k + j]. CPU: N = a cache-friendly chunk; GPU: N = one vector.
+template <int N, typename scalar_t>
+C10_HOST_DEVICE inline void combine_columns(const scalar_t* const* rows, const float* w, int k, float* acc) {
+  for (int i = 0; i < N; ++i) acc[i] = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const scalar_t* r = rows[j];
+    const float wj = w[j];
+    for (int i = 0; i < N; ++i) acc[i] = combine_step(acc[i], wj, to_float(r[i]));
+  }
+}
+
+}  // namespace qwen3moe::permute
