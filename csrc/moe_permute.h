@@ -43,16 +43,13 @@ C10_HOST_DEVICE inline float combine_step(float acc, float w, float y) {
 #endif
 }
 
-// The combine of N consecutive columns of one token: acc[i] = sum_j w[j] * rows[j][i], j = 0..k-1 in order.
-// rows[j] points at column c0 of y row inv[t*k + j]. CPU: N = a cache-friendly chunk; GPU: N = one vector.
+// One row's contribution to the combine of N consecutive columns of a token: acc[i] += w * vals[i]. The caller
+// visits the token's k rows in the order j = 0..k-1 starting from acc = 0 (CPU: N = a 64-column chunk; GPU: N =
+// one 16-byte vector per thread), so both compute sum_j w[j] * y[inv[t*k+j]] with the same roundings.
 template <int N, typename scalar_t>
-C10_HOST_DEVICE inline void combine_columns(const scalar_t* const* rows, const float* w, int k, float* acc) {
-  for (int i = 0; i < N; ++i) acc[i] = 0.0f;
-  for (int j = 0; j < k; ++j) {
-    const scalar_t* r = rows[j];
-    const float wj = w[j];
-    for (int i = 0; i < N; ++i) acc[i] = combine_step(acc[i], wj, to_float(r[i]));
-  }
+C10_HOST_DEVICE inline void combine_row(float* acc, float w, const scalar_t* vals) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = combine_step(acc[i], w, to_float(vals[i]));
 }
 
 }  // namespace qwen3moe::permute

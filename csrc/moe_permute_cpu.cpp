@@ -218,20 +218,20 @@ void moe_unpermute_out_cpu(const at::Tensor& y, const at::Tensor& weights, const
     scalar_t* op = out.data_ptr<scalar_t>();
     constexpr int C = 64;  // columns per combine: the fp32 accumulators stay in registers / L1
     at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H * k, 1)), [&](int64_t b, int64_t e) {
-      std::vector<const scalar_t*> rows(k);
       float acc[C];
       for (int64_t t = b; t < e; ++t) {
         const float* wt = w + t * k;
+        const int32_t* it = iv + t * k;
         scalar_t* ot = op + t * H;
         int64_t c0 = 0;
         for (; c0 + C <= H; c0 += C) {
-          for (int64_t j = 0; j < k; ++j) rows[j] = yp + iv[t * k + j] * ys + c0;
-          permute::combine_columns<C>(rows.data(), wt, static_cast<int>(k), acc);
+          for (int i = 0; i < C; ++i) acc[i] = 0.0f;
+          for (int64_t j = 0; j < k; ++j) permute::combine_row<C>(acc, wt[j], yp + it[j] * ys + c0);
           for (int i = 0; i < C; ++i) ot[c0 + i] = static_cast<scalar_t>(acc[i]);
         }
         for (; c0 < H; ++c0) {
-          for (int64_t j = 0; j < k; ++j) rows[j] = yp + iv[t * k + j] * ys + c0;
-          permute::combine_columns<1>(rows.data(), wt, static_cast<int>(k), acc);
+          acc[0] = 0.0f;
+          for (int64_t j = 0; j < k; ++j) permute::combine_row<1>(acc, wt[j], yp + it[j] * ys + c0);
           ot[c0] = static_cast<scalar_t>(acc[0]);
         }
       }

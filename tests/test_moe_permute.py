@@ -1,0 +1,198 @@
+"""Tests of qwen3moe.moe_sort / moe_align_block / moe_permute / moe_unpermute (ops/moe_permute.py,
+csrc/moe_permute*) against the reference functions of the same names.
+
+Index ops and permute are compared exactly; unpermute with the "elementwise" tolerance (an fp32 sum of k
+products, then one rounding), and exactly where the weights are one-hot (unpermute(permute(x)) == x).
+"""
+
+import pytest
+import torch
+from helpers import DEVICES, poison
+from tolerances import tol
+
+import qwen3moe_kernels as qk
+from qwen3moe_kernels import reference
+from qwen3moe_kernels.ops.moe_permute import moe_align_block, moe_permute, moe_sort, moe_unpermute, padded_bound
+
+SORT_CASES = [(T, E, k) for T in [0, 1, 7, 83, 4096] for E in [8, 60, 128, 256] for k in [1, 2, 8]]
+SORT_CASES += [(65536, 128, 8), (65536, 60, 2), (65536, 256, 1)]
+
+
+def random_ids(T, E, k, device, dtype=torch.int32):
+    """Router-like ids: k distinct experts per token (random scores' top-k)."""
+    if T == 0:
+        return torch.empty(0, k, dtype=dtype, device=device)
+    return torch.rand(T, E).topk(k, dim=-1).indices.to(device, dtype)
+
+
+def assert_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,k", SORT_CASES)
+def test_sort_and_align_match_reference(device, T, E, k):
+    ids = random_ids(T, E, k, device)
+    for got, ref in zip(moe_sort(ids, E), reference.moe_sort(ids, E)):
+        assert_equal(got, ref)
+    if T <= 4096:  # the reference's align loops over experts in Python; the sort above covers 65536
+        for block in (16, 64):
+            for got, ref in zip(moe_align_block(ids, E, block), reference.moe_align_block(ids, E, block)):
+                assert_equal(got, ref)
+    assert qk.implementations()["moe_sort"] == ("cpu" if device == "cpu" else "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", [1, 3, 128])
+def test_align_all_tokens_one_expert_and_int64(device, block):
+    E, k = 60, 1
+    ids = torch.full((83, k), 59, dtype=torch.int64, device=device)  # every token on the last expert
+    got = moe_align_block(ids, E, block)
+    ref = reference.moe_align_block(ids, E, block)
+    for g, r in zip(got, ref):
+        assert_equal(g, r)
+    assert got[0].numel() == padded_bound(83, E, block)
+    assert int(got[2]) == -(-83 // block) * block
+    sorted_slots, inv, offsets = moe_sort(ids, E)
+    assert_equal(offsets, torch.tensor([0] * 60 + [83], dtype=torch.int32))
+    assert_equal(sorted_slots, torch.arange(83, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sort_is_stable_with_repeated_experts(device):
+    # many equal ids per row (not router-like): stability, not distinctness, decides the order
+    ids = torch.randint(0, 3, (4096, 8), dtype=torch.int32, device=device)
+    for got, ref in zip(moe_sort(ids, 8), reference.moe_sort(ids, 8)):
+        assert_equal(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,H,E,k", [(0, 64, 8, 2), (1, 2048, 128, 8), (7, 769, 60, 2), (83, 7, 8, 1),
+                                     (256, 2048, 128, 8)])
+def test_permute_unpermute(device, dtype, T, H, E, k):
+    ids = random_ids(T, E, k, device)
+    sorted_slots, inv, _ = moe_sort(ids, E)
+    x = torch.randn(T, H).to(device, dtype)
+    xp = moe_permute(x, sorted_slots, k)
+    assert_equal(xp, reference.moe_permute(x, sorted_slots, k))
+    y = torch.randn(T * k, H).to(device, dtype)
+    weights = torch.rand(T, k, device=device)
+    out = moe_unpermute(y, weights, inv)
+    torch.testing.assert_close(out, reference.moe_unpermute(y, weights, inv), **tol("elementwise", dtype))
+    # out variant into a poisoned buffer
+    buf = poison(torch.empty(T, H, dtype=dtype, device=device))
+    assert moe_unpermute(y, weights, inv, out=buf) is buf
+    assert torch.equal(buf, out)
+    # one-hot weights: the round trip is exact
+    onehot = torch.zeros(T, k, device=device)
+    if T:
+        onehot[torch.arange(T), torch.randint(0, k, (T,))] = 1.0
+    assert_equal(moe_unpermute(xp, onehot, inv), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpermute_fp32_matches_reference_bits(device):
+    # the combine rounds each product before adding, in the order j = 0..k-1, as the reference's fp32 sum does
+    T, H, k = 64, 256, 8
+    y, w = torch.randn(T * k, H, device=device), torch.rand(T, k, device=device)
+    inv = torch.randperm(T * k, device=device).int()
+    torch.testing.assert_close(moe_unpermute(y, w, inv), reference.moe_unpermute(y, w, inv), atol=0, rtol=2e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_permute_padded_slots_and_strided_x(device):
+    T, H, E, k, block = 83, 96, 60, 2, 16
+    ids = random_ids(T, E, k, device)
+    padded, block_expert, num_padded = moe_align_block(ids, E, block)
+    wide = torch.randn(T, H + 5, device=device)
+    x = wide[:, 1 : 1 + H]  # row stride H + 5, unaligned: the narrow-copy CUDA path
+    xp = moe_permute(x, padded, k)
+    pad = padded == T * k
+    assert (xp[pad] == 0).all()
+    assert_equal(xp[~pad], x[(padded[~pad] // k).long()])
+    # every non-padding row sits in a block of its own expert
+    blk = torch.arange(padded.numel(), device=device) // block
+    assert_equal(block_expert[blk[~pad]].long(), ids.reshape(-1)[padded[~pad].long()].long())
+    assert (block_expert[int(num_padded) // block:] == -1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    ids = torch.tensor([[0, 3], [2, 8]], dtype=torch.int32, device=device)
+    if device == "cpu":  # on CUDA an out-of-range id is a device-side assertion (no host sync to check it)
+        with pytest.raises(RuntimeError, match="expert id 8 .* out of range"):
+            moe_sort(ids, 8)
+        with pytest.raises(RuntimeError, match="expert id -1 .* out of range"):
+            moe_align_block(torch.tensor([[0, -1]], dtype=torch.int32), 8, 16)
+        with pytest.raises(RuntimeError, match="sorted_slots\\[0\\] = 9 is out of range"):
+            moe_permute(torch.randn(2, 4), torch.tensor([9, 0], dtype=torch.int32), 2)
+        with pytest.raises(RuntimeError, match="inv\\[1\\] = 4 is out of range"):
+            moe_unpermute(torch.randn(4, 4), torch.rand(2, 2), torch.tensor([0, 4, 1, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="ids must be int32 or int64"):
+        moe_sort(ids.float(), 8)
+    with pytest.raises(RuntimeError, match="num_experts must be in"):
+        moe_sort(ids, 513)
+    with pytest.raises(RuntimeError, match="block_size must be in"):
+        moe_align_block(ids, 16, 0)
+    with pytest.raises(RuntimeError, match="ids must be contiguous"):
+        moe_sort(torch.zeros(4, 4, dtype=torch.int32, device=device).t(), 8)
+    slots = torch.arange(4, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        moe_permute(torch.randn(8, device=device), slots, 2)
+    with pytest.raises(RuntimeError, match="sorted_slots must be int32"):
+        moe_permute(torch.randn(2, 4, device=device), slots.long(), 2)
+    with pytest.raises(RuntimeError, match="stride"):
+        moe_permute(torch.randn(4, 2, device=device).t(), slots, 2)
+    with pytest.raises(RuntimeError, match="inv must have T\\*k"):
+        moe_unpermute(torch.randn(4, 4, device=device), torch.rand(2, 2, device=device), slots[:3])
+    with pytest.raises(RuntimeError, match="y must be float32"):
+        moe_unpermute(torch.randn(4, 4, device=device).double(), torch.rand(2, 2, device=device), slots)
+
+
+def test_int32_overflow_is_an_error():
+    # a zero-stride view claims 2^31 slots without allocating them
+    ids = torch.zeros(1, dtype=torch.int32).expand(2**30, 2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        moe_sort(ids, 8)
+    big = torch.zeros(1, 1).expand(2**29, 1)  # T = 2^29, k = 8: T*k = 2^32
+    with pytest.raises(RuntimeError, match="does not fit int32"):
+        moe_permute(big, torch.zeros(1, dtype=torch.int32), 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for T, E, k in [(0, 8, 2), (7, 60, 2), (83, 128, 8)]:
+        ids = random_ids(T, E, k, device)
+        sorted_slots, inv, _ = moe_sort(ids, E)
+        x = torch.randn(T, 33, device=device, dtype=torch.bfloat16)
+        y = torch.randn(T * k, 33, device=device)
+        w = torch.rand(T, k, device=device)
+        torch.library.opcheck(torch.ops.qwen3moe.moe_sort.default, (ids, E))
+        torch.library.opcheck(torch.ops.qwen3moe.moe_align_block.default, (ids, E, 16))
+        torch.library.opcheck(torch.ops.qwen3moe.moe_permute.default, (x, sorted_slots, k))
+        torch.library.opcheck(torch.ops.qwen3moe.moe_unpermute.default, (y, w, inv))
+        torch.library.opcheck(torch.ops.qwen3moe.moe_unpermute.out, (y, w, inv), {"out": torch.empty(T, 33,
+                                                                                                      device=device)})
+
+
+def test_torch_compile_fullgraph_router_permute_unpermute():
+    from qwen3moe_kernels.ops.router_topk import router_topk
+
+    E, k = 60, 4
+
+    def block(x, logits):
+        w, ids = router_topk(logits, k, True)
+        sorted_slots, inv, _ = moe_sort(ids, E)
+        y = moe_permute(x, sorted_slots, k) * 2.0
+        return moe_unpermute(y, w, inv)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    for T in (7, 83):
+        x, logits = torch.randn(T, 32), torch.randn(T, E)
+        torch.testing.assert_close(compiled(x, logits), block(x, logits))
+        rw, rids = reference.router_topk(logits, k, True)
+        s, inv, _ = reference.moe_sort(rids, E)
+        ref = reference.moe_unpermute(reference.moe_permute(x, s, k) * 2.0, rw, inv)
+        torch.testing.assert_close(compiled(x, logits), ref, **tol("elementwise", torch.float32))
