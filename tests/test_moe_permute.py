@@ -196,3 +196,40 @@ def test_torch_compile_fullgraph_router_permute_unpermute():
         s, inv, _ = reference.moe_sort(rids, E)
         ref = reference.moe_unpermute(reference.moe_permute(x, s, k) * 2.0, rw, inv)
         torch.testing.assert_close(compiled(x, logits), ref, **tol("elementwise", torch.float32))
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])  # exists only where a GPU is
+def test_cuda_decode_path_no_sync_and_graph_capture(device):
+    from qwen3moe_kernels.ops.router_topk import router_topk
+
+    T, E, k, H = 8, 128, 8, 2048
+    logits = torch.randn(T, E, device=device)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    w, ids = torch.empty(T, k, device=device), torch.empty(T, k, dtype=torch.int32, device=device)
+    out = torch.empty(T, H, device=device, dtype=torch.bfloat16)
+
+    def step():
+        router_topk(logits, k, True, out=(w, ids))
+        padded, block_expert, num_padded = moe_align_block(ids, E, 16)
+        sorted_slots, inv, _ = moe_sort(ids, E)
+        moe_unpermute(moe_permute(x, sorted_slots, k), w, inv, out=out)
+        return padded
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host<->device sync inside raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    logits.copy_(torch.randn(T, E, device=device))
+    g.replay()
+    torch.cuda.synchronize()
+    rw, rids = reference.router_topk(logits, k, True)
+    assert torch.equal(ids, rids)
+    s, inv, _ = reference.moe_sort(rids, E)
+    ref = reference.moe_unpermute(reference.moe_permute(x, s, k), rw, inv)
+    torch.testing.assert_close(out, ref, **tol("elementwise", torch.bfloat16))
