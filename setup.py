@@ -57,7 +57,7 @@ def want_cuda():
 
 def extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     if not want_cuda():
         print("qwen3moe_kernels: building the CPU kernels only")
         return CppExtension("qwen3moe_kernels._C", cpp, extra_compile_args={"cxx": cxx_flags},

@@ -48,7 +48,6 @@ C10_HOST_DEVICE inline float combine_step(float acc, float w, float y) {
 // one 16-byte vector per thread), so both compute sum_j w[j] * y[inv[t*k+j]] with the same roundings.
 template <int N, typename scalar_t>
 C10_HOST_DEVICE inline void combine_row(float* acc, float w, const scalar_t* vals) {
-#pragma unroll
   for (int i = 0; i < N; ++i) acc[i] = combine_step(acc[i], w, to_float(vals[i]));
 }
 

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   float s = 0.0f;
 #pragma unroll
   for (int i = 0; i < P; ++i)
-    if (expert(i) < E) s += expf(v[i] - m);
+    if (expert(i) < E) s += router::exp_nonpos(v[i] - m);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(kFull, s, off);
   const float inv = 1.0f / s;

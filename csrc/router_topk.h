@@ -6,9 +6,11 @@
 // with any NaN (or +inf, or only -inf) logit has NaN probabilities everywhere, so it selects experts 0..k-1
 // with NaN weights, as the reference does.
 //
-// The order is encoded once into a 64-bit key per (p, id) so that "better" is plain unsigned ">" on both sides:
-// high word = the float's bits made monotonic (NaN mapped above +inf), low word = ~id (lower id, bigger key).
-// Keys are unique within a row (distinct ids), so there is never a tie between keys: the tie rule lives here.
+// The CUDA kernel encodes the order into a 64-bit key per (p, id) so that "better" is plain unsigned ">" in a
+// warp max-reduction: high word = the float's bits made monotonic (NaN mapped above +inf), low word = ~id (lower
+// id, bigger key). Keys are unique within a row (distinct ids). The CPU kernel selects on the floats directly
+// (select_topk_row, the same order for a NaN-free row; a NaN row is all NaN and selects 0..k-1) and uses the
+// keys, and the GPU's k-rounds-of-argmax selection, for k > 32, so the tests exercise both.
 #pragma once
 
 #include <cmath>
@@ -58,9 +60,37 @@ C10_HOST_DEVICE inline uint64_t topk_key(float p, int32_t id) {
 C10_HOST_DEVICE inline int32_t key_id(uint64_t key) { return static_cast<int32_t>(~static_cast<uint32_t>(key)); }
 C10_HOST_DEVICE inline float key_prob(uint64_t key) { return from_order_bits(static_cast<uint32_t>(key >> 32)); }
 
-// exp(l - max) * inv_sum: one probability, as both kernels compute it (expf, not a fast approximation).
+// exp(x) for x <= 0 (x = logit - row max) or NaN, shared by both kernels so they compute identical values, and
+// written without branches or calls so the compiler vectorises the CPU loop (glibc's expf is a scalar call and
+// was most of the CPU router's time). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor
+// polynomial (truncation < 1e-8 relative), then the scale 2^n applied as two normal factors so results in the
+// subnormal range round once, like expf's. Within 2 ulp of expf over [-104, 0]; below that exp underflows to 0.
+C10_HOST_DEVICE inline float exp_nonpos(float x) {
+  const float xc = x < -104.0f ? -104.0f : x;  // NaN stays NaN here (the comparison is false)
+  const float t = xc * 1.44269504088896341f;
+  const float fn = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer (|t| < 2^22)
+  const float r = (xc - fn * 0.693145751953125f) - fn * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int n = static_cast<int>(fn == fn ? fn : 0.0f);  // in [-150, 0]
+  const int n1 = n / 2, n2 = n - n1;                      // each >= -75: 2^n1, 2^n2 are normal floats
+  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23, b2 = static_cast<uint32_t>(n2 + 127) << 23;
+  float s1, s2;
+  memcpy(&s1, &b1, sizeof(s1));
+  memcpy(&s2, &b2, sizeof(s2));
+  const float y = (p * s1) * s2;
+  return x == x ? (x < -104.0f ? 0.0f : y) : x;
+}
+
+// exp(l - max) * inv_sum: one probability, as both kernels compute it.
 C10_HOST_DEVICE inline float softmax_prob(float logit, float row_max, float inv_sum) {
-  return expf(logit - row_max) * inv_sum;
+  return exp_nonpos(logit - row_max) * inv_sum;
 }
 
 // Renormalisation of the k chosen weights: sum in selection order, then divide (the reference's w / w.sum()).
@@ -70,20 +100,72 @@ C10_HOST_DEVICE inline float renorm_sum(const float* w, int k) {
   return s;
 }
 
-// One whole row on one thread (the CPU kernel; also usable by a single GPU thread). `keys` is scratch of E
-// entries. Selection is k passes of "largest key not yet taken" when k is small, which is what the GPU warp
-// does too; the CPU caller may instead sort keys for large k (same keys, same result).
+// One whole row on one thread (the CPU kernel): the probabilities into p[E]; returns false when the row has a
+// NaN (then every probability is NaN and the selection is experts 0..k-1, see select_topk_row). Max and sum run
+// over 8 interleaved partials combined pairwise: a fixed order (deterministic) that the compiler vectorises;
+// the GPU's warp butterfly is another fixed order, so CPU and GPU weights may differ in the last ulp.
 template <typename scalar_t>
-C10_HOST_DEVICE inline void softmax_keys_row(const scalar_t* logits, int E, uint64_t* keys) {
+C10_HOST_DEVICE inline bool softmax_row(const scalar_t* logits, int E, float* p) {
+  float pm[8], ps[8];
+  bool nan[8];
+  for (int i = 0; i < 8; ++i) pm[i] = -INFINITY, ps[i] = 0.0f, nan[i] = false;
+  int e = 0;
+  for (; e + 8 <= E; e += 8) {
+    for (int i = 0; i < 8; ++i) {
+      const float x = to_float(logits[e + i]);
+      nan[i] = nan[i] | (x != x);
+      pm[i] = x > pm[i] ? x : pm[i];
+    }
+  }
+  for (int i = 0; e < E; ++e, ++i) {
+    const float x = to_float(logits[e]);
+    nan[i] = nan[i] | (x != x);
+    pm[i] = x > pm[i] ? x : pm[i];
+  }
+  bool any_nan = false;
   float m = -INFINITY;
-  for (int e = 0; e < E; ++e) m = nan_max(m, to_float(logits[e]));
-  float s = 0.0f;
-  for (int e = 0; e < E; ++e) s += expf(to_float(logits[e]) - m);
+  for (int i = 0; i < 8; ++i) any_nan = any_nan | nan[i], m = pm[i] > m ? pm[i] : m;
+  // +inf (inf - inf) and an all -inf row (-inf - -inf) make NaN probabilities, as in torch.softmax
+  if (any_nan || m == INFINITY || m == -INFINITY) {
+    for (int i = 0; i < E; ++i) p[i] = NAN;
+    return false;
+  }
+  for (e = 0; e < E; ++e) p[e] = exp_nonpos(to_float(logits[e]) - m);
+  for (e = 0; e + 8 <= E; e += 8)
+    for (int i = 0; i < 8; ++i) ps[i] += p[e + i];
+  for (int i = 0; e < E; ++e, ++i) ps[i] += p[e];
+  const float s = ((ps[0] + ps[1]) + (ps[2] + ps[3])) + ((ps[4] + ps[5]) + (ps[6] + ps[7]));
   const float inv = 1.0f / s;
-  for (int e = 0; e < E; ++e) keys[e] = topk_key(softmax_prob(to_float(logits[e]), m, inv), e);
+  for (e = 0; e < E; ++e) p[e] = p[e] * inv;
+  return true;
 }
 
-// k passes of argmax over the keys (taken ones zeroed). O(k * E): right for the decode/Qwen shapes (k <= 8).
+// The k best of a NaN-free row of probabilities by (p desc, id asc), in one pass: top-k kept sorted in
+// (tp, ti); an expert enters only if strictly better than the k-th (visiting ids in ascending order, an equal
+// probability already held has the lower id), and moves up only past strictly smaller probabilities. The same
+// order as the 64-bit keys (topk_key), without building them. O(E + insertions * k), ~k ln(E/k) insertions.
+C10_HOST_DEVICE inline void select_topk_row(const float* p, int E, int k, float* tp, int32_t* ti) {
+  for (int j = 0; j < k; ++j) tp[j] = -1.0f, ti[j] = -1;
+  for (int e = 0; e < E; ++e) {
+    const float v = p[e];
+    if (!(v > tp[k - 1])) continue;
+    int j = k - 1;
+    while (j > 0 && tp[j - 1] < v) {
+      tp[j] = tp[j - 1];
+      ti[j] = ti[j - 1];
+      --j;
+    }
+    tp[j] = v;
+    ti[j] = e;
+  }
+}
+
+// A row whose probabilities are all NaN: NaN counts as the largest value and ties go to the lowest id.
+C10_HOST_DEVICE inline void select_topk_nan_row(int k, float* w, int32_t* ids) {
+  for (int j = 0; j < k; ++j) w[j] = NAN, ids[j] = j;
+}
+
+// k passes of argmax over the keys (taken ones zeroed). O(k * E): what a GPU warp does in parallel.
 C10_HOST_DEVICE inline void select_topk_passes(uint64_t* keys, int E, int k, float* w, int32_t* ids) {
   for (int j = 0; j < k; ++j) {
     int best = 0;

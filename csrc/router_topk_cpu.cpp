@@ -56,19 +56,18 @@ void router_topk_out_cpu(const at::Tensor& logits, int64_t top_k, bool renormali
     const scalar_t* l = logits.const_data_ptr<scalar_t>();
     // ~64 rows per task: a row of 128 experts is ~1 us, so smaller grains would be all scheduling.
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> p(E);
       std::vector<uint64_t> keys(E);
       for (int64_t t = begin; t < end; ++t) {
-        router::softmax_keys_row(l + t * row_stride, static_cast<int>(E), keys.data());
         float* wt = w + t * k;
         int32_t* it = id + t * k;
-        if (k <= 16) {
+        if (!router::softmax_row(l + t * row_stride, static_cast<int>(E), p.data())) {
+          router::select_topk_nan_row(static_cast<int>(k), wt, it);
+        } else if (k <= 32) {
+          router::select_topk_row(p.data(), static_cast<int>(E), static_cast<int>(k), wt, it);
+        } else {  // the GPU's algorithm: 64-bit keys, k rounds of argmax (same order, so the same result)
+          for (int64_t e = 0; e < E; ++e) keys[e] = router::topk_key(p[e], static_cast<int32_t>(e));
           router::select_topk_passes(keys.data(), static_cast<int>(E), static_cast<int>(k), wt, it);
-        } else {  // same keys, same order: a partial sort is cheaper than k passes
-          std::partial_sort(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
-          for (int64_t j = 0; j < k; ++j) {
-            wt[j] = router::key_prob(keys[j]);
-            it[j] = router::key_id(keys[j]);
-          }
         }
         if (renormalize) router::renormalize_row(wt, static_cast<int>(k));
       }
