@@ -159,3 +159,23 @@ def test_shared_row_code_on_cpu_is_deterministic():
     w1, i1 = router_topk(logits, 8, True)
     w2, i2 = router_topk(logits[500:501], 8, True)
     assert torch.equal(w1[500:501], w2) and torch.equal(i1[500:501], i2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exp_accuracy_and_subnormal_order(device):
+    # two experts [0, x]: p1 = exp(x) / (1 + exp(x)) tests the shared exp (router_topk.h: exp_nonpos) to a few ulp,
+    # relative, down to where exp(x) is subnormal; torch's float64 softmax is the truth
+    x = torch.linspace(-103.0, 0.0, 4097)
+    logits = torch.stack([torch.zeros_like(x), x], dim=1).to(device)
+    w, ids = router_topk(logits, 2, False)
+    truth = torch.softmax(logits.cpu().double(), -1).gather(1, ids.cpu().long())
+    # subnormal results carry fewer significant bits: their order is checked separately below
+    normal = truth > 1.2e-38
+    rel_normal = ((w.cpu().double() - truth).abs() / truth)[normal].max().item()
+    assert rel_normal < 4e-7, f"max relative error {rel_normal:.2e} on normal results"
+    # distinct subnormal probabilities keep their order (and the reference's ids), down to exact underflow
+    row = torch.tensor([[0.0, -90.0, -95.0, -100.0, -103.0, -110.0, -88.0, -200.0]], device=device)
+    w, ids = router_topk(row, 8, False)
+    rw, rids = reference.router_topk(row, 8, False)
+    assert torch.equal(ids.cpu(), rids.cpu())
+    assert (w[0, :6] > 0).all() and (w[0, 6:] == 0).all()
