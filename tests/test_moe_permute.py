@@ -7,6 +7,8 @@ products, then one rounding), and exactly where the weights are one-hot (unpermu
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import DEVICES, poison
 from tolerances import tol
 
@@ -149,6 +151,29 @@ def test_bad_inputs(device):
         moe_unpermute(torch.randn(4, 4, device=device), torch.rand(2, 2, device=device), slots[:3])
     with pytest.raises(RuntimeError, match="y must be float32"):
         moe_unpermute(torch.randn(4, 4, device=device).double(), torch.rand(2, 2, device=device), slots)
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(0, 300), E=st.integers(1, 300), k=st.integers(1, 8), block=st.integers(1, 70),
+       H=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_properties_random_shapes(T, E, k, block, H, seed):
+    # any ids (repeats allowed), any sizes: sort/align equal the reference; the round trip with one-hot weights
+    # is exact; the align invariants hold (each expert's group padded to a multiple of block, in expert order)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    for got, ref in zip(moe_sort(ids, E), reference.moe_sort(ids, E)):
+        assert_equal(got, ref)
+    padded, block_expert, num_padded = moe_align_block(ids, E, block)
+    for got, ref in zip((padded, block_expert, num_padded), reference.moe_align_block(ids, E, block)):
+        assert_equal(got, ref)
+    n = int(num_padded)
+    assert n % block == 0 and n <= padded.numel()
+    be = block_expert[: n // block]
+    assert (be[1:] >= be[:-1]).all() and (block_expert[n // block:] == -1).all()
+    sorted_slots, inv, _ = moe_sort(ids, E)
+    x = torch.randn(T, H, generator=g)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, k, (T,), generator=g), k).float()
+    assert_equal(moe_unpermute(moe_permute(x, sorted_slots, k), onehot, inv), x)
 
 
 def test_int32_overflow_is_an_error():
