@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(kSortWarps * 32)
   const int64_t begin = chunk * kChunk, end = min(N, begin + kChunk);
   for (int64_t s = begin + lane; s < end; s += 32) {
     const int64_t e = ids[s];
-    CUDA_KERNEL_ASSERT(e >= 0 && e < E && "moe_sort: expert id out of range [0, num_experts)");
-    atomicAdd(&cnt[warp][e], 1);
+    CUDA_KERNEL_ASSERT_MSG(e >= 0 && e < E, "moe_sort / moe_align_block: expert id out of range [0, num_experts)");
+    if (e >= 0 && e < E) atomicAdd(&cnt[warp][e], 1);  // never write outside cnt, even with asserts disabled
   }
   __syncwarp();
   for (int e = lane; e < E; e += 32) hist[chunk * E + e] = cnt[warp][e];
@@ -119,8 +119,10 @@ __global__ void __launch_bounds__(kSortWarps * 32)
   const unsigned lower = (1u << lane) - 1u;
   for (int64_t base = begin; base < end; base += 32) {
     const int64_t s = base + lane;
-    const bool valid = s < end;
-    const int e = valid ? static_cast<int>(ids[s]) : -1;  // the tail's idle lanes form their own group
+    // the tail's idle lanes form their own group; out-of-range ids (asserted in the histogram) are skipped
+    const int64_t e64 = s < end ? static_cast<int64_t>(ids[s]) : -1;
+    const int e = (e64 >= 0 && e64 < E) ? static_cast<int>(e64) : -1;
+    const bool valid = e >= 0;
     const unsigned group = __match_any_sync(kFull, e);
     int32_t pos = 0;
     if (valid) pos = run[warp][e] + __popc(group & lower);
@@ -218,7 +220,8 @@ __global__ void __launch_bounds__(128)
                    int64_t top_k, int64_t numel, int64_t units_per_row, char* __restrict__ out) {
   const int64_t i = blockIdx.x;
   const int64_t s = slots[i];
-  CUDA_KERNEL_ASSERT(s >= 0 && s <= numel && "moe_permute: slot out of range [0, T*top_k]");
+  CUDA_KERNEL_ASSERT_MSG(s >= 0 && s <= numel, "moe_permute: slot out of range [0, T*top_k]");
+  if (s < 0 || s > numel) return;
   const int64_t t = permute::slot_token(s, top_k, numel);
   U* dst = reinterpret_cast<U*>(out + i * units_per_row * sizeof(U));
   if (t < 0) {
@@ -277,7 +280,8 @@ __global__ void __launch_bounds__(256)
     for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
     for (int j = 0; j < k; ++j) {
       const int64_t r = it[j];
-      CUDA_KERNEL_ASSERT(r >= 0 && r < M && "moe_unpermute: inv out of range [0, y.size(0))");
+      CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < M, "moe_unpermute: inv out of range [0, y.size(0))");
+      if (r < 0 || r >= M) continue;
       const Vec<scalar_t, VEC> v = *reinterpret_cast<const Vec<scalar_t, VEC>*>(y + r * y_stride + c);
       permute::combine_row<VEC>(acc, wt[j], v.v);
     }
