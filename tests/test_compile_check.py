@@ -1,0 +1,258 @@
+"""compile-check in CI: every shipped GPU kernel config compiles for sm_90 and sm_100 without spills, within the
+shared-memory limit, and (GEMMs) on tensor cores; every launched @triton.jit kernel has a compile spec.
+
+No GPU is involved: triton.compile targets GPUTarget("cuda", 90|100, 32) and Triton's own cuobjdump reads the
+cubin. The machinery itself is tested on two tiny kernels defined here (a tl.dot GEMM and an elementwise kernel),
+on a deliberately oversized tile, on a "GEMM" without tl.dot, and on fixed cuobjdump text.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from qwen3moe_kernels import compile_check as cc  # noqa: E402
+from qwen3moe_kernels.kernels.spec import CompileSpec  # noqa: E402
+
+
+@triton.jit
+def _tiny_gemm(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # C[BM, BN] = A[BM, K] @ B[K, BN], one program; row-major, K a multiple of BK
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _scale(x):
+    return x * 2.0
+
+
+@triton.jit
+def _tiny_elementwise(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, _scale(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@triton.jit
+def _not_a_gemm(a_ptr, c_ptr, BM: tl.constexpr, BN: tl.constexpr):
+    # "GEMM" that multiplies elementwise: no tl.dot, so no tensor-core instruction
+    r = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(c_ptr + r, tl.load(a_ptr + r) * 3.0)
+
+
+GEMM_SIG = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "K": "i32",
+            "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}
+
+
+def gemm_spec(bm=128, bn=128, bk=64, dtype="bf16", stages=3, label=None, warps=8):
+    sig = dict(GEMM_SIG, a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", c_ptr=f"*{dtype}")
+    return CompileSpec("_tiny_gemm", _tiny_gemm, sig, {"BM": bm, "BN": bn, "BK": bk},
+                       label or f"{dtype} BM={bm} BN={bn} BK={bk}", num_warps=warps, num_stages=stages, gemm=True)
+
+
+def elementwise_spec():
+    return CompileSpec("_tiny_elementwise", _tiny_elementwise,
+                       {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
+                       "fp16 BLOCK=1024", num_warps=4, num_stages=1)
+
+
+# ---------------------------------------------------------------------------------- the real check
+
+
+def test_compile_check_all_shipped_kernels(tmp_path, capsys):
+    """The CI gate: exactly what `qwen3moe-kernels compile-check` runs, over whatever kernels exist now."""
+    out = tmp_path / "compile_check.json"
+    rc = cc.main(["--json", str(out), "--jobs", "2"])
+    text = capsys.readouterr()
+    assert rc == 0, text.out[-6000:] + text.err[-4000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["failures"] == []
+    for row in report["triton"]:  # every spec compiled for both archs
+        assert row["registers"] is not None and row["shared_bytes"] is not None, row
+
+
+def test_every_launched_triton_kernel_has_a_compile_spec():
+    d = cc.discover()
+    assert not d.errors, d.errors
+    assert not d.uncovered, f"@triton.jit kernels without a CompileSpec in compile_specs(): {d.uncovered}"
+    for s in d.specs:  # a spec must name a real @triton.jit function and a signature covering its arguments
+        fn = cc.unwrap_jit(s.fn)
+        assert cc._is_jit(fn), s
+        assert set(s.signature) == set(fn.arg_names), (s.kernel, s.label, sorted(s.signature), fn.arg_names)
+        assert set(s.constexprs) <= {k for k, v in s.signature.items() if v == "constexpr"}, (s.kernel, s.label)
+
+
+# --------------------------------------------------------------------------- the machinery, on tiny kernels
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_tiny_gemm_uses_tensor_cores(arch):
+    # (found by this check: the same kernel at 64x64x32 in 4 warps spills 24 B on sm_100 with triton 3.8)
+    row = cc.compile_spec(gemm_spec(), arch)
+    assert row.ok, row.problems
+    assert row.registers and 0 < row.registers <= 255
+    assert row.spill_bytes == 0
+    assert 0 < row.shared_bytes <= cc.LIMITS[arch].smem_per_block
+    assert 0 < row.occupancy <= 1
+    family = "wgmma" if arch == 90 else "tcgen05"  # a 128x128 bf16 tile takes the arch's own tensor-core path
+    assert row.tensor_cores[family] > 0, row.tensor_cores
+
+
+def test_elementwise_and_helper_discovery():
+    row = cc.compile_spec(elementwise_spec(), 90)
+    assert row.ok and not any(row.tensor_cores.values())
+    mod = types.ModuleType(__name__)
+    mod.__dict__.update(_tiny_elementwise=_tiny_elementwise, _scale=_scale, _tiny_gemm=_tiny_gemm)
+    # _scale is called from _tiny_elementwise (inlined), so only the two launched kernels need specs
+    assert set(cc.launched_jit_kernels(mod)) == {"_tiny_elementwise", "_tiny_gemm"}
+
+
+def test_discover_flags_a_kernel_without_spec(monkeypatch):
+    mod = types.ModuleType("qwen3moe_kernels.kernels._fake_for_test")
+    mod.__dict__.update(_tiny_gemm=_tiny_gemm, _tiny_elementwise=_tiny_elementwise, _scale=_scale)
+    mod.compile_specs = lambda: [gemm_spec()]
+    _tiny_gemm.fn.__module__, old = mod.__name__, _tiny_gemm.fn.__module__
+    _tiny_elementwise.fn.__module__, old2 = mod.__name__, _tiny_elementwise.fn.__module__
+    try:
+        monkeypatch.setitem(__import__("sys").modules, mod.__name__, mod)
+        d = cc.discover([mod.__name__])
+    finally:
+        _tiny_gemm.fn.__module__, _tiny_elementwise.fn.__module__ = old, old2
+    assert d.uncovered == [(mod.__name__, "_tiny_elementwise")]
+    assert len(d.specs) == 1
+
+
+def test_huge_tile_is_over_the_shared_memory_limit():
+    # 256x256 bf16 A/B tiles with BK=256 in 4 stages: (256*256*2)*2*4 B = 1 MiB of staging buffers
+    row = cc.compile_spec(gemm_spec(256, 256, 256, stages=4, label="huge"), 90)
+    assert not row.ok
+    assert any("compile error" in p or "shared memory" in p for p in row.problems), row.problems
+    if row.shared_bytes is not None:  # Triton compiled it: then the shared-memory rule must be what failed
+        assert row.shared_bytes > cc.LIMITS[90].smem_per_block
+        assert any("per-block limit" in p for p in row.problems)
+
+
+def test_gemm_without_dot_is_flagged():
+    spec = CompileSpec("_not_a_gemm", _not_a_gemm, {"a_ptr": "*fp16", "c_ptr": "*fp16", "BM": "constexpr",
+                                                    "BN": "constexpr"}, {"BM": 64, "BN": 64}, "no dot", gemm=True)
+    row = cc.compile_spec(spec, 90)
+    assert not row.ok and any("tensor-core" in p for p in row.problems), row.problems
+
+
+def test_compile_error_is_a_failure_not_an_exception():
+    spec = CompileSpec("_tiny_gemm", _tiny_gemm, GEMM_SIG, {"BM": 63, "BN": 64, "BK": 32}, "BM not a power of 2",
+                       gemm=True)
+    row = cc.compile_spec(spec, 90)
+    assert not row.ok and row.problems[0].startswith("compile error")
+
+
+def test_compile_all_pool_matches_serial():
+    specs = [gemm_spec(), elementwise_spec()]
+    serial = cc.compile_all(specs, (90,), jobs=1)
+    pooled = cc.compile_all(specs, (90,), jobs=2)
+    key = lambda r: (r.kernel, r.registers, r.shared_bytes, r.spill_bytes, r.ok)  # noqa: E731
+    assert [key(r) for r in serial] == [key(r) for r in pooled]
+
+
+# ---------------------------------------------------------------------------------- parser, occupancy
+
+CUOBJDUMP_TEXT = """
+Fatbin elf code:
+================
+arch = sm_90a
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:448 CONSTANT[4]:376
+ Function _Z3fooPf:
+  REG:40 STACK:16 SHARED:9216 LOCAL:8 CONSTANT[0]:976 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z3barv:
+  REG:255 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_100a
+
+Resource usage:
+ Function _Z3fooPf:
+  REG:32 STACK:0 SHARED:9216 LOCAL:0 CONSTANT[0]:976 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_parse_resource_usage():
+    rows = cc.parse_resource_usage(CUOBJDUMP_TEXT)
+    assert [(r["arch"], r["function"], r["reg"], r["stack"], r["shared"], r["local"]) for r in rows] == [
+        ("sm_90a", "_Z3fooPf", 40, 16, 9216, 8),
+        ("sm_90a", "_Z3barv", 255, 0, 0, 0),
+        ("sm_100a", "_Z3fooPf", 32, 0, 9216, 0),
+    ]
+    # a bare cubin (what Triton produces) has no arch line
+    bare = "Resource usage:\n Common:\n  GLOBAL:0\n Function mm:\n  REG:254 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:584\n"
+    assert cc.parse_resource_usage(bare) == [
+        {"arch": None, "function": "mm", "reg": 254, "stack": 0, "shared": 1024, "local": 0, "constant0": 584}]
+
+
+def test_count_tensor_core_ops():
+    ptx = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 ...;\n wgmma.fence.sync.aligned;\n" \
+          "tcgen05.mma.cta_group::1.kind::f16 [%r1];\n mma.sync.aligned.m16n8k16.row.col.f32.bf16;\n"
+    assert cc.count_tensor_core_ops(ptx) == {"wgmma": 1, "tcgen05": 1, "mma.sync": 1}
+
+
+def test_occupancy_estimate():
+    L = cc.LIMITS[90]
+    # 32 regs x 4 warps, no shared: 64 warps fit by registers and by warp slots: 100%
+    assert cc.estimate_occupancy(32, 0, 4, L) == {"blocks_per_sm": 16, "warps_per_sm": 64, "occupancy": 1.0,
+                                                  "limiter": "warps"}
+    # 128 regs: 4096 per warp -> 16 warps -> 4 blocks of 4 warps: 25%, limited by registers
+    o = cc.estimate_occupancy(128, 0, 4, L)
+    assert (o["blocks_per_sm"], o["occupancy"], o["limiter"]) == (4, 0.25, "registers")
+    # 33 regs round up to 40 per thread (1280 per warp): 51 warps -> 12 blocks of 4
+    assert cc.estimate_occupancy(33, 0, 4, L)["blocks_per_sm"] == 12
+    # 100 KB of shared memory: (228 KB) // (100 KB + 1 KB) = 2 blocks
+    o = cc.estimate_occupancy(32, 100 * 1024, 4, L)
+    assert (o["blocks_per_sm"], o["limiter"]) == (2, "shared")
+    # over the per-block limit: nothing fits
+    assert cc.estimate_occupancy(32, 228 * 1024, 4, L)["blocks_per_sm"] == 0
+
+
+def test_check_row_rules_and_waivers(monkeypatch):
+    L = cc.LIMITS[100]
+    r = cc.check_row(cc.Row("k", "c", "sm_100", spill_bytes=8, shared_bytes=L.smem_per_block + 1, gemm=True,
+                            tensor_cores={"wgmma": 0, "tcgen05": 0, "mma.sync": 0}), L)
+    assert not r.ok and len(r.problems) == 3
+    monkeypatch.setitem(cc.WAIVERS, ("k", "sm_100a"), "test reason")
+    r = cc.check_row(cc.Row("k", "c", "sm_100a", spill_bytes=8, shared_bytes=0), L)
+    assert r.ok and "test reason" in r.waived
+    r = cc.check_row(cc.Row("k", "c", "sm_100a", spill_bytes=8, shared_bytes=L.smem_per_block + 1), L)
+    assert not r.ok  # a waiver covers spills only
+
+
+def test_short_cuda_name():
+    d = "void qwen3moe::(anonymous namespace)::unpermute_kernel<c10::BFloat16, 8>(c10::BFloat16 const*, long)"
+    assert cc.short_cuda_name(d) == "unpermute_kernel<c10::BFloat16, 8>"
+    assert cc.short_cuda_name("qwen3moe::(anonymous namespace)::sort_scan_kernel(int*, long)") == "sort_scan_kernel"
+
+
+def test_cuda_report_handles_no_library_and_cpu_only(tmp_path):
+    rows, notes = cc.cuda_report(str(tmp_path / "missing.so"))
+    assert rows == [] and notes
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"\x7fELF not really")
+    rows, notes = cc.cuda_report(str(fake))
+    assert rows == [] and notes
