@@ -256,3 +256,32 @@ def test_cuda_report_handles_no_library_and_cpu_only(tmp_path):
     fake.write_bytes(b"\x7fELF not really")
     rows, notes = cc.cuda_report(str(fake))
     assert rows == [] and notes
+
+
+# ------------------------------------------------------------------------------- roofline floors (limits)
+
+
+def test_roofline_floors_hand_computed():
+    from qwen3moe_kernels import roofline as rl
+
+    # 30B-A3B grouped SwiGLU at T=4096: 2*R*H*2I + 2*R*I*H + 4*R*I FLOPs with R = T*k routed rows
+    R, H, I = 4096 * 8, 2048, 768
+    f, nb = rl.op_cost("grouped_swiglu", "Qwen3-30B-A3B", 4096, "bf16")
+    assert f == 2.0 * R * H * 2 * I + 2.0 * R * I * H + 4.0 * R * I
+    assert nb >= 128 * 3 * H * I * 2 * 0.999  # every expert hit at this T: all weights read once
+    lim = rl.limit_time(f, nb, {"tflops": 800.0, "gbps": 3000.0})
+    # 256 rows per expert at T=4096: 256 FLOP/B, just under the H100 ridge (800/3 = 267): still memory bound
+    assert lim["bound"] == "memory" and abs(lim["compute_us"] - f / 800e12 * 1e6) < 1e-9
+    f2, nb2 = rl.op_cost("grouped_swiglu", "Qwen3-30B-A3B", 16384, "bf16")
+    assert rl.limit_time(f2, nb2, {"tflops": 800.0, "gbps": 3000.0})["bound"] == "compute"
+    # decode T=1 reads 8 experts' weights: memory bound
+    f1, nb1 = rl.op_cost("grouped_swiglu", "Qwen3-30B-A3B", 1, "bf16")
+    assert abs(nb1 - (8 * 3 * H * I * 2 + 2 * 2 * 8 * H)) < 1e-6
+    assert rl.limit_time(f1, nb1, rl.peak_for("H100")[0])["bound"] == "memory"
+    assert rl.active_experts(1, 128, 8) == pytest.approx(8.0)
+    rows = rl.floors("B200")  # no measured B200 peak: the label must say nominal
+    assert rows and all("NOMINAL" in r["limit"] for r in rows)
+    assert all(r["floor_us"] > 0 for r in rows if r["op"] != "moe_permute" or r["tokens"] > 0)
+    assert rl.device_peak("cpu") is None
+    with pytest.raises(ValueError):
+        rl.op_cost("nope", "Qwen3-30B-A3B", 1)

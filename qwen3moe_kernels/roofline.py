@@ -1,0 +1,226 @@
+"""Roofline floors: the FLOPs and bytes each op must spend at the Qwen3-MoE shapes, and the least time that takes.
+
+For each op and shape, ``op_cost`` counts the floating-point operations and the fewest bytes the op must move
+through device memory (each input read once, each output written once; expert weights counted only for the
+experts the tokens hit, in expectation under uniform routing: E * (1 - (1 - k/E)^T)). Divided by a device's
+matrix rate and memory bandwidth they give two times; the larger is the floor no kernel beats by much.
+
+These are LIMITS, never results. A benchmark's time divided into the floor is the fraction of the limit reached.
+The device peaks below are of two kinds, labelled as such everywhere they are printed:
+
+* ``nominal``: the vendor's datasheet (dense, no sparsity). Leads only.
+* ``measured``: what a bf16 8192^3 matrix product (random data) and a large device-to-device copy (bytes read
+  plus written) reached on the device. :func:`measure_peaks` measures them on the current GPU; ``python/gpu_run.py``
+  stores them with its results. The H100/H200 "measured" defaults below were read by this workplace's device
+  notes on its own machines (torch matmul and copy), not by this project's GPU run; B200 has none yet.
+
+Run ``python -m qwen3moe_kernels.roofline [--device H100] [--dtype bf16]`` for the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+
+MODELS = {
+    "Qwen3-30B-A3B": dict(hidden=2048, inter=768, experts=128, top_k=8, head_dim=128, q_heads=32, kv_heads=4),
+    "Qwen3-235B-A22B": dict(hidden=4096, inter=1536, experts=128, top_k=8, head_dim=128, q_heads=64, kv_heads=4),
+}
+DECODE_TOKENS = (1, 8, 64)
+PREFILL_TOKENS = (512, 4096)
+
+# TFLOP/s dense bf16 and GB/s. "measured" is None where nobody measured it yet.
+PEAKS = {
+    "H100": {"nominal": {"tflops": 989.0, "gbps": 3350.0, "source": "H100 SXM5 datasheet (dense bf16, HBM3)"},
+             "measured": {"tflops": 798.0, "gbps": 3000.0,
+                          "source": "device notes of this workplace, 2026-11-13 (torch bf16 8192^3 matmul on random "
+                                    "data; device-to-device copy, bytes read+written); not yet by python/gpu_run.py"}},
+    "H200": {"nominal": {"tflops": 989.0, "gbps": 4800.0, "source": "H200 SXM datasheet (dense bf16, HBM3e)"},
+             "measured": {"tflops": 788.0, "gbps": 4300.0,
+                          "source": "device notes of this workplace, 2026-10-28 (torch bf16 8192^3 matmul on random "
+                                    "data; device-to-device copy); not yet by python/gpu_run.py"}},
+    "B200": {"nominal": {"tflops": 2250.0, "gbps": 8000.0, "source": "B200 datasheet (dense bf16, HBM3e)"},
+             "measured": None},
+}
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def active_experts(T: int, E: int, k: int) -> float:
+    """Expected number of distinct experts hit by T tokens choosing k of E uniformly."""
+    if T <= 0:
+        return 0.0
+    return E * (1.0 - (1.0 - k / E) ** T)
+
+
+def op_cost(op: str, model: str, T: int, dtype: str = "bf16") -> tuple[float, float]:
+    """(FLOPs, minimum bytes) of one call of ``op`` on T tokens of ``model``.
+
+    Ops: router_linear (x @ Wr^T), router_topk (softmax + top-k of fp32 logits), moe_permute (gather tokens into
+    expert order), grouped_swiglu (gate_up GEMM, SwiGLU, down GEMM over the routed rows), moe_unpermute (weighted
+    combine back to tokens), rms_norm, qk_norm_rope (per-head RMSNorm + RoPE of q and k), moe_block (the sum of the
+    MoE ops, intermediates kept in memory between them as the unfused pipeline does).
+    """
+    m = MODELS[model]
+    H, I, E, k = m["hidden"], m["inter"], m["experts"], m["top_k"]
+    D, Hq, Hk = m["head_dim"], m["q_heads"], m["kv_heads"]
+    b = _BYTES[dtype]
+    R = T * k  # routed rows
+    if op == "router_linear":
+        return 2.0 * T * H * E, b * (T * H + E * H) + 4.0 * T * E
+    if op == "router_topk":  # fp32 logits in; fp32 weights and int32 ids out; exp + compare per logit
+        return 5.0 * T * E, 4.0 * T * E + 8.0 * R
+    if op == "moe_permute":
+        return 0.0, b * (T * H + R * H) + 4.0 * R * 2
+    if op == "grouped_swiglu":
+        flops = 2.0 * R * H * 2 * I + 2.0 * R * I * H + 4.0 * R * I
+        weights = active_experts(T, E, k) * 3 * H * I * b
+        return flops, weights + b * (R * H + R * H)
+    if op == "moe_unpermute":
+        return 2.0 * R * H, b * (R * H + T * H) + 8.0 * R
+    if op == "rms_norm":
+        return 4.0 * T * H, b * (2 * T * H + H)
+    if op == "qk_norm_rope":
+        n = T * (Hq + Hk) * D
+        return 10.0 * n, b * (2 * n + 2 * D) + b * 2 * T * D
+    if op == "moe_block":
+        parts = ("router_linear", "router_topk", "moe_permute", "grouped_swiglu", "moe_unpermute")
+        costs = [op_cost(p, model, T, dtype) for p in parts]
+        return sum(c[0] for c in costs), sum(c[1] for c in costs)
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+OPS = ("router_linear", "router_topk", "moe_permute", "grouped_swiglu", "moe_unpermute", "rms_norm",
+       "qk_norm_rope", "moe_block")
+
+
+def limit_time(flops: float, nbytes: float, peak: dict) -> dict:
+    """Least time (microseconds) at the given peak: compute, memory, the floor (their max) and which bounds."""
+    t_c = flops / (peak["tflops"] * 1e12) * 1e6 if peak.get("tflops") else 0.0
+    t_m = nbytes / (peak["gbps"] * 1e9) * 1e6 if peak.get("gbps") else 0.0
+    return {"compute_us": t_c, "memory_us": t_m, "floor_us": max(t_c, t_m),
+            "bound": "compute" if t_c >= t_m else "memory"}
+
+
+def peak_for(device: str, kind: str = "measured") -> tuple[dict, str]:
+    """(peak, label): the measured peak where there is one, else the nominal one, labelled which."""
+    entry = PEAKS[device]
+    if kind == "measured" and entry.get("measured"):
+        return entry["measured"], f"{device} measured limit"
+    return entry["nominal"], f"{device} NOMINAL limit (datasheet; not measured)"
+
+
+def floors(device: str = "H100", dtype: str = "bf16", kind: str = "measured", peak: dict | None = None) -> list[dict]:
+    """One row per (model, phase, T, op): FLOPs, bytes and the limit times. ``peak`` overrides the table's."""
+    label = "custom peak"
+    if peak is None:
+        peak, label = peak_for(device, kind)
+    rows = []
+    for model in MODELS:
+        for phase, Ts in (("decode", DECODE_TOKENS), ("prefill", PREFILL_TOKENS)):
+            for T in Ts:
+                for op in OPS:
+                    f, nb = op_cost(op, model, T, dtype)
+                    rows.append(dict(model=model, phase=phase, tokens=T, op=op, dtype=dtype, flops=f, bytes=nb,
+                                     limit=label, peak_tflops=peak.get("tflops"), peak_gbps=peak.get("gbps"),
+                                     **limit_time(f, nb, peak)))
+    return rows
+
+
+def fraction_of_limit(measured_us: float, model: str, op: str, T: int, dtype: str = "bf16",
+                      peak: dict | None = None, device: str = "H100") -> float:
+    """floor / measured: 1.0 means the op ran at the device limit."""
+    f, nb = op_cost(op, model, T, dtype)
+    peak = peak or peak_for(device)[0]
+    return limit_time(f, nb, peak)["floor_us"] / measured_us
+
+
+# ------------------------------------------------------------------------------------- measuring (GPU)
+
+
+def measure_peaks(device="cuda", n: int = 8192, copy_bytes: int = 1 << 30, reps: int = 10) -> dict:
+    """Measure the bf16 matmul rate (n x n x n, random data) and device-to-device copy bandwidth (bytes read +
+    written) on the current GPU: median of ``reps`` event-timed runs after 3 warm-ups. Needs CUDA."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError("measure_peaks needs a CUDA device")
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(dev)
+        ts = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e) * 1e-3)
+        return statistics.median(ts)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=g)
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    t_mm = timed(lambda: torch.mm(a, b, out=c))
+    del a, b, c
+    src = torch.randn(copy_bytes // 4, device=dev, generator=g)
+    dst = torch.empty_like(src)
+    t_cp = timed(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"tflops": 2.0 * n ** 3 / t_mm / 1e12, "gbps": 2.0 * copy_bytes / t_cp / 1e9,
+            "source": f"measured: torch.mm bf16 {n}^3 random, copy of {copy_bytes >> 20} MiB (read+write), "
+                      f"median of {reps}",
+            "device": torch.cuda.get_device_name(dev)}
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(device: str) -> dict:
+    return measure_peaks(device)
+
+
+def device_peak(device="cuda", dtype=None) -> dict | None:
+    """Measured peak of the current GPU (once per process; benchmarks use it for fractions). None off-GPU."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    return _measured(f"cuda:{idx}")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def format_floors(rows: list[dict]) -> str:
+    out = [f"{'model':16} {'phase':8} {'T':>5} {'op':15} {'GFLOP':>10} {'MB':>10} {'compute us':>11} "
+           f"{'memory us':>10} {'FLOOR us':>9} bound"]
+    for r in rows:
+        out.append(f"{r['model']:16} {r['phase']:8} {r['tokens']:>5} {r['op']:15} {r['flops'] / 1e9:>10.3f} "
+                   f"{r['bytes'] / 1e6:>10.3f} {r['compute_us']:>11.2f} {r['memory_us']:>10.2f} "
+                   f"{r['floor_us']:>9.2f} {r['bound']}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="roofline floors (limits, not results) at the Qwen3-MoE shapes")
+    p.add_argument("--device", default="H100", choices=list(PEAKS))
+    p.add_argument("--dtype", default="bf16", choices=list(_BYTES))
+    p.add_argument("--nominal", action="store_true", help="use the datasheet peak even where a measured one exists")
+    a = p.parse_args(argv)
+    rows = floors(a.device, a.dtype, "nominal" if a.nominal else "measured")
+    print(f"LIMITS at {rows[0]['limit']}: {rows[0]['peak_tflops']} TFLOP/s, {rows[0]['peak_gbps']} GB/s "
+          f"({PEAKS[a.device]['measured' if not a.nominal and PEAKS[a.device]['measured'] else 'nominal']['source']})")
+    print(format_floors(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
