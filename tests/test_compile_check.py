@@ -285,3 +285,36 @@ def test_roofline_floors_hand_computed():
     assert rl.device_peak("cpu") is None
     with pytest.raises(ValueError):
         rl.op_cost("nope", "Qwen3-30B-A3B", 1)
+
+
+# ------------------------------------------------------------------------- python/gpu_run.py's plumbing
+
+
+def _gpu_run():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "python" / "gpu_run.py"
+    spec = importlib.util.spec_from_file_location("gpu_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_run_steps_respect_the_budget(tmp_path):
+    import sys
+
+    g = _gpu_run()
+    r = g.Runner(budget_s=30)
+    assert r.run("ok", [sys.executable, "-c", "print('hi')"], 20)["status"] == "ok"
+    assert r.run("fails", [sys.executable, "-c", "import sys; sys.exit(3)"], 20)["rc"] == 3
+    assert r.run("slow", [sys.executable, "-c", "import time; time.sleep(30)"], 6)["status"] == "timed out"
+    assert r.run("no time", [sys.executable, "-c", "pass"], 20, reserve_s=1000)["status"] == "skipped"
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+                   '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure/></testcase>'
+                   '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
+    s = g.junit_summary(xml)
+    assert (s["tests"], s["failures"], s["skipped"], s["failed"]) == (3, 1, 1, ["t::b"])
+    if not __import__("torch").cuda.is_available():
+        assert g.main(["--out-dir", str(tmp_path)]) == 2  # says so and writes nothing without a GPU
