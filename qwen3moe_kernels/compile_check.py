@@ -289,8 +289,22 @@ def discover(modules: list[str] | None = None) -> Discovery:
         except Exception as exc:
             d.errors.append((mname, f"compile_specs() raised {type(exc).__name__}: {exc}"))
             continue
-        d.specs += specs
-        covered = {unwrap_jit(s.fn).__name__ for s in specs if _is_jit(unwrap_jit(s.fn))}
+        for sp in specs:
+            fn = unwrap_jit(sp.fn)
+            if not _is_jit(fn):
+                d.errors.append((mname, f"spec {sp.kernel} [{sp.label}]: fn is {type(sp.fn).__name__}, not a "
+                                        f"@triton.jit function (imported with TRITON_INTERPRET=1?)"))
+                continue
+            if set(sp.signature) != set(fn.arg_names):
+                d.errors.append((mname, f"spec {sp.kernel} [{sp.label}]: signature {sorted(sp.signature)} does not "
+                                        f"name exactly the arguments {fn.arg_names}"))
+                continue
+            if not set(sp.constexprs) <= {k for k, v in sp.signature.items() if v == "constexpr"}:
+                d.errors.append((mname, f"spec {sp.kernel} [{sp.label}]: constexprs {sorted(sp.constexprs)} must "
+                                        f"be typed 'constexpr' in the signature"))
+                continue
+            d.specs.append(sp)
+        covered = {unwrap_jit(sp.fn).__name__ for sp in specs if _is_jit(unwrap_jit(sp.fn))}
         d.uncovered += [(mname, k) for k in sorted(kernels) if k not in covered]
     return d
 
@@ -564,7 +578,23 @@ def to_json(report: dict) -> dict:
     }
 
 
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def clean_env() -> dict:
+    """This process's environment without TRITON_INTERPRET: under it @triton.jit gives interpreter objects that
+    cannot be compiled."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if interpreter_on():  # kernels imported here would be interpreter objects: run in a clean process instead
+        return subprocess.run([sys.executable, "-m", "qwen3moe_kernels.compile_check", *argv],
+                              env=clean_env()).returncode
     p = argparse.ArgumentParser(prog="qwen3moe-kernels compile-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, action="append", choices=list(LIMITS),
                    help="compute capability to compile for (repeatable; default 90 and 100)")
