@@ -69,6 +69,8 @@ class SMLimits:
 # H100/H200 (sm_90) and B200 (sm_100) have the same per-SM limits. A block may use 227 KB of shared memory on
 # both; 228 KB is the per-SM total (the "228 KB on B200"), of which 1 KB per block is reserved.
 LIMITS = {90: SMLimits("sm_90 (H100/H200)"), 100: SMLimits("sm_100 (B200)")}
+# A100 (sm_80, in setup.py's default arch list): reported for the CUDA kernels, not a compile-check target.
+OTHER_LIMITS = {80: SMLimits("sm_80 (A100)", smem_per_sm=164 * 1024, smem_per_block=163 * 1024)}
 
 # Known findings accepted for now, each with its reason, printed as WAIVED (never silently). Keys: (kernel name as
 # in the table, arch). A waiver that no longer matches a problem is reported as a note so it gets removed.
@@ -470,7 +472,7 @@ def cuda_report(lib: str | None = None, archs=ARCHS) -> tuple[list[Row], list[st
     rows = []
     for r in res:
         archnum = int(re.sub(r"\D", "", r["arch"] or "0") or 0)
-        limits = LIMITS.get(archnum, LIMITS[90])
+        limits = LIMITS.get(archnum) or OTHER_LIMITS.get(archnum) or LIMITS[90]
         row = Row(kernel=short_cuda_name(names[r["function"]]), config=names[r["function"]], arch=r["arch"] or "?",
                   registers=r["reg"], spill_bytes=r["stack"] + r["local"], shared_bytes=r["shared"], source="cuda")
         # Block size is a launch argument, not in the cubin: occupancy here is the register limit alone at a
