@@ -83,6 +83,8 @@ WAIVERS: dict[tuple[str, str], str] = {
         "reported to the C++ owner, remove once fixed",
 }
 
+TMEM_COLUMNS = 512  # sm_100 tensor memory: 128 lanes x 512 columns of 32 bits per SM
+
 TC_PATTERNS = {
     "wgmma": re.compile(r"\bwgmma\.mma_async\b"),
     "tcgen05": re.compile(r"\btcgen05\.mma\b"),
@@ -343,6 +345,8 @@ def check_row(row: Row, limits: SMLimits) -> Row:
     if row.shared_bytes is not None and row.shared_bytes > limits.smem_per_block:
         row.problems.append(
             f"shared memory {row.shared_bytes / 1024:.1f} KB > {limits.smem_per_block // 1024} KB per-block limit")
+    if row.tmem_cols and row.tmem_cols > TMEM_COLUMNS:
+        row.problems.append(f"tensor memory {row.tmem_cols} columns > {TMEM_COLUMNS} per SM (sm_100)")
     if row.gemm and not any(row.tensor_cores.values()):
         row.problems.append("GEMM without tensor-core instructions (no wgmma / tcgen05 / mma.sync in the PTX)")
     waiver = WAIVERS.get((row.kernel, row.arch))

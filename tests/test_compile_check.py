@@ -252,6 +252,7 @@ def test_check_row_rules_and_waivers(monkeypatch):
     r = cc.check_row(cc.Row("k", "c", "sm_100", spill_bytes=8, shared_bytes=L.smem_per_block + 1, gemm=True,
                             tensor_cores={"wgmma": 0, "tcgen05": 0, "mma.sync": 0}), L)
     assert not r.ok and len(r.problems) == 3
+    assert not cc.check_row(cc.Row("k", "c", "sm_100", tmem_cols=1024), L).ok
     monkeypatch.setitem(cc.WAIVERS, ("k", "sm_100a"), "test reason")
     r = cc.check_row(cc.Row("k", "c", "sm_100a", spill_bytes=8, shared_bytes=0), L)
     assert r.ok and "test reason" in r.waived
