@@ -112,9 +112,10 @@ def peak_for(device: str, kind: str = "measured") -> tuple[dict, str]:
     return entry["nominal"], f"{device} NOMINAL limit (datasheet; not measured)"
 
 
-def floors(device: str = "H100", dtype: str = "bf16", kind: str = "measured", peak: dict | None = None) -> list[dict]:
+def floors(device: str = "H100", dtype: str = "bf16", kind: str = "measured", peak: dict | None = None,
+           label: str | None = None) -> list[dict]:
     """One row per (model, phase, T, op): FLOPs, bytes and the limit times. ``peak`` overrides the table's."""
-    label = "custom peak"
+    label = label or (f"limit measured on {peak.get('device', 'this GPU')}" if peak else "")
     if peak is None:
         peak, label = peak_for(device, kind)
     rows = []
