@@ -1,0 +1,246 @@
+"""The thin Qwen3-MoE causal LM: short enough to read in one sitting (gpt-fast / nano-vllm style).
+
+Two backends share one set of weights and can be switched at any time with ``set_backend``:
+
+* ``"eager"`` calls only ``qwen3moe_kernels.reference`` functions and matches transformers op for op;
+* ``"fused"`` calls the ``qwen3moe_kernels.fused`` entry points (MoE block, norms, fused residual-add +
+  RMSNorm, q/k-norm + RoPE); attention stays the reference in both.
+
+Data layout: experts stacked as ``w_gate_up [E, 2I, H]`` (gate rows, then up rows) and ``w_down [E, H, I]``,
+router ``[E, H]``; activations ``[B, S, H]``; the KV cache keeps per layer ``k, v [B, Hk, L, D]`` (RoPE already
+applied), and the position of a new token is the cache length.
+
+The decoder layer is written residual-stream style: each layer takes ``(h, residual)`` and adds its input
+to the residual inside ``fused_add_rms_norm``; ``residual + h`` is the same float add transformers does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import fused, reference
+from .config import Qwen3MoeConfig
+
+BACKENDS = {"eager": reference, "fused": fused}
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    past_key_values: "KVCache | None" = None
+
+
+class KVCache:
+    """Per-layer K/V tensors ``[B, Hk, L, D]``, grown by concatenation."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layers[layer] is not None:
+            k = torch.cat([self.layers[layer][0], k], dim=2)
+            v = torch.cat([self.layers[layer][1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, layer: int):
+        super().__init__()
+        self.layer, self.hq, self.hk, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNormWeight(self.d)
+        self.k_norm = RMSNormWeight(self.d)
+
+    def forward(self, x, cos, sin, mask, cache, ops):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.hq, self.d)
+        k = self.k_proj(x).view(B, S, self.hk, self.d)
+        v = self.v_proj(x).view(B, S, self.hk, self.d).transpose(1, 2)
+        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = reference.attention(q, k, v, mask, self.d**-0.5)
+        return self.o_proj(out.reshape(B, S, self.hq * self.d))
+
+
+class RMSNormWeight(nn.Module):
+    """Holds an RMSNorm weight (the backend computes the norm); named ``weight`` as in checkpoints."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, ops):
+        return reference.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight), None
+
+
+class SparseMoe(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig):
+        super().__init__()
+        E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.router_weight = nn.Parameter(torch.zeros(E, H))
+        self.w_gate_up = nn.Parameter(torch.zeros(E, 2 * I, H))
+        self.w_down = nn.Parameter(torch.zeros(E, H, I))
+
+    def forward(self, x, ops):
+        shape = x.shape
+        out, logits = ops.sparse_moe_block(
+            x.reshape(-1, shape[-1]), self.router_weight, self.w_gate_up, self.w_down, self.top_k, self.renormalize
+        )
+        return out.reshape(shape), logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, layer: int):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNormWeight(cfg.hidden_size)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
+        self.mlp = SparseMoe(cfg) if cfg.is_sparse(layer) else DenseMLP(cfg)
+
+    def forward(self, h, residual, cos, sin, mask, cache, ops):
+        if residual is None:
+            residual, x = h, ops.rms_norm(h, self.input_layernorm.weight, self.eps)
+        else:
+            x, residual = ops.fused_add_rms_norm(h, residual, self.input_layernorm.weight, self.eps)
+        a = self.self_attn(x, cos, sin, mask, cache, ops)
+        x, residual = ops.fused_add_rms_norm(a, residual, self.post_attention_layernorm.weight, self.eps)
+        m, router_logits = self.mlp(x, ops)
+        return m, residual, router_logits
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNormWeight(cfg.hidden_size)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, backend: str = "eager"):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str) -> "Qwen3MoeForCausalLM":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager") -> "Qwen3MoeForCausalLM":
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an int64/int32 tensor, got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        device = self.lm_head.weight.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size})")
+
+    def forward(self, input_ids, attention_mask=None, labels=None, output_router_logits=False,
+                past_key_values=None, use_cache=False) -> CausalLMOutput:
+        self._check_input_ids(input_ids)
+        cfg, ops = self.config, BACKENDS[self.backend]
+        B, S = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(cfg.num_hidden_layers)
+        past = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is not None and attention_mask.shape != (B, past + S):
+            raise ValueError(f"attention_mask must be [batch, past+seq] = {(B, past + S)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        h = self.model.embed_tokens(input_ids)
+        positions = torch.arange(past, past + S, device=h.device)[None].expand(B, S)
+        cos, sin = reference.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        mask = reference.causal_mask(attention_mask, S, past, h.dtype, h.device)
+        residual, all_router_logits = None, []
+        for layer in self.model.layers:
+            h, residual, router_logits = layer(h, residual, cos, sin, mask, cache, ops)
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+        h, _ = ops.fused_add_rms_norm(h, residual, self.model.norm.weight, cfg.rms_norm_eps)
+        logits = self.lm_head(h)
+        loss = aux_loss = None
+        if labels is not None:
+            loss = reference.cross_entropy_loss(logits, labels)
+        if output_router_logits and all_router_logits:
+            aux_loss = reference.load_balancing_loss(
+                tuple(all_router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + cfg.router_aux_loss_coef * aux_loss.to(loss.device)
+        return CausalLMOutput(
+            logits=logits, loss=loss, aux_loss=aux_loss,
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+            past_key_values=cache if use_cache else None,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (or sampled) decoding with the KV cache; returns prompt + new tokens ``[B, S + n]``."""
+        self._check_input_ids(input_ids)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        out, cache, step = input_ids, None, input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            res = self(step, past_key_values=cache, use_cache=True)
+            cache, last = res.past_key_values, res.logits[:, -1].float()
+            if do_sample:
+                probs = torch.softmax(last / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = last.argmax(dim=-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            step = nxt[:, None].to(input_ids.dtype)
+            out = torch.cat([out, step], dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return out
