@@ -25,8 +25,20 @@ def sparse_moe_block(
     renormalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router + experts of one sparse MoE layer for ``x [T, H]``. Returns ``(out [T, H], router_logits [T, E])``."""
-    fallback("sparse_moe_block", "no fused MoE kernel yet")
-    return reference.sparse_moe_block(x, router_weight, w_gate_up, w_down, top_k, renormalize)
+    fits = (
+        x.dim() == 2
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and all(t.dtype == x.dtype and t.device == x.device for t in (router_weight, w_gate_up, w_down))
+        and x.device.type in ("cpu", "cuda")
+    )
+    if not fits:
+        fallback("sparse_moe_block", f"fused_moe needs fp32/fp16/bf16 on CPU/CUDA, got {x.dtype} on {x.device}")
+        return reference.sparse_moe_block(x, router_weight, w_gate_up, w_down, top_k, renormalize)
+    from .dispatch import record
+    from .ops.fused_moe import fused_moe
+
+    record("sparse_moe_block", "triton" if x.is_cuda and not torch.is_grad_enabled() else x.device.type)
+    return fused_moe(x, router_weight, w_gate_up, w_down, top_k, renormalize)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
