@@ -1,0 +1,127 @@
+"""Parity of the thin model with transformers' Qwen3MoeForCausalLM on tiny random fp32 configs.
+
+Each config is saved with save_pretrained (or in the per-expert layout) and loaded with our from_pretrained;
+logits, loss, aux loss and router logits must agree to the "model" tolerance and greedy generation token for
+token. Also: bf16 loading, the fused backend against eager, and the KV cache against a full recompute.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from model_fixtures import hf_model, save_per_expert
+from tolerances import tol
+
+import qwen3moe_kernels
+from qwen3moe_kernels import dispatch
+from qwen3moe_kernels.model import Qwen3MoeForCausalLM
+
+CONFIGS = {
+    "base": dict(),
+    "top1_no_renorm_E8": dict(num_experts=8, num_experts_per_tok=1, norm_topk_prob=False),
+    "top8_E8_mlp_only": dict(num_experts=8, num_experts_per_tok=8, num_hidden_layers=3, mlp_only_layers=[1]),
+    "step2_tied_E10": dict(num_experts=10, num_experts_per_tok=3, num_hidden_layers=4, decoder_sparse_step=2,
+                           tie_word_embeddings=True),
+    "E60_headdim": dict(num_experts=60, num_experts_per_tok=8, head_dim=32, norm_topk_prob=False),
+}
+
+
+def _save(hf, path, layout):
+    if layout == "fused":
+        hf.save_pretrained(path)
+    elif layout == "sharded":
+        hf.save_pretrained(path, max_shard_size="40KB")
+        assert (path / "model.safetensors.index.json").exists()
+    else:
+        save_per_expert(hf, path)
+
+
+def _compare(hf, ours, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    V = hf.config.vocab_size
+    ids = torch.randint(0, V, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding: masked out of the aux loss
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        out = ours(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    t = tol("model", torch.float32)
+    torch.testing.assert_close(out.logits, ref.logits, **t)
+    torch.testing.assert_close(out.loss, ref.loss, **t)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, **t)
+    assert len(out.router_logits) == len(ref.router_logits)
+    for a, b in zip(out.router_logits, ref.router_logits):
+        torch.testing.assert_close(a, b, **t)
+    prompt = ids[:, :5]
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                       pad_token_id=0)
+    got = ours.generate(prompt, max_new_tokens=6)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_with_transformers(name, tmp_path):
+    hf = hf_model(seed=hash(name) % 1000, **CONFIGS[name])
+    hf.save_pretrained(tmp_path)
+    ours = Qwen3MoeForCausalLM.from_pretrained(tmp_path)
+    n_sparse = sum(ours.config.is_sparse(i) for i in range(ours.config.num_hidden_layers))
+    assert n_sparse == len([m for m in hf.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"])
+    _compare(hf, ours)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "per_expert"])
+@pytest.mark.parametrize("name", ["base", "step2_tied_E10"])
+def test_parity_checkpoint_layouts(name, layout, tmp_path):
+    hf = hf_model(seed=3, **CONFIGS[name])
+    _save(hf, tmp_path, layout)
+    if layout == "sharded":
+        assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    _compare(hf, Qwen3MoeForCausalLM.from_pretrained(tmp_path))
+
+
+def test_kv_cache_matches_full_recompute(tmp_path):
+    hf = hf_model(seed=4, **CONFIGS["top8_E8_mlp_only"])
+    hf.save_pretrained(tmp_path)
+    ours = Qwen3MoeForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        full = ours(ids).logits
+        first = ours(ids[:, :6], use_cache=True)
+        second = ours(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+    assert second.past_key_values.get_seq_length() == 10
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, **tol("model", torch.float32))
+
+
+def test_bf16_load_matches_transformers_bf16(tmp_path):
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path)
+    ours = Qwen3MoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    hf = hf.to(torch.bfloat16)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        ref, out = hf(ids).logits, ours(ids).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, **tol("model", torch.bfloat16))
+
+
+def test_fused_backend_matches_eager_and_reports_paths(tmp_path):
+    hf = hf_model(seed=6, **CONFIGS["top8_E8_mlp_only"])
+    hf.save_pretrained(tmp_path)
+    ours = Qwen3MoeForCausalLM.from_pretrained(tmp_path, backend="fused")
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7))
+    dispatch.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", qwen3moe_kernels.FallbackWarning)
+        fused = ours(ids, output_router_logits=True)
+        impls = qwen3moe_kernels.implementations()
+        eager = ours.set_backend("eager")(ids, output_router_logits=True)
+    for op in ("sparse_moe_block", "rms_norm", "fused_add_rms_norm", "qk_norm_rope"):
+        assert op in impls, impls
+    torch.testing.assert_close(fused.logits, eager.logits, **tol("model", torch.float32))
+    torch.testing.assert_close(fused.aux_loss, eager.aux_loss, **tol("model", torch.float32))
+    with pytest.raises(ValueError, match="backend"):
+        ours.set_backend("cuda-graphs")
