@@ -9,4 +9,13 @@ from . import reference
 from .dispatch import FallbackWarning, implementations
 
 __version__ = "0.1.0"
-__all__ = ["reference", "implementations", "FallbackWarning", "__version__"]
+__all__ = ["reference", "implementations", "FallbackWarning", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "__version__"]
+
+
+def __getattr__(name: str):
+    # The model is imported on first use, so `import qwen3moe_kernels` stays light.
+    if name in ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'qwen3moe_kernels' has no attribute {name!r}")
