@@ -63,6 +63,20 @@ def _pieces_needed(pname: str, param: torch.Tensor) -> int:
     return 1
 
 
+def _missing_names(pname: str, param: torch.Tensor, done: set) -> list[str]:
+    """Checkpoint names (with expected shapes) still needed for ``pname``, in the layout already begun."""
+    stem = pname.rsplit(".", 1)[0]
+    if pname.endswith((".w_gate_up", ".w_down")) and done:
+        kinds = ("down_proj",) if pname.endswith(".w_down") else ("gate_proj", "up_proj")
+        rows = param.shape[1] // len(kinds)
+        return [f"{stem}.experts.{j}.{k}.weight {(rows, param.shape[2])}"
+                for j in range(param.shape[0]) for k in kinds if (j, k) not in done]
+    fused = {"router_weight": "gate.weight", "w_gate_up": "experts.gate_up_proj", "w_down": "experts.down_proj"}
+    leaf = pname.rsplit(".", 1)[1]
+    name = f"{stem}.{fused[leaf]}" if leaf in fused and stem.endswith(".mlp") else pname
+    return [f"{name} {tuple(param.shape)}"]
+
+
 def _shards(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
@@ -118,7 +132,7 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager
     missing = []
     for pname, param in params.items():
         if "all" not in done[pname] and len(done[pname]) != _pieces_needed(pname, param):
-            missing.append(pname)
+            missing.extend(_missing_names(pname, param, done[pname]))
     if missing:
         raise ValueError(f"missing tensors in checkpoint {path}: {missing[:10]}"
                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
