@@ -42,15 +42,35 @@ def sparse_moe_block(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    fallback("rms_norm", "no RMSNorm kernel yet")
+    if _norm_fits(x, weight, eps):
+        from .ops.rms_norm import rms_norm as _op
+
+        return _op(x, weight, eps)
+    fallback("rms_norm", f"no RMSNorm kernel for x {x.dtype} / weight {weight.dtype} {tuple(weight.shape)}")
     return reference.rms_norm(x, weight, eps)
+
+
+def _norm_fits(x: torch.Tensor, weight: torch.Tensor, eps: float) -> bool:
+    """The qwen3moe RMSNorm ops take fp32/fp16/bf16 x with a same-dtype [H] weight on the same device."""
+    return (
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and weight.device == x.device
+        and eps > 0
+    )
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(residual + x), residual + x)``."""
-    fallback("fused_add_rms_norm", "no fused add+RMSNorm kernel yet")
+    if _norm_fits(x, weight, eps) and residual.shape == x.shape and residual.dtype == x.dtype:
+        from .ops.rms_norm import fused_add_rms_norm as _op
+
+        return _op(x, residual, weight, eps)
+    fallback("fused_add_rms_norm", "inputs outside the fused add+RMSNorm kernel (dtype/shape)")
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -64,5 +84,11 @@ def qk_norm_rope(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k, then RoPE."""
+    if _norm_fits(q, q_weight, eps) and _norm_fits(k, k_weight, eps):
+        # per-head norms run the qwen3moe RMSNorm op; the rotation itself is still the reference
+        from .ops.rms_norm import rms_norm as _op
+
+        fallback("qk_norm_rope", "no RoPE kernel yet: the rotation is the reference, q/k norms run qwen3moe::rms_norm")
+        return reference.rope(_op(q, q_weight, eps), _op(k, k_weight, eps), cos, sin)
     fallback("qk_norm_rope", "no q/k-norm + RoPE kernel yet")
     return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
