@@ -368,7 +368,9 @@ def compile_spec(spec, arch: int) -> Row:
               num_stages=spec.num_stages, gemm=bool(spec.gemm))
     t0 = time.perf_counter()
     try:
-        src = ASTSource(unwrap_jit(spec.fn), dict(spec.signature), dict(spec.constexprs))
+        fn = unwrap_jit(spec.fn)
+        attrs = spec.divisibility_attrs(list(fn.arg_names)) if hasattr(spec, "divisibility_attrs") else None
+        src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as exc:

@@ -335,3 +335,32 @@ def test_gpu_run_steps_respect_the_budget(tmp_path):
     assert (s["tests"], s["failures"], s["skipped"], s["failed"]) == (3, 1, 1, ["t::b"])
     if not __import__("torch").cuda.is_available():
         assert g.main(["--out-dir", str(tmp_path)]) == 2  # says so and writes nothing without a GPU
+
+
+@jit
+def _row_copy(x_ptr, y_ptr, stride, BLOCK: tl.constexpr):
+    # one row per program at a runtime stride: vectorisable only if the JIT knows stride % 16 == 0
+    offs = tl.arange(0, BLOCK)
+    row = tl.program_id(0).to(tl.int64) * stride
+    tl.store(y_ptr + row + offs, tl.load(x_ptr + row + offs))
+
+
+def _ptx(spec):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = cc.unwrap_jit(spec.fn)
+    src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), spec.divisibility_attrs(list(fn.arg_names)))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_specs_compile_the_variant_the_jit_launches():
+    # The JIT marks 16-aligned pointers and ints that are multiples of 16 as divisible; a spec that states the
+    # ints' values gets the same vectorised variant (128-bit loads), one that does not gets scalar loads.
+    sig = {"x_ptr": "*fp16", "y_ptr": "*fp16", "stride": "i32", "BLOCK": "constexpr"}
+    hinted = CompileSpec("_row_copy", _row_copy, sig, {"BLOCK": 1024}, "stride=2048", ints={"stride": 2048})
+    odd = CompileSpec("_row_copy", _row_copy, sig, {"BLOCK": 1024}, "stride=2047", ints={"stride": 2047})
+    assert hinted.divisibility_attrs(["x_ptr", "y_ptr", "stride", "BLOCK"]) == {
+        (0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+    assert "ld.global.v4" in _ptx(hinted)
+    assert "ld.global.v4" not in _ptx(odd)

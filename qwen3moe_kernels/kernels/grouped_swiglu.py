@@ -157,7 +157,7 @@ _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for model in _SHAPES:
+    for model, (hidden, inter) in _SHAPES.items():
         for phase, slots in (("decode", 8), ("prefill", 8 * 4096), ("mid", 8 * 64)):
             cfg = default_config(slots)
             tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
@@ -171,7 +171,8 @@ def compile_specs() -> list[CompileSpec]:
                                "TOP_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                                "BLOCK_K": "constexpr"},
                     constexprs={"TOP_K": 8, **tiles}, label=label,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True))
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True,
+                    ints={"num_slots": slots, "H": hidden, "I": inter}))
                 specs.append(CompileSpec(
                     kernel="grouped_swiglu_down_kernel", fn=grouped_swiglu_down_kernel,
                     signature={"h_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": "*fp32",
@@ -179,5 +180,6 @@ def compile_specs() -> list[CompileSpec]:
                                "H": "i32", "I": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                                "BLOCK_K": "constexpr"},
                     constexprs=dict(tiles), label=label,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True))
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True,
+                    ints={"num_slots": slots, "H": hidden, "I": inter}))
     return specs

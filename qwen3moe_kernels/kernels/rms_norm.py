@@ -89,5 +89,6 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs={"BLOCK_H": block_h, "HAS_RESIDUAL": has_res},
                     label=f"{model} hidden={h} {dt} residual={has_res} (decode and prefill: one program per row)",
                     num_warps=_num_warps(block_h), num_stages=1,
+                    ints={"stride_x": h, "stride_r": h if has_res else 0, "H": h},
                 ))
     return specs

@@ -7,6 +7,12 @@ Every module in ``qwen3moe_kernels/kernels/`` that holds ``@triton.jit`` kernels
 returning one entry per (kernel, launch config, dtype) the library can pick at the Qwen3-30B-A3B and
 Qwen3-235B-A22B shapes, for decode and prefill. ``qwen3moe-kernels compile-check`` compiles each for sm_90 and
 sm_100 without a GPU and reads registers, spills, shared memory and tensor-core use from the result.
+
+At launch, Triton's JIT specialises every pointer whose address is a multiple of 16 bytes and every integer
+argument that is a multiple of 16 (``tt.divisibility = 16``), and that is what lets it vectorise loads. An AOT
+compile without those hints builds a different, scalar variant that the library never runs, so a spec gives the
+integer arguments' values at its shape in ``ints``; compile-check marks those divisible by 16, and every pointer
+(torch's allocations are 16-byte aligned), exactly as the JIT would.
 """
 
 from __future__ import annotations
@@ -25,3 +31,13 @@ class CompileSpec:
     num_stages: int = 3
     gemm: bool = False  # a GEMM: must compile to tensor-core instructions (wgmma / tcgen05 / mma)
     extra: dict = field(default_factory=dict)  # anything else worth printing
+    ints: dict = field(default_factory=dict)  # integer argument name -> its value at this shape (see above)
+
+    def divisibility_attrs(self, arg_names: list[str]) -> dict:
+        """``attrs`` for ``ASTSource``: the arguments the JIT would mark divisible by 16 at this shape."""
+        attrs = {}
+        for i, name in enumerate(arg_names):
+            ty = self.signature.get(name, "")
+            if ty.startswith("*") or (name in self.ints and self.ints[name] % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return attrs
