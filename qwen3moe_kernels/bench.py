@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import dispatch, fused, reference
+from .cpu import _lscpu, cpu_flags  # noqa: F401  (cpu_flags: tests patch it here)
 from .tolerances import TOL, twice_torch_error_bound
 
 # Qwen3-30B-A3B MoE layer shapes (config.json of the released checkpoint).
@@ -55,32 +56,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the machine
-
-
-@functools.lru_cache(maxsize=None)
-def _lscpu() -> dict[str, str]:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def cpu_flags() -> set[str]:
-    flags = _lscpu().get("Flags", "")
-    if not flags:
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("flags"):
-                    flags = line.partition(":")[2]
-                    break
-        except OSError:
-            pass
-    return set(flags.split())
 
 
 def cpu_bench_dtype() -> tuple[torch.dtype, str]:

@@ -50,8 +50,10 @@ def _check(x, router_weight, w_gate_up, w_down, top_k):
 
 
 def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """bf16 stays bf16 where the CPU has AVX-512 (fast bf16 GEMM), else fp32."""
-    if dtype == torch.bfloat16 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    """bf16 stays bf16 where the CPU has native bf16 dot products (fast bf16 GEMM), else fp32."""
+    from ..cpu import native_bf16
+
+    if dtype == torch.bfloat16 and not native_bf16():
         return torch.float32
     return dtype
 
