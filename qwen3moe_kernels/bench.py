@@ -23,7 +23,6 @@ transformers eager loop re-written as the spec) and transformers' own ``Qwen3Moe
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
