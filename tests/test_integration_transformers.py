@@ -8,6 +8,7 @@ discriminates between experts and a routing difference would show.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -142,6 +143,11 @@ def test_bf16_model():
 
 
 def test_registered_experts_implementation_from_pretrained(tmp_path):
+    """register() + from_pretrained(experts_implementation=...): same logits, loss, aux loss and gradients, and
+    implementations() names the experts function that ran (the fused entry point, or a visible fallback)."""
+    import qwen3moe_kernels
+    from qwen3moe_kernels.dispatch import FallbackWarning
+
     name = qk_hf.register()
     assert name == "qwen3moe_kernels"
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -154,14 +160,72 @@ def test_registered_experts_implementation_from_pretrained(tmp_path):
 
     ours = Qwen3MoeForCausalLM.from_pretrained(tmp_path, experts_implementation=name, attn_implementation="eager")
     assert ours.config._experts_implementation == name
-    got, got_grads = forward_backward(ours, ids, labels)
+    entry = qk_hf.experts_entry_point()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, got_grads = forward_backward(ours, ids, labels)
+    experts_fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning) and "moe_experts" in str(w.message)]
+    assert_same_outputs(ref, got)
+    assert set(got_grads) == set(ref_grads)
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
+
+    ran = qwen3moe_kernels.implementations()
+    if entry is None:  # no experts entry point yet: the reference ran, and said so
+        assert ran["experts_implementation"] == "qwen3moe_kernels.reference.moe_experts"
+        assert ran["moe_experts"].startswith("reference (") and experts_fallbacks
+    else:
+        assert ran["experts_implementation"] == entry[1], ran
+        assert not experts_fallbacks, [str(w.message) for w in experts_fallbacks]
+
+
+def test_registered_experts_call_the_entry_point(monkeypatch):
+    """The registered experts hand the entry point transformers' own Parameters, int32 ids and fp32 weights, and
+    return what it returns; gradients flow through it to the experts' Parameters and the router."""
+    import qwen3moe_kernels
+    from qwen3moe_kernels import fused, reference
+
+    calls = []
+
+    def fake_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down):
+        calls.append((topk_ids.dtype, topk_weights.dtype, w_gate_up, w_down))
+        return reference.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down)
+
+    monkeypatch.setattr(fused, "moe_experts", fake_moe_experts, raising=False)
+    qk_hf.register()
+    model = tiny_model()
+    ids, labels = batch()
+    ref, ref_grads = forward_backward(model, ids, labels)
+    model.set_experts_implementation("qwen3moe_kernels")
+    got, got_grads = forward_backward(model, ids, labels)
+    assert len(calls) == 2  # one per MoE layer
+    for (id_dtype, w_dtype, wgu, wd), layer in zip(calls, model.model.layers):
+        assert (id_dtype, w_dtype) == (torch.int32, torch.float32)
+        assert wgu is layer.mlp.experts.gate_up_proj and wd is layer.mlp.experts.down_proj
+    assert qwen3moe_kernels.implementations()["experts_implementation"] == "qwen3moe_kernels.fused.moe_experts"
     assert_same_outputs(ref, got)
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
-    import qwen3moe_kernels
 
-    assert "moe_experts" in qwen3moe_kernels.implementations() or any(
-        "experts" in k for k in qwen3moe_kernels.implementations())
+
+def test_registered_experts_fall_back_visibly_for_float64():
+    """Inputs no kernel takes (fp64) run the reference, with a FallbackWarning naming the dtype."""
+    import qwen3moe_kernels
+    from qwen3moe_kernels.dispatch import FallbackWarning
+
+    qk_hf.register()
+    model = tiny_model(torch.float64)
+    ids, _ = batch(B=1, S=5)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        model.set_experts_implementation("qwen3moe_kernels")
+        why = "float64" if qk_hf.experts_entry_point() is not None else "no fused experts entry point"
+        with pytest.warns(FallbackWarning, match=why):
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    ran = qwen3moe_kernels.implementations()
+    assert ran["experts_implementation"] == "qwen3moe_kernels.reference.moe_experts"
+    assert ran["moe_experts"].startswith("reference (")
 
 
 def test_sparse_moe_block_from_hf_shares_parameters():

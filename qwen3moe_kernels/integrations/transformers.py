@@ -4,7 +4,9 @@ Three ways in, from least to most invasive:
 
 * :func:`register` adds ``"qwen3moe_kernels"`` to transformers' experts interface (``ALL_EXPERTS_FUNCTIONS``),
   so ``AutoModelForCausalLM.from_pretrained(..., experts_implementation="qwen3moe_kernels")`` runs the experts
-  (grouped SwiGLU GEMMs and the weighted combine) with our kernels; transformers keeps its router.
+  (grouped SwiGLU GEMMs and the weighted combine) with ``qwen3moe_kernels.ops.fused_moe.moe_experts``;
+  transformers keeps its router. ``implementations()["experts_implementation"]`` names the function that ran
+  (the reference, with a ``FallbackWarning``, where no experts entry point fits the inputs).
 * :func:`apply` patches an existing ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel`` in place and returns it: every
   sparse MoE block runs ``qwen3moe_kernels.fused.sparse_moe_block`` (router + top-k + experts), every RMSNorm
   ``fused.rms_norm``, each attention's q_norm/k_norm + RoPE ``fused.qk_norm_rope`` and each decoder layer's
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import fused, reference
-from ..dispatch import fallback
+from ..dispatch import fallback, record
 
 EXPERTS_IMPLEMENTATION = "qwen3moe_kernels"
 _PATCHED = "_qwen3moe_kernels_patched"
@@ -49,14 +51,47 @@ def _hf():
 # ------------------------------------------------------------------------------------------- experts
 
 
+_EXPERTS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def experts_entry_point():
+    """``(function, name)`` of the fused experts entry point the registered implementation calls, or ``None``.
+
+    ``qwen3moe_kernels.fused.moe_experts`` if the fused backend has one, else the public op
+    ``qwen3moe_kernels.ops.fused_moe.moe_experts`` (experts only, routing given; reference.moe_experts's
+    semantics, with autograd). Looked up on each call, so an entry point added later is picked up.
+    """
+    fn = getattr(fused, "moe_experts", None)
+    if callable(fn):
+        return fn, "qwen3moe_kernels.fused.moe_experts"
+    try:
+        from ..ops import fused_moe
+    except ImportError:  # the op module failed to import: run the reference, visibly
+        return None
+    fn = getattr(fused_moe, "moe_experts", None)
+    if callable(fn):
+        return fn, "qwen3moe_kernels.ops.fused_moe.moe_experts"
+    return None
+
+
 def _experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up, w_down) -> torch.Tensor:
-    """The routed experts with our kernels where the fused backend has an experts entry point."""
+    """The routed experts with our kernels where an experts entry point fits the inputs; else the reference."""
     # the package's conventions: int32 expert ids, fp32 routing weights (exact for transformers' bf16 weights)
     ids, weights = ids.to(torch.int32), weights.float()
-    fn = getattr(fused, "moe_experts", None)
-    if fn is not None:
-        return fn(x, ids, weights, w_gate_up, w_down)
-    fallback("moe_experts", "no fused experts entry point yet")
+    entry = experts_entry_point()
+    if entry is None:
+        fallback("moe_experts", "no fused experts entry point (qwen3moe_kernels.ops.fused_moe.moe_experts)")
+    elif x.dtype not in _EXPERTS_DTYPES or x.device.type not in ("cpu", "cuda") or any(
+            t.dtype != x.dtype or t.device != x.device for t in (w_gate_up, w_down)):
+        fallback("moe_experts", f"the fused experts take fp32/fp16/bf16 on CPU/CUDA with same-dtype weights, "
+                                f"got x {x.dtype} on {x.device}, weights {w_gate_up.dtype}")
+    else:
+        fn, name = entry
+        out = fn(x, ids, weights, w_gate_up, w_down)
+        # the op records its own implementation (cpu / triton / ...); this says the drop-in reached it
+        record("experts_implementation", name)
+        return out
+    record("experts_implementation", "qwen3moe_kernels.reference.moe_experts")
     return reference.moe_experts(x, ids, weights, w_gate_up, w_down)
 
 
@@ -298,4 +333,5 @@ class SparseMoeBlock(nn.Module):
         return f"hidden={H}, moe_intermediate={two_i // 2}, experts={E}, top_k={self.top_k}"
 
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "SparseMoeBlock", "apply", "experts_forward", "is_patched", "register", "revert"]
+__all__ = ["EXPERTS_IMPLEMENTATION", "SparseMoeBlock", "apply", "experts_entry_point", "experts_forward", "is_patched",
+           "register", "revert"]
