@@ -12,12 +12,16 @@ Implementations, all on the same weights:
 * ``transformers-grouped_mm``: the same with experts_implementation="grouped_mm" (transformers' default);
 * ``transformers+qwen3moe_kernels``: the same model after ``qwen3moe_kernels.integrations.transformers.apply``;
 * ``qwen3moe_kernels-fused`` / ``qwen3moe_kernels-eager``: the thin model ``qwen3moe_kernels.Qwen3MoeForCausalLM``
-  with the fused backend and with the reference backend, when the thin model is installed.
+  with the fused backend and with the reference backend (``set_backend``), on the same weights: the transformers
+  model is saved with ``save_pretrained`` to a temporary folder and read back with our ``from_pretrained``. Its
+  lm_head is applied to the last position only, as transformers' ``logits_to_keep=1`` does in generation.
 
 Prefill: one forward of ``S`` prompt tokens (batch 1, ``logits_to_keep=1`` as generation does) -> S / time.
 Decode: greedy generation of ``decode_tokens`` new tokens after a 32-token prompt; the decode time is
 ``t(generate N) - t(generate 1)`` so the prompt's prefill is not counted -> (N - 1) / time.
-Before timing, the patched model's prefill logits are compared with the unpatched model's.
+Before timing, every variant's prefill logits (last position) are compared with unpatched transformers' (within 5%
+of their scale: bf16 through the layers and the head), and its greedy tokens too (``same tokens``; informational,
+since near-tied logits may flip a token in bf16). ``ran`` lists what ``qwen3moe_kernels.implementations()`` saw.
 
     python benchmarks/bench_model.py [--layers 2] [--tokens 64,512] [--decode-tokens 16]
     qwen3moe-kernels bench --ops model
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 import warnings
 
@@ -37,6 +42,8 @@ import torch
 from qwen3moe_kernels import bench, dispatch
 
 FULL_VOCAB, FULL_LAYERS = 151936, 48
+VARIANTS = ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels", "qwen3moe_kernels-fused",
+            "qwen3moe_kernels-eager"]
 
 
 def scaled_config(layers: int = 2, vocab: int | None = None, **kw):
@@ -88,18 +95,44 @@ def _timed(fn, device, runs: int, warmup: int = 1) -> dict:
     return bench.summarize(times)
 
 
-def _thin_model(hf_model):
-    """The thin model over the same weights, or None (with the reason) where it is not installed yet."""
-    try:
-        import qwen3moe_kernels
+class _LastPositionHead(torch.nn.Module):
+    """The thin model's lm_head applied to the last position only: what transformers' ``logits_to_keep=1`` does.
 
-        cls = getattr(qwen3moe_kernels, "Qwen3MoeForCausalLM")
-        from_hf = getattr(cls, "from_hf", None) or getattr(cls, "from_transformers", None)
-        if from_hf is None:
-            return None, "qwen3moe_kernels.Qwen3MoeForCausalLM has no from_hf(model)"
-        return from_hf(hf_model), None
-    except Exception as exc:  # not landed, or a different API: the benchmark says so and goes on
+    Generation reads only the last position's logits, so this changes no result; without it the thin model's
+    prefill would compute [S, V] logits where transformers computes [1, V] (about a tenth of a 2-layer prefill).
+    """
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+
+    @property
+    def weight(self) -> torch.nn.Parameter:  # the model reads lm_head.weight (its device)
+        return self.head.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h[:, -1:])
+
+
+def thin_model(hf_model, dtype: torch.dtype, device: str):
+    """The thin ``qwen3moe_kernels.Qwen3MoeForCausalLM`` on the same weights as ``hf_model``.
+
+    Saved with transformers' ``save_pretrained`` and read back with our ``from_pretrained`` (the checkpoint path a
+    user takes), backend "fused"; ``set_backend("eager")`` switches the same weights to the reference.
+    Returns ``(model, None)``, or ``(None, reason)`` where the thin model cannot be built here.
+    """
+    import tempfile
+
+    try:
+        from qwen3moe_kernels import Qwen3MoeForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="qwen3moe_bench_model_") as tmp:
+            hf_model.save_pretrained(tmp)
+            model = Qwen3MoeForCausalLM.from_pretrained(tmp, dtype=dtype, device=device, backend="fused")
+    except Exception as exc:  # a broken loader must not hide the transformers rows: the table says why
         return None, f"{type(exc).__name__}: {exc}"
+    model.lm_head = _LastPositionHead(model.lm_head)
+    return model.eval(), None
 
 
 def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 16, runs: int = 3,
@@ -112,7 +145,10 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
     if dtype is None:
         dtype = bench.cpu_bench_dtype()[0] if torch.device(device).type == "cpu" else torch.bfloat16
     prefill_lengths = sorted({int(t) for t in token_counts if int(t) > 1}) or [64]
-    variants = list(variants or ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"])
+    variants = list(variants or VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown model benchmark variants {unknown}; choose from {VARIANTS}")
     t0 = time.perf_counter()
     model = build_transformers_model(layers, dtype, device, **(config_overrides or {}))
     cfg = model.config
@@ -144,7 +180,8 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
                     err = bench.max_abs_err(logits, ref_logits[S])
                     # bf16 logits after `layers` layers: compared at the scale of the logits, as a relative error
                     rel = err / max(ref_logits[S].abs().max().item(), 1e-6)
-                    row.update(max_err=err, rel_err=rel, check="pass" if rel < 0.05 else "FAIL")
+                    row.update(max_err=err, rel_err=rel, check="pass" if rel < 0.05 else "FAIL",
+                               ran=bench.last_implementations())
                     if row["check"] == "pass":
                         row.update(_timed(lambda: forward(p), device, runs))
                         row["tokens_per_s"] = S / (row["median_ms"] / 1e3)
@@ -186,14 +223,22 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
             measure(variant, lambda p: model(input_ids=p, logits_to_keep=1).logits, hf_generate)
     _set_variant(model, "transformers")
 
-    if any(v.startswith("qwen3moe_kernels") for v in variants):
-        thin, why = _thin_model(model)
-        if thin is None:
-            if log:
-                log(f"  thin model skipped: {why}")
-        else:
-            measure("qwen3moe_kernels-fused", lambda p: thin(p).logits[:, -1:],
-                    lambda p, n: thin.generate(p, max_new_tokens=n))
+    thin_variants = [v for v in variants if v.startswith("qwen3moe_kernels-")]
+    if thin_variants:
+        t1 = time.perf_counter()
+        thin, why = thin_model(model, dtype, device)
+        if log:
+            log(f"  thin model: " + (f"saved and loaded in {time.perf_counter() - t1:.1f} s" if thin is not None
+                                     else f"not built: {why}"))
+        for variant in thin_variants:
+            if thin is None:
+                for op, n in [("model-prefill", S) for S in prefill_lengths] + [("model-decode", decode_tokens)]:
+                    results.append({"op": op, "impl": variant, "tokens": n, "dtype": bench.dtype_name(dtype),
+                                    "shape": shape, "device": device, "error": f"thin model not built: {why}"})
+                continue
+            thin.set_backend(variant.split("-", 1)[1])
+            measure(variant, lambda p: thin(p).logits, lambda p, n: thin.generate(p, max_new_tokens=n))
+        del thin
     for r in results:
         r.setdefault("vs_eager", None)
     _ratios(results)
@@ -210,9 +255,12 @@ def _ratios(results: list[dict]) -> None:
         base = next((r for r in rows if r["impl"] == "transformers"), None)
         hf = [r for r in rows if r["impl"].startswith("transformers") and "qwen3moe" not in r["impl"]]
         best = min(hf, key=lambda r: r["median_ms"]) if hf else None
+        thin_eager = next((r for r in rows if r["impl"] == "qwen3moe_kernels-eager"), None)
         for r in rows:
             if base:
                 r["vs_eager"] = base["median_ms"] / r["median_ms"]
+            if thin_eager:
+                r["vs_thin_eager"] = thin_eager["median_ms"] / r["median_ms"]
             if best:
                 r["vs_transformers"] = best["median_ms"] / r["median_ms"]
                 r["transformers_baseline"] = best["impl"]
@@ -221,7 +269,8 @@ def _ratios(results: list[dict]) -> None:
 MODEL_COLUMNS = [
     ("op", "phase", ""), ("impl", "impl", ""), ("tokens", "tokens", ""), ("median_ms", "median ms", ".1f"),
     ("spread", "p10-p90 ms", ""), ("tokens_per_s", "tokens/s", ".1f"), ("vs_eager", "x transformers eager", ".2f"),
-    ("vs_transformers", "x transformers best", ".2f"), ("same_greedy_tokens", "same tokens", ""),
+    ("vs_transformers", "x transformers best", ".2f"), ("vs_thin_eager", "x thin eager", ".2f"),
+    ("same_greedy_tokens", "same tokens", ""),
 ]
 
 
@@ -241,28 +290,36 @@ def table(results: list[dict]) -> str:
 
 
 @pytest.fixture(scope="module")
-def scaled_model():
+def scaled_models():
+    """transformers' scaled-down model and the thin model on the same weights (built once per session)."""
     from conftest import bench_device, bench_dtype
 
-    return build_transformers_model(2, bench_dtype(), bench_device())
+    hf = build_transformers_model(2, bench_dtype(), bench_device())
+    thin, why = thin_model(hf, bench_dtype(), bench_device())
+    return hf, thin, why
 
 
-@pytest.mark.parametrize("variant", ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_model(benchmark, scaled_model, variant, phase):
-    _set_variant(scaled_model, variant)
-    p = torch.randint(0, scaled_model.config.vocab_size, (1, 256 if phase == "prefill" else 32),
-                      device=scaled_model.device)
+def test_model(benchmark, scaled_models, variant, phase):
+    hf, thin, why = scaled_models
+    p = torch.randint(0, hf.config.vocab_size, (1, 256 if phase == "prefill" else 32), device=hf.device)
+    if variant.startswith("qwen3moe_kernels-"):
+        if thin is None:
+            pytest.fail(f"thin model not built: {why}")
+        thin.set_backend(variant.split("-", 1)[1])
+        forward = lambda: thin(p)  # noqa: E731
+        generate = lambda: thin.generate(p, max_new_tokens=16)  # noqa: E731
+    else:
+        _set_variant(hf, variant)
+        forward = lambda: hf(input_ids=p, logits_to_keep=1)  # noqa: E731
+        generate = lambda: hf.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False,  # noqa: E731
+                                       pad_token_id=0)
     with torch.inference_mode():
-        if phase == "prefill":
-            fn = lambda: scaled_model(input_ids=p, logits_to_keep=1)  # noqa: E731
-        else:
-            fn = lambda: scaled_model.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False,  # noqa: E731
-                                               pad_token_id=0)
         benchmark.group = f"model {phase}"
         benchmark.extra_info.update(variant=variant, phase=phase)
-        benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
-    _set_variant(scaled_model, "transformers")
+        benchmark.pedantic(forward if phase == "prefill" else generate, rounds=3, warmup_rounds=1, iterations=1)
+    _set_variant(hf, "transformers")
 
 
 def main(argv=None) -> int:
@@ -273,18 +330,21 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=None, help="prefill lengths (default 64,512 on CPU; 512,4096 on GPU)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)} (default: all)")
     ap.add_argument("--out", help="JSON path")
     args = ap.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (
         [64, 512] if args.device == "cpu" else [512, 4096])
     dtype = bench.DTYPES[args.dtype] if args.dtype else None
-    results = run(args.device, tokens, dtype, layers=args.layers, decode_tokens=args.decode_tokens, runs=args.runs)
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    results = run(args.device, tokens, dtype, layers=args.layers, decode_tokens=args.decode_tokens, runs=args.runs,
+                  variants=variants)
     print()
     print(table(results))
     if args.out:
         bench.save_json(args.out, results, bench.machine_info(args.device),
-                        {"command": "bench_model", "layers": args.layers, "tokens": tokens,
-                         "decode_tokens": args.decode_tokens})
+                        {"command": "bench_model", "argv": list(argv) if argv is not None else sys.argv[1:],
+                         "layers": args.layers, "tokens": tokens, "decode_tokens": args.decode_tokens})
         print(f"saved {args.out}")
     return 0
 

@@ -237,10 +237,16 @@ def test_model_benchmark_runs_on_a_tiny_model():
                 num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, attn_implementation="eager")
     rows = mod.run("cpu", [1, 8], torch.float32, layers=1, decode_tokens=3, runs=1, log=None, config_overrides=tiny)
     by = {(r["op"], r["impl"]): r for r in rows}
-    for impl in ("transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels"):
+    assert {impl for _, impl in by} == set(mod.VARIANTS)  # the thin model's rows too, by default
+    for impl in mod.VARIANTS:
         pre, dec = by[("model-prefill", impl)], by[("model-decode", impl)]
         assert pre["check"] == "pass" and pre["tokens"] == 8 and pre["tokens_per_s"] > 0, pre
+        assert pre["rel_err"] < 1e-4, pre  # fp32: every variant computes transformers' logits
         assert dec["tokens_per_s"] > 0 and "error" not in dec, dec
-    assert by[("model-decode", "transformers+qwen3moe_kernels")]["same_greedy_tokens"] is True
-    assert "sparse_moe_block" in by[("model-decode", "transformers+qwen3moe_kernels")]["ran"]
-    assert "x transformers eager" in mod.table(rows)
+        assert dec["same_greedy_tokens"] is True, impl
+        assert pre["vs_eager"] > 0 and pre["vs_thin_eager"] > 0
+    for impl in ("transformers+qwen3moe_kernels", "qwen3moe_kernels-fused"):
+        assert "sparse_moe_block" in by[("model-decode", impl)]["ran"], impl
+    assert "sparse_moe_block" not in by[("model-decode", "qwen3moe_kernels-eager")]["ran"]
+    text = mod.table(rows)
+    assert "x transformers eager" in text and "qwen3moe_kernels-fused" in text
