@@ -2,7 +2,8 @@
 
 Implementations, on the same weights and inputs: ``fused`` (qwen3moe_kernels.fused.sparse_moe_block), ``eager``
 (qwen3moe_kernels.reference, the spec) and transformers' own ``Qwen3MoeSparseMoeBlock`` with
-``experts_implementation="eager"`` and ``"grouped_mm"``. Every implementation's output is checked against the
+``experts_implementation="eager"`` and ``"grouped_mm"``, and that block with our registered experts
+(``"transformers+qwen3moe_kernels"``). Every implementation's output is checked against the
 reference before it is timed (fp32: the "gemm" tolerance; bf16: at most twice PyTorch's own bf16 error against an
 fp32 experts reference on the same routing; tokens tied at the top-k boundary are left out).
 
@@ -24,7 +25,7 @@ from qwen3moe_kernels import bench, fused, reference
 
 from conftest import bench_device, bench_dtype, bench_tokens
 
-IMPLS = ["fused", "eager", "transformers-eager", "transformers-grouped_mm"]
+IMPLS = bench.MOE_BLOCK_IMPLS
 
 
 def run(device, token_counts, dtype=None):
@@ -44,7 +45,12 @@ def _impl_fn(name, w, k):
     if name == "eager":
         return lambda x: reference.sparse_moe_block(x, w["router_weight"], w["w_gate_up"], w["w_down"], k, True)[0]
     try:
-        block = bench.transformers_block(w, k, name.split("-", 1)[1])
+        if name == bench.REGISTERED_EXPERTS:
+            from qwen3moe_kernels.integrations.transformers import register
+
+            block = bench.transformers_block(w, k, register())
+        else:
+            block = bench.transformers_block(w, k, name.split("-", 1)[1])
     except Exception as exc:  # transformers missing or the mode unavailable on this device
         pytest.skip(f"{name}: {exc}")
     return lambda x: block(x[None])[0]

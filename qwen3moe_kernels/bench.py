@@ -17,8 +17,10 @@ implementation (matplotlib, when installed).
 
 The block benchmark (:func:`bench_moe_block`) compares, on identical weights and inputs:
 ``fused`` (``qwen3moe_kernels.fused.sparse_moe_block``), ``eager`` (``qwen3moe_kernels.reference``, the
-transformers eager loop re-written as the spec) and transformers' own ``Qwen3MoeSparseMoeBlock`` with
-``experts_implementation="eager"`` and ``"grouped_mm"`` (when transformers is installed and the mode runs here).
+transformers eager loop re-written as the spec), transformers' own ``Qwen3MoeSparseMoeBlock`` with
+``experts_implementation="eager"`` and ``"grouped_mm"`` (when transformers is installed and the mode runs here), and
+that block with our registered experts (``"transformers+qwen3moe_kernels"``, what
+``from_pretrained(..., experts_implementation="qwen3moe_kernels")`` runs).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ from .tolerances import TOL, twice_torch_error_bound
 
 # Qwen3-30B-A3B MoE layer shapes (config.json of the released checkpoint).
 QWEN3_30B_A3B = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}
+
+# the MoE block benchmark's implementations; REGISTERED_EXPERTS is transformers' block with our experts
+REGISTERED_EXPERTS = "transformers+qwen3moe_kernels"
+MOE_BLOCK_IMPLS = ["fused", "eager", "transformers-eager", "transformers-grouped_mm", REGISTERED_EXPERTS]
 
 DEFAULT_TOKENS = {"cpu": [1, 8, 64, 512], "cuda": [1, 8, 64, 512, 2048, 8192]}
 QUICK_TOKENS = {"cpu": [1, 16], "cuda": [1, 64, 1024]}
@@ -531,7 +537,9 @@ def bench_moe_block(
 ) -> list[dict[str, Any]]:
     """Time the sparse MoE block per implementation and token count. Returns one dict per (T, impl).
 
-    ``impls`` from: "fused", "eager", "transformers-eager", "transformers-grouped_mm" (default: all that run).
+    ``impls`` from: "fused", "eager", "transformers-eager", "transformers-grouped_mm" and
+    "transformers+qwen3moe_kernels" (transformers' block with ``experts_implementation="qwen3moe_kernels"`` after
+    ``integrations.transformers.register()``: its router, our experts). Default: all that run here.
     """
     device = torch.device(device)
     shapes = dict(QWEN3_30B_A3B, **(shapes or {}))
@@ -540,7 +548,7 @@ def bench_moe_block(
         dtype = cpu_bench_dtype()[0] if device.type == "cpu" else torch.bfloat16
     if token_counts is None:
         token_counts = DEFAULT_TOKENS.get(device.type, DEFAULT_TOKENS["cuda"])
-    wanted = list(impls or ["fused", "eager", "transformers-eager", "transformers-grouped_mm"])
+    wanted = list(impls or MOE_BLOCK_IMPLS)
     weights = make_moe_weights(H, I, E, dtype, device)
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     skipped: dict[str, str] = {}
@@ -551,9 +559,13 @@ def bench_moe_block(
         elif name == "eager":
             fns[name] = lambda x: reference.sparse_moe_block(x, weights["router_weight"], weights["w_gate_up"],
                                                              weights["w_down"], k, True)[0]
-        elif name.startswith("transformers-"):
-            mode = name.split("-", 1)[1]
+        elif name.startswith("transformers-") or name == REGISTERED_EXPERTS:
+            mode = name.split("-", 1)[1] if name != REGISTERED_EXPERTS else None
             try:
+                if mode is None:  # transformers' block with our registered experts implementation
+                    from .integrations.transformers import register
+
+                    mode = register()
                 block = transformers_block(weights, k, mode)
             except Exception as exc:  # transformers missing, or this mode not available here
                 skipped[name] = f"{type(exc).__name__}: {exc}"
@@ -589,7 +601,7 @@ def bench_moe_block(
                         out = fn(xs[0])
                     err, bound, ok = check_moe_block(out, xs[0], weights, k, ref)
                     row.update(max_err=err, tol=bound, check="pass" if ok else "FAIL")
-                    if name == "fused":
+                    if name in ("fused", REGISTERED_EXPERTS):
                         row["ran"] = last_implementations()
                     if not ok:
                         row["error"] = f"wrong result: max error {err:.3e} > {bound:.3e}; not timed"
@@ -618,7 +630,8 @@ def _block_fwd_bwd_memory(name: str, weights: dict, k: int, x: torch.Tensor, dev
     elif name == "eager":
         fn = lambda: reference.sparse_moe_block(xg, w["router_weight"], w["w_gate_up"], w["w_down"], k, True)[0]  # noqa: E731
     else:
-        block = transformers_block(weights, k, name.split("-", 1)[1])
+        mode = "qwen3moe_kernels" if name == REGISTERED_EXPERTS else name.split("-", 1)[1]
+        block = transformers_block(weights, k, mode)
         for p in block.parameters():
             p.requires_grad_(True)
         fn = lambda: block(xg[None])[0]  # noqa: E731

@@ -88,7 +88,10 @@ def test_bench_quick_writes_json_and_table(capsys, tmp_path):
     assert data["config"]["dtype"] in ("bf16", "fp32") and data["config"]["dtype_reason"]
     rows = data["results"]
     impls = {r["impl"] for r in rows}
-    assert {"fused", "eager", "transformers-eager"} <= impls
+    assert {"fused", "eager", "transformers-eager", "transformers+qwen3moe_kernels"} <= impls
+    for r in rows:  # the drop-in's registered experts ran (and the row says which function)
+        if r["impl"] == "transformers+qwen3moe_kernels":
+            assert "experts_implementation=qwen3moe_kernels." in r["ran"], r
     assert {r["tokens"] for r in rows} == {1, 4}
     for r in rows:
         assert r["check"] == "pass", r
