@@ -247,7 +247,9 @@ def test_model_benchmark_runs_on_a_tiny_model():
         assert pre["rel_err"] < 1e-4, pre  # fp32: every variant computes transformers' logits
         assert dec["tokens_per_s"] > 0 and "error" not in dec, dec
         assert dec["same_greedy_tokens"] is True, impl
-        assert pre["vs_eager"] > 0 and pre["vs_thin_eager"] > 0
+        assert pre["vs_eager"] > 0 and pre["vs_transformers_eager"] > 0 and pre["vs_transformers"] > 0
+    assert by[("model-prefill", "qwen3moe_kernels-eager")]["vs_eager"] == 1.0  # x eager: vs the thin reference
+    assert by[("model-prefill", "transformers")]["vs_transformers_eager"] == 1.0
     for impl in ("transformers+qwen3moe_kernels", "qwen3moe_kernels-fused"):
         assert "sparse_moe_block" in by[("model-decode", impl)]["ran"], impl
     assert "sparse_moe_block" not in by[("model-decode", "qwen3moe_kernels-eager")]["ran"]
