@@ -10,7 +10,10 @@ Implementations, all on the same weights:
 
 * ``transformers``: transformers' ``Qwen3MoeForCausalLM`` as it ships, experts_implementation="eager";
 * ``transformers-grouped_mm``: the same with experts_implementation="grouped_mm" (transformers' default);
-* ``transformers+qwen3moe_kernels``: the same model after ``qwen3moe_kernels.integrations.transformers.apply``;
+* ``transformers-qwen3moe_kernels``: the same with experts_implementation="qwen3moe_kernels" after
+  ``qwen3moe_kernels.integrations.transformers.register()`` (transformers' router, our experts);
+* ``transformers+qwen3moe_kernels``: the same model after ``qwen3moe_kernels.integrations.transformers.apply``
+  (MoE blocks, norms, q/k norm + RoPE and the residual add + norm on the fused backend);
 * ``qwen3moe_kernels-fused`` / ``qwen3moe_kernels-eager``: the thin model ``qwen3moe_kernels.Qwen3MoeForCausalLM``
   with the fused backend and with the reference backend (``set_backend``), on the same weights: the transformers
   model is saved with ``save_pretrained`` to a temporary folder and read back with our ``from_pretrained``. Its
@@ -42,8 +45,8 @@ import torch
 from qwen3moe_kernels import bench, dispatch
 
 FULL_VOCAB, FULL_LAYERS = 151936, 48
-VARIANTS = ["transformers", "transformers-grouped_mm", "transformers+qwen3moe_kernels", "qwen3moe_kernels-fused",
-            "qwen3moe_kernels-eager"]
+VARIANTS = ["transformers", "transformers-grouped_mm", "transformers-qwen3moe_kernels", "transformers+qwen3moe_kernels",
+            "qwen3moe_kernels-fused", "qwen3moe_kernels-eager"]
 
 
 def scaled_config(layers: int = 2, vocab: int | None = None, **kw):
@@ -74,7 +77,8 @@ def _set_variant(model, variant: str) -> None:
     from qwen3moe_kernels.integrations import transformers as qk_hf
 
     qk_hf.revert(model)
-    model.set_experts_implementation("grouped_mm" if variant == "transformers-grouped_mm" else "eager")
+    experts = {"transformers-grouped_mm": "grouped_mm", "transformers-qwen3moe_kernels": None}.get(variant, "eager")
+    model.set_experts_implementation(experts or qk_hf.register())
     if variant == "transformers+qwen3moe_kernels":
         qk_hf.apply(model)
 

@@ -3,7 +3,7 @@
 Implementations, on the same weights and inputs: ``fused`` (qwen3moe_kernels.fused.sparse_moe_block), ``eager``
 (qwen3moe_kernels.reference, the spec) and transformers' own ``Qwen3MoeSparseMoeBlock`` with
 ``experts_implementation="eager"`` and ``"grouped_mm"``, and that block with our registered experts
-(``"transformers+qwen3moe_kernels"``). Every implementation's output is checked against the
+(``"transformers-qwen3moe_kernels"``). Every implementation's output is checked against the
 reference before it is timed (fp32: the "gemm" tolerance; bf16: at most twice PyTorch's own bf16 error against an
 fp32 experts reference on the same routing; tokens tied at the top-k boundary are left out).
 

@@ -19,7 +19,7 @@ The block benchmark (:func:`bench_moe_block`) compares, on identical weights and
 ``fused`` (``qwen3moe_kernels.fused.sparse_moe_block``), ``eager`` (``qwen3moe_kernels.reference``, the
 transformers eager loop re-written as the spec), transformers' own ``Qwen3MoeSparseMoeBlock`` with
 ``experts_implementation="eager"`` and ``"grouped_mm"`` (when transformers is installed and the mode runs here), and
-that block with our registered experts (``"transformers+qwen3moe_kernels"``, what
+that block with our registered experts (``"transformers-qwen3moe_kernels"``, what
 ``from_pretrained(..., experts_implementation="qwen3moe_kernels")`` runs).
 """
 
@@ -46,7 +46,7 @@ from .tolerances import TOL, twice_torch_error_bound
 QWEN3_30B_A3B = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8}
 
 # the MoE block benchmark's implementations; REGISTERED_EXPERTS is transformers' block with our experts
-REGISTERED_EXPERTS = "transformers+qwen3moe_kernels"
+REGISTERED_EXPERTS = "transformers-qwen3moe_kernels"
 MOE_BLOCK_IMPLS = ["fused", "eager", "transformers-eager", "transformers-grouped_mm", REGISTERED_EXPERTS]
 
 DEFAULT_TOKENS = {"cpu": [1, 8, 64, 512], "cuda": [1, 8, 64, 512, 2048, 8192]}
@@ -538,7 +538,7 @@ def bench_moe_block(
     """Time the sparse MoE block per implementation and token count. Returns one dict per (T, impl).
 
     ``impls`` from: "fused", "eager", "transformers-eager", "transformers-grouped_mm" and
-    "transformers+qwen3moe_kernels" (transformers' block with ``experts_implementation="qwen3moe_kernels"`` after
+    "transformers-qwen3moe_kernels" (transformers' block with ``experts_implementation="qwen3moe_kernels"`` after
     ``integrations.transformers.register()``: its router, our experts). Default: all that run here.
     """
     device = torch.device(device)

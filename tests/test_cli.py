@@ -88,9 +88,9 @@ def test_bench_quick_writes_json_and_table(capsys, tmp_path):
     assert data["config"]["dtype"] in ("bf16", "fp32") and data["config"]["dtype_reason"]
     rows = data["results"]
     impls = {r["impl"] for r in rows}
-    assert {"fused", "eager", "transformers-eager", "transformers+qwen3moe_kernels"} <= impls
+    assert {"fused", "eager", "transformers-eager", "transformers-qwen3moe_kernels"} <= impls
     for r in rows:  # the drop-in's registered experts ran (and the row says which function)
-        if r["impl"] == "transformers+qwen3moe_kernels":
+        if r["impl"] == "transformers-qwen3moe_kernels":
             assert "experts_implementation=qwen3moe_kernels." in r["ran"], r
     assert {r["tokens"] for r in rows} == {1, 4}
     for r in rows:
@@ -252,6 +252,7 @@ def test_model_benchmark_runs_on_a_tiny_model():
     assert by[("model-prefill", "transformers")]["vs_transformers_eager"] == 1.0
     for impl in ("transformers+qwen3moe_kernels", "qwen3moe_kernels-fused"):
         assert "sparse_moe_block" in by[("model-decode", impl)]["ran"], impl
+    assert "experts_implementation=qwen3moe_kernels." in by[("model-decode", "transformers-qwen3moe_kernels")]["ran"]
     assert "sparse_moe_block" not in by[("model-decode", "qwen3moe_kernels-eager")]["ran"]
     text = mod.table(rows)
     assert "x transformers eager" in text and "qwen3moe_kernels-fused" in text
