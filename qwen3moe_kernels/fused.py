@@ -37,7 +37,9 @@ def sparse_moe_block(
     from .dispatch import record
     from .ops.fused_moe import fused_moe
 
-    record("sparse_moe_block", "triton" if x.is_cuda and not torch.is_grad_enabled() else x.device.type)
+    if not torch.compiler.is_compiling():
+        # the experts run the Triton kernels on CUDA forward and backward (ops/fused_moe.moe_experts)
+        record("sparse_moe_block", "triton" if x.is_cuda else x.device.type)
     return fused_moe(x, router_weight, w_gate_up, w_down, top_k, renormalize)
 
 
