@@ -22,6 +22,8 @@ Implementations, all on the same weights:
 Prefill: one forward of ``S`` prompt tokens (batch 1, ``logits_to_keep=1`` as generation does) -> S / time.
 Decode: greedy generation of ``decode_tokens`` new tokens after a 32-token prompt; the decode time is
 ``t(generate N) - t(generate 1)`` so the prompt's prefill is not counted -> (N - 1) / time.
+Timing interleaves the variants: each of ``runs`` rounds times every variant once in turn, so load changes on a
+shared machine hit all of them alike; medians and p10-p90 over the rounds.
 Before timing, every variant's prefill logits (last position) are compared with unpatched transformers' (within 5%
 of their scale: bf16 through the layers and the head), and its greedy tokens too (``same tokens``; informational,
 since near-tied logits may flip a token in bf16). ``ran`` lists what ``qwen3moe_kernels.implementations()`` saw.
@@ -83,22 +85,6 @@ def _set_variant(model, variant: str) -> None:
         qk_hf.apply(model)
 
 
-def _timed(fn, device, runs: int, warmup: int = 1) -> dict:
-    dev = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return bench.summarize(times)
-
-
 class _LastPositionHead(torch.nn.Module):
     """The thin model's lm_head applied to the last position only: what transformers' ``logits_to_keep=1`` does.
 
@@ -139,15 +125,18 @@ def thin_model(hf_model, dtype: torch.dtype, device: str):
     return model.eval(), None
 
 
-def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 16, runs: int = 3,
+def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 16, runs: int = 5,
         variants=None, log=print, config_overrides: dict | None = None) -> list[dict]:
     """One dict per (phase, implementation, token count): median ms, spread and tokens/s.
 
-    ``config_overrides`` changes the Qwen3MoeConfig (the tests run this on a tiny model).
+    Every variant is checked first; then ``runs`` timing rounds, each timing every variant once in turn (prefill at
+    each length, generate N, generate 1), so a load change on a shared machine hits all variants alike rather than
+    whichever ran during it. ``config_overrides`` changes the Qwen3MoeConfig (the tests run this on a tiny model).
     """
     device = str(device)
+    dev = torch.device(device)
     if dtype is None:
-        dtype = bench.cpu_bench_dtype()[0] if torch.device(device).type == "cpu" else torch.bfloat16
+        dtype = bench.cpu_bench_dtype()[0] if dev.type == "cpu" else torch.bfloat16
     prefill_lengths = sorted({int(t) for t in token_counts if int(t) > 1}) or [64]
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -157,13 +146,13 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
     model = build_transformers_model(layers, dtype, device, **(config_overrides or {}))
     cfg = model.config
     if log:
-        log(f"model: {'scaled-down Qwen3-30B-A3B' if not config_overrides else 'overridden shapes'}, {layers} layers, vocab {cfg.vocab_size}, {bench.dtype_name(dtype)}; "
-            f"built in {time.perf_counter() - t0:.1f} s")
+        log(f"model: {'scaled-down Qwen3-30B-A3B' if not config_overrides else 'overridden shapes'}, {layers} layers, "
+            f"vocab {cfg.vocab_size}, {bench.dtype_name(dtype)}; built in {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(0)
     prompts = {S: torch.randint(0, cfg.vocab_size, (1, S), generator=g).to(device) for S in prefill_lengths}
     decode_prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=g).to(device)
     shape = f"{layers}L H={cfg.hidden_size} E={cfg.num_experts} k={cfg.num_experts_per_tok} V={cfg.vocab_size}"
-    results: list[dict] = []
+    dt = bench.dtype_name(dtype)
 
     # the unpatched model's outputs, to check every other variant against before timing it
     _set_variant(model, "transformers")
@@ -172,13 +161,63 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
         ref_tokens = model.generate(decode_prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
                                     do_sample=False, pad_token_id=0)
 
-    def measure(name, forward, generate, note=None):
-        dispatch.reset()
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", dispatch.FallbackWarning)
+    # variant -> (setup, forward(prompt) -> last-position logits, generate(prompt, n) -> tokens)
+    impls: dict = {}
+    for variant in variants:
+        if variant.startswith("transformers"):
+            impls[variant] = (
+                lambda v=variant: _set_variant(model, v),
+                lambda p: model(input_ids=p, logits_to_keep=1).logits,
+                lambda p, n: model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0),
+            )
+    thin, why = None, None
+    if any(v.startswith("qwen3moe_kernels-") for v in variants):
+        t1 = time.perf_counter()
+        thin, why = thin_model(model, dtype, device)
+        if log:
+            log("thin model: " + (f"saved and loaded in {time.perf_counter() - t1:.1f} s" if thin is not None
+                                  else f"not built: {why}"))
+        for variant in variants:
+            if variant.startswith("qwen3moe_kernels-") and thin is not None:
+                impls[variant] = (
+                    lambda v=variant: (_set_variant(model, "transformers"), thin.set_backend(v.split("-", 1)[1])),
+                    lambda p: thin(p).logits,
+                    lambda p, n: thin.generate(p, max_new_tokens=n),
+                )
+
+    rows: dict = {}  # (variant, op, tokens) -> row
+    for variant in variants:
+        for S in prefill_lengths:
+            rows[(variant, "prefill", S)] = {"op": "model-prefill", "impl": variant, "tokens": S, "dtype": dt,
+                                             "shape": shape, "device": device}
+        rows[(variant, "decode", decode_tokens)] = {"op": "model-decode", "impl": variant, "tokens": decode_tokens,
+                                                    "dtype": dt, "shape": shape, "device": device}
+        if variant not in impls:
+            for r in rows.values():
+                if r["impl"] == variant:
+                    r["error"] = f"thin model not built: {why}"
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def clock(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t) * 1e3
+
+    times: dict = {key: [] for key in rows}
+    times.update({(v, "decode-1", 1): [] for v in variants})
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", dispatch.FallbackWarning)
+        # 1. check every variant (and warm it up: its first calls are not timed)
+        for variant, (setup, forward, generate) in impls.items():
+            setup()
+            dispatch.reset()
             for S, p in prompts.items():
-                row = {"op": "model-prefill", "impl": name, "tokens": S, "dtype": bench.dtype_name(dtype),
-                       "shape": shape, "device": device}
+                row = rows[(variant, "prefill", S)]
                 try:
                     logits = forward(p).float()
                     err = bench.max_abs_err(logits, ref_logits[S])
@@ -186,63 +225,54 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
                     rel = err / max(ref_logits[S].abs().max().item(), 1e-6)
                     row.update(max_err=err, rel_err=rel, check="pass" if rel < 0.05 else "FAIL",
                                ran=bench.last_implementations())
-                    if row["check"] == "pass":
-                        row.update(_timed(lambda: forward(p), device, runs))
-                        row["tokens_per_s"] = S / (row["median_ms"] / 1e3)
-                    else:
-                        row["error"] = f"prefill logits differ from transformers' by {rel:.1%} of their scale"
+                    if row["check"] != "pass":
+                        row["error"] = f"prefill logits differ from transformers' by {rel:.1%} of their scale; not timed"
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
-                if note:
-                    row["note"] = note
-                results.append(row)
-                if log:
-                    log(f"  prefill S={S:<5} {name:<32} "
-                        + (f"{row['tokens_per_s']:.1f} tok/s" if row.get("tokens_per_s") else row.get("error", "")))
-            row = {"op": "model-decode", "impl": name, "tokens": decode_tokens, "dtype": bench.dtype_name(dtype),
-                   "shape": shape, "device": device}
+            row = rows[(variant, "decode", decode_tokens)]
             try:
                 toks = generate(decode_prompt, decode_tokens)
                 row["same_greedy_tokens"] = bool(torch.equal(toks.cpu(), ref_tokens.cpu()))
-                full = _timed(lambda: generate(decode_prompt, decode_tokens), device, runs)
-                one = _timed(lambda: generate(decode_prompt, 1), device, runs)
-                ms = max(full["median_ms"] - one["median_ms"], 1e-6)
-                row.update(median_ms=ms, p10_ms=max(full["p10_ms"] - one["p90_ms"], 0.0),
-                           p90_ms=full["p90_ms"] - one["p10_ms"], runs=runs)
-                row["tokens_per_s"] = (decode_tokens - 1) / (ms / 1e3)
+                generate(decode_prompt, 1)
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
             row["ran"] = bench.last_implementations()
-            results.append(row)
-            if log:
-                log(f"  decode {decode_tokens} tokens {name:<28} "
-                    + (f"{row['tokens_per_s']:.1f} tok/s" if row.get("tokens_per_s") else row.get("error", "")))
-
-    def hf_generate(p, n):
-        return model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    for variant in variants:
-        if variant.startswith("transformers"):
-            _set_variant(model, variant)
-            measure(variant, lambda p: model(input_ids=p, logits_to_keep=1).logits, hf_generate)
+        # 2. timing rounds, all variants in turn
+        for _ in range(runs):
+            for variant, (setup, forward, generate) in impls.items():
+                setup()
+                for S, p in prompts.items():
+                    if "error" not in rows[(variant, "prefill", S)]:
+                        times[(variant, "prefill", S)].append(clock(lambda: forward(p)))
+                if "error" not in rows[(variant, "decode", decode_tokens)]:
+                    times[(variant, "decode", decode_tokens)].append(
+                        clock(lambda: generate(decode_prompt, decode_tokens)))
+                    times[(variant, "decode-1", 1)].append(clock(lambda: generate(decode_prompt, 1)))
     _set_variant(model, "transformers")
 
-    thin_variants = [v for v in variants if v.startswith("qwen3moe_kernels-")]
-    if thin_variants:
-        t1 = time.perf_counter()
-        thin, why = thin_model(model, dtype, device)
-        if log:
-            log(f"  thin model: " + (f"saved and loaded in {time.perf_counter() - t1:.1f} s" if thin is not None
-                                     else f"not built: {why}"))
-        for variant in thin_variants:
-            if thin is None:
-                for op, n in [("model-prefill", S) for S in prefill_lengths] + [("model-decode", decode_tokens)]:
-                    results.append({"op": op, "impl": variant, "tokens": n, "dtype": bench.dtype_name(dtype),
-                                    "shape": shape, "device": device, "error": f"thin model not built: {why}"})
+    for (variant, phase, n), row in rows.items():
+        ts = times[(variant, phase, n)]
+        if not ts:
+            continue
+        if phase == "prefill":
+            row.update(bench.summarize(ts))
+            row["tokens_per_s"] = n / (row["median_ms"] / 1e3)
+        else:
+            full, one = bench.summarize(ts), bench.summarize(times[(variant, "decode-1", 1)])
+            ms = full["median_ms"] - one["median_ms"]
+            row.update(generate_ms=full["median_ms"], generate_1_ms=one["median_ms"], runs=len(ts))
+            if ms <= 0:  # noise larger than the decode time itself: no number rather than an absurd one
+                row["error"] = (f"decode not measurable: generate({n}) {full['median_ms']:.1f} ms <= generate(1) "
+                                f"{one['median_ms']:.1f} ms; more --runs or --decode-tokens")
                 continue
-            thin.set_backend(variant.split("-", 1)[1])
-            measure(variant, lambda p: thin(p).logits, lambda p, n: thin.generate(p, max_new_tokens=n))
-        del thin
+            row.update(median_ms=ms, p10_ms=max(full["p10_ms"] - one["p90_ms"], 0.0),
+                       p90_ms=full["p90_ms"] - one["p10_ms"])
+            row["tokens_per_s"] = (n - 1) / (ms / 1e3)
+    results = list(rows.values())
+    if log:
+        for r in results:
+            log(f"  {r['op']:<13} {r['tokens']:<5} {r['impl']:<30} "
+                + (f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else r.get("error", "")))
     for r in results:
         r.setdefault("vs_eager", None)
     _ratios(results)
@@ -338,7 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", default=None, help="prefill lengths (default 64,512 on CPU; 512,4096 on GPU)")
     ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)} (default: all)")
     ap.add_argument("--out", help="JSON path")
     args = ap.parse_args(argv)

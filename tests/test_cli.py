@@ -237,15 +237,20 @@ def test_model_benchmark_runs_on_a_tiny_model():
     """benchmarks/bench_model.py end to end on tiny shapes, so the model-level benchmark cannot rot unseen."""
     mod = cli.load_benchmark(cli.benchmarks_dir() / "bench_model.py")
     tiny = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, attn_implementation="eager")
-    rows = mod.run("cpu", [1, 8], torch.float32, layers=1, decode_tokens=3, runs=1, log=None, config_overrides=tiny)
+                num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, attn_implementation="eager",
+                vocab_size=97)
+    # 8 new tokens and 3 rounds: the decode time (generate 8 - generate 1) stays above scheduler noise
+    rows = mod.run("cpu", [1, 8], torch.float32, layers=1, decode_tokens=8, runs=3, log=None, config_overrides=tiny)
     by = {(r["op"], r["impl"]): r for r in rows}
     assert {impl for _, impl in by} == set(mod.VARIANTS)  # the thin model's rows too, by default
     for impl in mod.VARIANTS:
         pre, dec = by[("model-prefill", impl)], by[("model-decode", impl)]
         assert pre["check"] == "pass" and pre["tokens"] == 8 and pre["tokens_per_s"] > 0, pre
         assert pre["rel_err"] < 1e-4, pre  # fp32: every variant computes transformers' logits
-        assert dec["tokens_per_s"] > 0 and "error" not in dec, dec
+        # timed every round; on a loaded 2-core box generate(8) - generate(1) may drown in noise: then the row
+        # must say so instead of printing a number
+        assert dec["runs"] == 3 and dec["generate_ms"] > 0 and dec["generate_1_ms"] > 0, dec
+        assert dec.get("tokens_per_s", 0) > 0 or dec["error"].startswith("decode not measurable"), dec
         assert dec["same_greedy_tokens"] is True, impl
         assert pre["vs_eager"] > 0 and pre["vs_transformers_eager"] > 0 and pre["vs_transformers"] > 0
     assert by[("model-prefill", "qwen3moe_kernels-eager")]["vs_eager"] == 1.0  # x eager: vs the thin reference
