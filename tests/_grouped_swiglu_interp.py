@@ -1,5 +1,13 @@
-"""Run under TRITON_INTERPRET=1 (set before triton is imported) by tests/test_grouped_swiglu.py in a subprocess:
-the two Triton grouped GEMMs against the reference experts on CPU tensors, fp32 and fp16."""
+"""Run under TRITON_INTERPRET=1 (set before triton is imported) by tests/test_grouped_swiglu.py in a subprocess.
+
+With the interpreter on, the ``qwen3moe::grouped_swiglu_*`` ops run their Triton kernels on CPU tensors, so this
+checks the whole Triton path (alignment, gather GEMMs, SwiGLU epilogues, backward kernels, fixed-order sums)
+forward and backward against autograd of ``reference.moe_experts`` in float64. Every ``torch.empty`` is
+poisoned (NaN / -7) so any output element a kernel fails to write shows up.
+
+Usage: python _grouped_swiglu_interp.py fp32 fp16 [bf16]   (bf16 needs the tests/triton_interp.py shim: pass
+``--shim``). Prints one line per case and ``OK`` at the end.
+"""
 
 import os
 import sys
@@ -8,43 +16,118 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from qwen3moe_kernels import reference  # noqa: E402
-from qwen3moe_kernels.kernels import grouped_swiglu as k  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from qwen3moe_kernels import dispatch, reference  # noqa: E402
+from qwen3moe_kernels.kernels import grouped_swiglu as kern  # noqa: E402
+from qwen3moe_kernels.ops.fused_moe import moe_experts  # noqa: E402
+from tolerances import tol, twice_torch_error_bound  # noqa: E402
+
+_empty = torch.empty
 
 
-def run(T, H, I, E, top_k, dtype, all_one=False, bm=16):
-    g = torch.Generator().manual_seed(T * 131 + H)
+def _poisoned_empty(*args, **kwargs):
+    t = _empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+
+torch.empty = _poisoned_empty
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_default_config = kern.default_config
+
+
+def small_tiles(num_slots, kernel="gate_up", dtype="bf16", device_name=None):
+    """Tiles smaller than the test sizes, so the K loops, N tiles and row loops run several iterations."""
+    if kernel == "wgrad":
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, "num_warps": 4, "num_stages": 2}
+
+
+def inputs(T, H, I, E, k, dtype, routing, seed):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)
     wgu = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
     wd = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
-    logits = torch.randn(T, E, generator=g)
-    weights, ids = reference.router_topk(logits, top_k, True)
-    if all_one:
-        ids = torch.stack([torch.full((T,), j, dtype=torch.int32) for j in range(top_k)], 1)
-    cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32}
-    padded, be, _ = reference.moe_align_block(ids, E, bm)
-    h = k.gate_up(x, wgu, padded, be, top_k, cfg)
-    y = k.down(h, wd, weights, padded, be, cfg)
-    out = y.reshape(T, top_k, H).sum(1)
-    ref = reference.moe_experts(x.double(), ids, weights.double(), wgu.double(), wd.double()).float()
-    # h check: the gate/up kernel alone
-    href = reference.swiglu(torch.einsum("th,tsih->tsi", x.double(), wgu.double()[ids.long()]).reshape(T * top_k, 2 * I))
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    eh = (h.double() - href).abs().max().item() if T else 0.0
-    eo = (out.double() - ref.double()).abs().max().item() if T else 0.0
-    assert eh <= tol * max(1.0, href.abs().max().item()), (T, H, I, E, top_k, dtype, "h", eh)
-    assert eo <= tol * max(1.0, ref.abs().max().item()), (T, H, I, E, top_k, dtype, "out", eo)
+    weights, ids = reference.router_topk(torch.randn(T, E, generator=g), k, True)
+    if routing == "one_expert":  # every token's j-th choice is expert j: expert 0 holds all tokens
+        ids = torch.arange(k, dtype=torch.int32).expand(T, k).contiguous()
+    dout = torch.randn(T, H, generator=g).to(dtype)
+    return x, ids, weights, wgu, wd, dout
 
+
+def check(name, got, ref64, lowp_torch, dtype):
+    got = got.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an element was never written)"
+    if dtype == torch.float32:
+        t = tol("gemm", dtype)
+        torch.testing.assert_close(got, ref64, atol=t["atol"] * max(1.0, ref64.abs().max().item()), rtol=t["rtol"],
+                                   msg=lambda m: f"{name}: {m}")
+    else:
+        # the flash-attention rule: at most twice PyTorch's own error in the same precision
+        bound = twice_torch_error_bound(ref64, lowp_torch, factor=2.0, floor=1e-5 * max(1.0, ref64.abs().max().item()))
+        err = (got - ref64).abs().max().item() if got.numel() else 0.0
+        assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (2x torch's own {dtype} error)"
+
+
+def run(T, H, I, E, k, dtype, routing="topk", tiles="default"):
+    kern.default_config = small_tiles if tiles == "small" else _default_config
+    x, ids, w, wgu, wd, dout = inputs(T, H, I, E, k, dtype, routing, seed=T * 131 + H + E)
+    ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+    out.backward(dout)
+    assert dispatch.implementations().get("grouped_swiglu_down_backward") == "triton"
+    # float64 reference, and PyTorch's own computation in this dtype (the error scale for fp16/bf16)
+    r64 = [t.double().requires_grad_() for t in (x, w, wgu, wd)]
+    ref = reference.moe_experts(r64[0], ids, r64[1], r64[2], r64[3])
+    ref.backward(dout.double())
+    lowp = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    if dtype != torch.float32:
+        ref_lowp = reference.moe_experts(lowp[0], ids, lowp[1], lowp[2], lowp[3])
+        ref_lowp.backward(dout)
+    else:
+        ref_lowp = None
+    check("out", out, ref.detach(), ref_lowp, dtype)
+    for name, a, b, c in zip(("dx", "dweights", "dw_gate_up", "dw_down"), ours, r64, lowp):
+        check(name, a.grad, b.grad, c.grad if ref_lowp is not None else None, dtype)
+    kern.default_config = _default_config
+    print(f"ok T={T} H={H} I={I} E={E} k={k} {dtype} {routing} {tiles}")
+
+
+def determinism(dtype):
+    x, ids, w, wgu, wd, dout = inputs(23, 64, 40, 5, 3, dtype, "topk", seed=1)
+    res = []
+    for _ in range(2):
+        ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+        out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+        out.backward(dout)
+        res.append([out.detach()] + [t.grad for t in ours])
+    for a, b in zip(*res):
+        assert torch.equal(a, b), "two runs differ: the kernels must be deterministic"
+
+
+CASES = [
+    # (T, H, I, E, k, routing, tiles); kept small: the interpreter runs every program in Python
+    (1, 64, 48, 5, 2, "topk", "small"),  # one token: most experts get none
+    (17, 83, 67, 7, 3, "topk", "small"),  # sizes not multiples of the tiles, E odd
+    (37, 83, 67, 7, 3, "topk", "default"),  # the shipped heuristic (mid tiles at 111 slots)
+    (12, 48, 40, 9, 9, "topk", "small"),  # k == E: every expert gets every token
+    (11, 70, 45, 6, 2, "one_expert", "small"),  # all tokens on expert 0 (and 1)
+    (5, 32, 16, 60, 4, "topk", "default"),  # E = 60, not a power of two; most experts empty (decode tiles)
+]
 
 if __name__ == "__main__":
-    cases = [
-        (1, 64, 48, 5, 2),  # one token; most experts get no token
-        (37, 83, 67, 7, 3),  # sizes not multiples of the tiles, E odd
-        (20, 96, 40, 9, 9),  # k == E
-    ]
-    for dtype in (torch.float32, torch.float16):
-        for c in cases:
-            run(*c, dtype)
-        run(19, 70, 45, 6, 1, dtype, all_one=True)  # all tokens on expert 0
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--shim" in sys.argv:
+        import triton_interp
+
+        print("bf16 dot defect present:", triton_interp.dot_defect_present())
+        assert triton_interp.shim_fixes_dot(), "the bf16 dot shim does not give an fp32 product"
+        triton_interp.install()
+    for name in args or ["fp32", "fp16"]:
+        dtype = DTYPES[name]
+        for T, H, I, E, k, routing, tiles in CASES:
+            run(T, H, I, E, k, dtype, routing, tiles)
+        determinism(dtype)
     print("OK")
     sys.exit(0)

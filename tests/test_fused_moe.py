@@ -1,11 +1,13 @@
-"""fused_moe (CPU path) against the reference sparse block: forward per dtype, backward vs autograd of the
-reference, routing edge cases, and argument errors."""
+"""fused_moe and moe_experts (CPU path) against the reference: forward per dtype, backward vs autograd of the
+reference (fp32 tight, fp16/bf16 within twice PyTorch's own error), routing edge cases, torch.compile
+(fullgraph) and argument errors. The Triton path runs in tests/test_grouped_swiglu.py under the interpreter."""
 
 import pytest
 import torch
 
-from qwen3moe_kernels import reference
-from qwen3moe_kernels.ops.fused_moe import fused_moe
+from qwen3moe_kernels import dispatch, reference
+from qwen3moe_kernels.ops.fused_moe import fused_moe, moe_experts
+from tolerances import tol, twice_torch_error_bound
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -69,3 +71,95 @@ def test_bad_inputs():
         fused_moe(x, rw, wgu[:, :, :10], wd, 2, True)
     with pytest.raises(ValueError, match="x must be"):
         fused_moe(x[None], rw, wgu, wd, 2, True)
+
+
+def _routed(T, H, I, E, k, dtype, seed=0):
+    x, rw, wgu, wd = _inputs(T, H, I, E, dtype, seed)
+    weights, ids = reference.router_topk(torch.randn(T, E, generator=torch.Generator().manual_seed(seed + 1)), k, True)
+    return x, ids, weights, wgu, wd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_moe_experts_forward_backward(dtype):
+    """moe_experts against autograd of reference.moe_experts: fp32 tightly, fp16/bf16 within twice the error
+    PyTorch's own computation of the reference makes in that dtype (both against float64)."""
+    x, ids, w, wgu, wd = _routed(27, 56, 40, 9, 3, dtype, seed=7)
+    dout = torch.randn(27, 56, generator=torch.Generator().manual_seed(8)).to(dtype)
+    ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+    out.backward(dout)
+    r64 = [t.double().requires_grad_() for t in (x, w, wgu, wd)]
+    ref = reference.moe_experts(r64[0], ids, r64[1], r64[2], r64[3])
+    ref.backward(dout.double())
+    lowp = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    ref_lowp = reference.moe_experts(lowp[0], ids, lowp[1], lowp[2], lowp[3])
+    ref_lowp.backward(dout)
+    pairs = [("out", out, ref, ref_lowp)] + [(n, a.grad, b.grad, c.grad) for n, a, b, c in
+                                             zip(("dx", "dweights", "dw_gate_up", "dw_down"), ours, r64, lowp)]
+    for name, got, want, torch_lowp in pairs:
+        assert got.dtype == torch_lowp.dtype, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want.detach(), **tol("gemm", dtype), msg=lambda m: f"{name}: {m}")
+        else:
+            bound = twice_torch_error_bound(want.detach(), torch_lowp.detach(),
+                                            floor=1e-5 * max(1.0, want.abs().max().item()))
+            err = (got.double() - want).abs().max().item()
+            assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e}"
+
+
+def test_moe_experts_no_grad_matches_grad_path_and_records():
+    x, ids, w, wgu, wd = _routed(16, 48, 32, 6, 2, torch.float32, seed=11)
+    dispatch.reset()
+    with torch.no_grad():
+        a = moe_experts(x, ids, w, wgu, wd)
+    assert dispatch.implementations()["grouped_swiglu_down"] == "cpu"
+    b = moe_experts(x.requires_grad_(), ids.long(), w, wgu, wd)
+    assert torch.equal(a, b.detach())
+
+
+def test_moe_experts_rounds_weights_like_transformers():
+    """The routing weights are rounded to x's dtype first, as reference.moe_experts (and transformers) do."""
+    x, ids, w, wgu, wd = _routed(12, 32, 16, 5, 2, torch.bfloat16, seed=2)
+    w = w + 1e-3  # not representable in bf16
+    got = moe_experts(x, ids, w, wgu, wd).double()
+    want = moe_experts(x, ids, w.bfloat16().float(), wgu, wd).double()
+    assert torch.equal(got, want)
+
+
+def test_moe_experts_bad_inputs():
+    x, ids, w, wgu, wd = _routed(4, 32, 16, 5, 2, torch.float32)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_experts(x, torch.zeros(4, 6, dtype=torch.int32), torch.ones(4, 6), wgu, wd)
+    with pytest.raises(ValueError, match="not an expert id"):
+        moe_experts(x, ids + 5, w, wgu, wd)
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
+        moe_experts(x, ids.float(), w, wgu, wd)
+    with pytest.raises(ValueError, match="weights must be a float"):
+        moe_experts(x, ids, w[:, :1], wgu, wd)
+    with pytest.raises(TypeError, match="w_gate_up must have x's dtype"):
+        moe_experts(x, ids, w, wgu.double(), wd)
+    with pytest.raises(ValueError, match="w_down must be"):
+        moe_experts(x, ids, w, wgu, wd[:, :, :3])
+
+
+def test_torch_compile_fullgraph_cpu():
+    """fused_moe (no grad) and moe_experts (forward + backward) trace into one graph each."""
+    x, rw, wgu, wd = _inputs(13, 32, 16, 6, torch.float32, seed=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused_moe, fullgraph=True)
+    with torch.no_grad():
+        out, logits = compiled(x, rw, wgu, wd, 2, True)
+        ref, ref_logits = fused_moe(x, rw, wgu, wd, 2, True)
+    torch.testing.assert_close(out, ref, **tol("gemm", torch.float32))
+    torch.testing.assert_close(logits, ref_logits)
+    _, ids, w, _, _ = _routed(13, 32, 16, 6, 2, torch.float32, seed=4)
+
+    def loss(x, w, wgu, wd):
+        return moe_experts(x, ids, w, wgu, wd).square().sum()
+
+    ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    eager = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    torch.compile(loss, fullgraph=True)(*ours).backward()
+    loss(*eager).backward()
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a.grad, b.grad, **tol("gemm", torch.float32))

@@ -1,20 +1,39 @@
-"""Grouped-GEMM SwiGLU experts of the sparse MoE block, in Triton.
+"""Grouped-GEMM SwiGLU experts of the sparse MoE block, in Triton: forward and backward kernels.
 
-Computes, for every token-slot ``s = t*k + j`` routed to expert ``e = ids[t, j]``:
+Forward, for every token-slot ``s = t*k + j`` routed to expert ``e = ids[t, j]``:
 
-    h[s] = silu(x[t] @ Wg[e].T) * (x[t] @ Wu[e].T)          (kernel 1, ``gate_up``; W = w_gate_up[e] = [2I, H])
-    y[s] = weights[t, j] * (h[s] @ w_down[e].T)              (kernel 2, ``down``; w_down[e] = [H, I])
+    gu[s] = x[t] @ w_gate_up[e].T                 gate = gu[:, :I], up = gu[:, I:]   (w_gate_up[e] = [2I, H])
+    h[s]  = silu(gate) * up                                                    (kernel ``gate_up``)
+    y[s]  = rw[s] * (h[s] @ w_down[e].T)                                       (kernel ``down``; w_down[e] = [H, I])
+    out[t] = sum_j y[t*k + j]        (fp32, fixed order j = 0..k-1: deterministic)
 
-Algorithm: the slots are grouped by expert and each group padded to a multiple of ``BLOCK_M``
-(``moe_align_block``: ``padded_slots``, ``block_expert``, ``num_padded``). One program owns BLOCK_M padded slots
-of one expert and a BLOCK_N column tile. Kernel 1 gathers the rows of ``x`` by ``slot // top_k`` inside the
-kernel (no permuted copy of x), runs two ``tl.dot`` accumulators (gate and up columns of the same tile) and
-applies SiLU(gate)*up in the epilogue. Kernel 2 gathers rows of ``h`` by slot and scales by the routing weight in
-the epilogue. Both write their rows at the slot index itself, so ``y`` is ``[T*k, H]`` in token order and the
-combine over the k slots of a token is a fixed-order fp32 sum (deterministic, no atomics).
+Backward, given ``dout [T, H]``:
+
+    g[s]    = dout[t] @ w_down[e]                  (kernel ``down_bwd``: the forward's gather GEMM with K = H)
+    drw[s]  = <g[s], h[s]>  (= <dout[t], y_unweighted[s]>, with the forward's h; per-N-tile partials, summed
+                             in a fixed order)
+    dh[s]   = rw[s] * g[s];  dgate = dh * up * silu'(gate);  dup = dh * silu(gate)   (same kernel's epilogue)
+    dxs[s]  = dgu[s] @ w_gate_up[e]                (kernel ``dx``, K = 2I; dx[t] = sum_j dxs[t*k+j] in fp32)
+    dWd[e]  = sum_{s in e} (rw[s] dout[t])^T h[s]  (kernel ``wgrad``: per expert A^T B over its slots)
+    dWgu[e] = sum_{s in e} dgu[s]^T x[t]           (kernel ``wgrad``)
+
+Algorithm of the gather GEMMs (gate_up, down, down_bwd, dx): the slots are grouped by expert and each group
+padded to a multiple of ``BLOCK_M`` (``moe_align_block``: ``padded_slots``, ``block_expert``). One program owns
+BLOCK_M padded slots of one expert and a BLOCK_N column tile; its A rows are gathered by index inside the kernel
+(``slot // top_k`` for x and dout, the slot itself for h and dgu), so no permuted copy exists in memory. Outputs
+are written at the slot row, so they are in token order. Programs are numbered GROUP_M-swizzled (``_tile``):
+GROUP_M consecutive M blocks (mostly one expert) sweep the N tiles together, so each weight tile is read from
+HBM once per group and served from L2 to the rest.
+
+The ``wgrad`` kernel (``A^T B`` per expert) uses ``moe_sort``'s unpadded order: program (M tile, N tile, expert)
+loops over that expert's slots ``offsets[e]:offsets[e+1]`` in chunks of BLOCK_K rows, gathering A and B rows by
+index. An expert without slots writes zeros. No atomics anywhere: every result is deterministic.
+
+fp32 inputs use ``tf32x3`` dots (three tf32 tensor-core products: fp32 accuracy on tensor cores); fp16/bf16
+inputs accumulate in fp32.
 
 Layout: x [T, H], w_gate_up [E, 2I, H] (gate rows first, as transformers), w_down [E, H, I], all contiguous;
-h [T*k, I] in x's dtype; y [T*k, H] fp32. Padding slots hold the sentinel ``T*k`` and are masked.
+h [T*k, I] and gu [T*k, 2I] in x's dtype; y [T*k, H] fp32. Padding slots hold the sentinel ``T*k`` and are masked.
 """
 
 from __future__ import annotations
@@ -26,22 +45,38 @@ from .spec import CompileSpec
 
 
 @triton.jit
+def _tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program: GROUP_M M blocks sweep all N tiles before the next group starts."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def grouped_swiglu_gate_up_kernel(
     x_ptr,  # [T, H] activations
     w_ptr,  # [E, 2I, H] packed gate/up weights
     h_ptr,  # [T*k, I] output, row = slot
+    gu_ptr,  # [T*k, 2I] gate/up pre-activations, row = slot (written only when STORE_GU: the backward needs them)
     padded_slots_ptr,  # [P_max] int32 slots grouped by expert, sentinel T*k for padding
     block_expert_ptr,  # [P_max // BLOCK_M] int32 expert of each block, -1 past num_padded
     num_slots,  # T*k (the sentinel)
+    num_pid_m,  # P_max // BLOCK_M
     H,
     I,
     TOP_K: tl.constexpr,
+    STORE_GU: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32x3" for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -62,11 +97,16 @@ def grouped_swiglu_gate_up_kernel(
         # B tiles are [BLOCK_K, BLOCK_N] views of the row-major [2I, H] weight (K contiguous).
         bg = tl.load(w_base + offs_n[None, :].to(tl.int64) * H + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         bu = tl.load(w_base + (offs_n[None, :] + I).to(tl.int64) * H + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
     out_rows = tl.where(row_ok, slots, 0).to(tl.int64)
-    tl.store(h_ptr + out_rows[:, None] * I + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    mask = row_ok[:, None] & col_ok[None, :]
+    if STORE_GU:
+        gu_rows = gu_ptr + out_rows[:, None] * 2 * I + offs_n[None, :]
+        tl.store(gu_rows, acc_g.to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gu_rows + I, acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + out_rows[:, None] * I + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -78,14 +118,16 @@ def grouped_swiglu_down_kernel(
     padded_slots_ptr,
     block_expert_ptr,
     num_slots,
+    num_pid_m,
     H,
     I,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
@@ -103,83 +145,395 @@ def grouped_swiglu_down_kernel(
         k_ok = kk < I
         a = tl.load(h_ptr + rows[:, None] * I + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + offs_n[None, :].to(tl.int64) * I + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
     acc = acc * rw[:, None]
     tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def default_config(num_slots: int) -> dict:
-    """Heuristic tiles: small BLOCK_M for decode (few slots per expert), large for prefill."""
+@triton.jit
+def grouped_swiglu_down_bwd_kernel(
+    dout_ptr,  # [T, H] gradient of the block output
+    w_ptr,  # [E, H, I] down weights (B[k, n] = w[e, k, n]: N contiguous)
+    h_ptr,  # [T*k, I] the forward's SwiGLU activations, row = slot
+    gu_ptr,  # [T*k, 2I] gate/up pre-activations saved by the forward, row = slot
+    rw_ptr,  # [T*k] fp32 routing weights
+    dgu_ptr,  # [T*k, 2I] output: gradient of the gate/up pre-activations, row = slot
+    drw_ptr,  # [cdiv(I, BLOCK_N), T*k] fp32 output: this N tile's part of <g[s], h[s]>
+    padded_slots_ptr,
+    block_expert_ptr,
+    num_slots,
+    num_pid_m,
+    H,
+    I,
+    TOP_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(padded_slots_ptr + offs_m)
+    row_ok = slots < num_slots
+    tokens = tl.where(row_ok, slots // TOP_K, 0).to(tl.int64)
+    rows = tl.where(row_ok, slots, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + e.to(tl.int64) * H * I
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < H
+        a = tl.load(dout_ptr + tokens[:, None] * H + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_base + kk[:, None].to(tl.int64) * I + offs_n[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    # Epilogue: SwiGLU backward and this tile's share of the routing-weight gradient.
+    mask = row_ok[:, None] & col_ok[None, :]
+    gu_rows = gu_ptr + rows[:, None] * 2 * I + offs_n[None, :]
+    gate = tl.load(gu_rows, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_rows + I, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-gate))
+    silu = gate * sig
+    # h exactly as the forward used it (not recomputed from the rounded gate/up): drw = <dout, y_unweighted>
+    h = tl.load(h_ptr + rows[:, None] * I + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    part = tl.sum(tl.where(mask, acc * h, 0.0), axis=1)
+    tl.store(drw_ptr + pid_n.to(tl.int64) * num_slots + rows, part, mask=row_ok)
+    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
+    dh = acc * rw[:, None]
+    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    dup = dh * silu
+    dgu_rows = dgu_ptr + rows[:, None] * 2 * I + offs_n[None, :]
+    tl.store(dgu_rows, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_rows + I, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_swiglu_dx_kernel(
+    dgu_ptr,  # [T*k, 2I] gradient of the gate/up pre-activations, row = slot
+    w_ptr,  # [E, 2I, H] gate/up weights (B[k, n] = w[e, k, n]: N contiguous)
+    dxs_ptr,  # [T*k, H] fp32 output: each slot's contribution to dx, row = slot
+    padded_slots_ptr,
+    block_expert_ptr,
+    num_slots,
+    num_pid_m,
+    H,
+    I2,  # 2I, the reduction length
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(padded_slots_ptr + offs_m)
+    row_ok = slots < num_slots
+    rows = tl.where(row_ok, slots, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + e.to(tl.int64) * I2 * H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I2, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < I2
+        a = tl.load(dgu_ptr + rows[:, None] * I2 + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_base + kk[:, None].to(tl.int64) * H + offs_n[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(dxs_ptr + rows[:, None] * H + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def grouped_swiglu_wgrad_kernel(
+    a_ptr,  # rows of A: a_ptr[(slot // A_DIV) * M + m]   (dout [T, H] or dgu [T*k, 2I])
+    b_ptr,  # rows of B: b_ptr[(slot // B_DIV) * N + n]   (h [T*k, I] or x [T, H])
+    rw_ptr,  # [T*k] fp32 scale of A's rows (read when SCALE_A)
+    c_ptr,  # [E, M, N] output: c[e] = sum over e's slots of A[row]^T B[row]
+    sorted_slots_ptr,  # [T*k] int32 slots grouped by expert (moe_sort)
+    offsets_ptr,  # [E+1] int32 start of each expert's group
+    M,
+    N,
+    A_DIV: tl.constexpr,
+    B_DIV: tl.constexpr,
+    SCALE_A: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    e = tl.program_id(1)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rr = r0 + offs_k
+        r_ok = rr < end
+        slot = tl.load(sorted_slots_ptr + rr, mask=r_ok, other=0)
+        ra = (slot // A_DIV).to(tl.int64)
+        rb = (slot // B_DIV).to(tl.int64)
+        # A^T tile [BLOCK_M, BLOCK_K]: column r is row ra[r] of A (contiguous along m)
+        a = tl.load(a_ptr + ra[None, :] * M + offs_m[:, None], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if SCALE_A:
+            rw = tl.load(rw_ptr + slot, mask=r_ok, other=0.0)
+            a = (a.to(tl.float32) * rw[None, :]).to(a_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + rb[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    c = c_ptr + e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------- configs
+#
+# Why these tiles (no GPU has run them yet; tuned tables replace them when one is lent, see ``TUNED``):
+# * decode (T*k <= 64 slots, so 1 to 8 tokens per expert): the GEMMs are bound by reading the expert weights
+#   (each touched weight byte is used by a handful of rows). BLOCK_M = 16 wastes the least work on padding;
+#   Triton lowers M = 16 tiles to mma.sync (wgmma needs 64 rows), which is fine when the weights' bandwidth,
+#   not the tensor cores, is the limit. A long BLOCK_K (128) keeps many bytes in flight per program.
+# * mid (up to 4096 slots, ~32 rows per expert at E = 128): 64 x 64 tiles, the smallest that use wgmma.
+# * prefill: 128 x 128 output tiles with BLOCK_K = 64 (8 warps, 3 stages): per K step 16 KB of A and 16 KB of B
+#   (bf16) feed 128*128*64*2 FLOPs, the intensity wgmma needs to approach peak; 3 stages keep TMA-free loads in
+#   flight within 227 KB of shared memory. The gate/up kernel runs two accumulators (gate and up columns of the
+#   same N tile), so its BLOCK_N = 64 already is an effective 128-wide tile. GROUP_M = 8 swizzling makes the
+#   weight tiles of one expert L2-resident across its M blocks. fp32 inputs (tf32x3) halve BLOCK_K to fit
+#   shared memory. compile-check compiles all of them for sm_90/sm_100 and fails on spills or on missing
+#   wgmma/tcgen05/mma instructions.
+# The wgrad kernel's M x N tile is a block of one expert's weight gradient; its K loop runs over that expert's
+# slots, so decode uses a short BLOCK_K.
+
+# Tuned tables, {kernel: {dtype: [[max_slots, config], ...]}} per device name, loaded from JSON beside this file
+# (grouped_swiglu_<device>.json) when present. None is shipped yet: they are only written from GPU measurements.
+TUNED: dict = {}
+
+
+def _load_tuned(device_name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    if device_name not in TUNED:
+        path = Path(__file__).with_name(f"grouped_swiglu_{device_name.replace(' ', '_')}.json")
+        TUNED[device_name] = json.loads(path.read_text()) if path.exists() else {}
+    return TUNED[device_name]
+
+
+GATHER_KERNELS = ("gate_up", "down", "down_bwd", "dx")
+
+
+def default_config(num_slots: int, kernel: str = "gate_up", dtype: str = "bf16", device_name: str | None = None) -> dict:
+    """Launch config of ``kernel`` (``gate_up``, ``down``, ``down_bwd``, ``dx`` or ``wgrad``) for ``num_slots =
+    T*k`` slots in ``dtype`` (``bf16``/``fp16``/``fp32``): a tuned table entry for ``device_name`` if one exists,
+    else the heuristic above."""
+    if device_name is not None:
+        for max_slots, cfg in _load_tuned(device_name).get(kernel, {}).get(dtype, []):
+            if num_slots <= max_slots:
+                return dict(cfg)
+    wide = 4 if dtype == "fp32" else 2  # bytes per element: fp32 tiles use half the BLOCK_K
+    if kernel == "wgrad":
+        if num_slots <= 64:
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+        if num_slots <= 4096:
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128 // wide, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if kernel not in GATHER_KERNELS:
+        raise ValueError(f"default_config: unknown kernel {kernel!r}")
     if num_slots <= 64:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+        # fp32 (tf32x3 on mma.sync) and down_bwd (its epilogue holds gate, up and dgate/dup tiles) spill with
+        # longer K tiles at 4 warps
+        bk = 32 if dtype == "fp32" else (64 if kernel == "down_bwd" else 128)
+        stages = 2 if dtype == "fp32" and kernel == "gate_up" else 3
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": stages}
+    # down_bwd's epilogue holds ~6 fp32 tiles (acc, gate, up, h, dgate, dup): in fp32 (tf32x3) a 64-wide tile
+    # spills on sm_90, so it narrows to 32
+    narrow = 32 if kernel == "down_bwd" and dtype == "fp32" else 64
     if num_slots <= 4096:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": narrow, "BLOCK_K": 128 // wide, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    bn = narrow if kernel in ("gate_up", "down_bwd") else 128  # gate_up: two accumulators; down_bwd: epilogue
+    return {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": 128 // wide, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict):
-    """Launch kernel 1. Returns h [T*k, I] in x's dtype (rows of slots never routed are left unwritten: none)."""
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _precision(dtype) -> str:
+    import torch
+
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+            "GROUP_M": cfg.get("GROUP_M", 1), "num_warps": cfg.get("num_warps", 4),
+            "num_stages": cfg.get("num_stages", 3)}
+
+
+def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, store_gu: bool = False):
+    """Kernel 1. Returns ``(h [T*k, I], gu [T*k, 2I] or None)`` in x's dtype."""
     import torch
 
     T, H = x.shape
     I = w_gate_up.shape[1] // 2
     h = torch.empty((T * top_k, I), dtype=x.dtype, device=x.device)
-    bm = config["BLOCK_M"]
-    grid = (block_expert.numel(), triton.cdiv(I, config["BLOCK_N"]))
+    gu = torch.empty((T * top_k, 2 * I), dtype=x.dtype, device=x.device) if store_gu else h
+    nm = block_expert.numel()
+    grid = (nm * triton.cdiv(I, config["BLOCK_N"]),)
     grouped_swiglu_gate_up_kernel[grid](
-        x, w_gate_up, h, padded_slots, block_expert, T * top_k, H, I,
-        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
-    )
-    return h
+        x, w_gate_up, h, gu, padded_slots, block_expert, T * top_k, nm, H, I,
+        TOP_K=top_k, STORE_GU=store_gu, PRECISION=_precision(x.dtype), **_launch_opts(config))
+    return h, (gu if store_gu else None)
 
 
 def down(h, w_down, routing_weights, padded_slots, block_expert, config: dict):
-    """Launch kernel 2. ``routing_weights`` is [T, k] fp32; returns y [T*k, H] fp32 (weighted)."""
+    """Kernel 2. ``routing_weights`` is [T, k] fp32; returns y [T*k, H] fp32 (weighted)."""
     import torch
 
     S, I = h.shape
     H = w_down.shape[1]
     y = torch.empty((S, H), dtype=torch.float32, device=h.device)
-    grid = (block_expert.numel(), triton.cdiv(H, config["BLOCK_N"]))
+    nm = block_expert.numel()
+    grid = (nm * triton.cdiv(H, config["BLOCK_N"]),)
     grouped_swiglu_down_kernel[grid](
-        h, w_down, routing_weights.reshape(-1).float().contiguous(), y, padded_slots, block_expert, S, H, I,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
-    )
+        h, w_down, routing_weights.reshape(-1).float().contiguous(), y, padded_slots, block_expert, S, nm, H, I,
+        PRECISION=_precision(h.dtype), **_launch_opts(config))
     return y
 
 
+def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, top_k: int, config: dict):
+    """Backward of kernel 2 and the SwiGLU: returns ``(dgu [T*k, 2I] in gu's dtype, drw [T, k] fp32)``."""
+    import torch
+
+    T, H = dout.shape
+    S = T * top_k
+    I = w_down.shape[2]
+    dgu = torch.empty((S, 2 * I), dtype=gu.dtype, device=gu.device)
+    n_tiles = triton.cdiv(I, config["BLOCK_N"])
+    parts = torch.empty((n_tiles, S), dtype=torch.float32, device=gu.device)
+    nm = block_expert.numel()
+    grouped_swiglu_down_bwd_kernel[(nm * n_tiles,)](
+        dout, w_down, h, gu, routing_weights.reshape(-1).float().contiguous(), dgu, parts, padded_slots, block_expert,
+        S, nm, H, I, TOP_K=top_k, PRECISION=_precision(gu.dtype), **_launch_opts(config))
+    return dgu, parts.sum(0).reshape(T, top_k)  # fixed-order sum of the per-tile parts: deterministic
+
+
+def dx(dgu, w_gate_up, padded_slots, block_expert, top_k: int, config: dict):
+    """``dx [T, H]`` fp32: per-slot ``dgu[s] @ w_gate_up[e]`` summed over each token's k slots in fixed order."""
+    import torch
+
+    S, I2 = dgu.shape
+    H = w_gate_up.shape[2]
+    dxs = torch.empty((S, H), dtype=torch.float32, device=dgu.device)
+    nm = block_expert.numel()
+    grouped_swiglu_dx_kernel[(nm * triton.cdiv(H, config["BLOCK_N"]),)](
+        dgu, w_gate_up, dxs, padded_slots, block_expert, S, nm, H, I2,
+        PRECISION=_precision(dgu.dtype), **_launch_opts(config))
+    return dxs.view(S // top_k, top_k, H).sum(1)
+
+
+def wgrad(a, b, routing_weights, sorted_slots, offsets, num_experts: int, a_div: int, b_div: int, config: dict):
+    """``c [E, M, N]`` in a's dtype: ``c[e] = sum_{s in e} (rw[s] *) a[s // a_div]^T b[s // b_div]``.
+
+    ``routing_weights`` (fp32, one per slot) scales A's rows when given, else no scaling."""
+    import torch
+
+    M, N = a.shape[1], b.shape[1]
+    c = torch.empty((num_experts, M, N), dtype=a.dtype, device=a.device)
+    rw = routing_weights.reshape(-1).float().contiguous() if routing_weights is not None else offsets
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), num_experts)
+    grouped_swiglu_wgrad_kernel[grid](
+        a, b, rw, c, sorted_slots, offsets, M, N, A_DIV=a_div, B_DIV=b_div, SCALE_A=routing_weights is not None,
+        PRECISION=_precision(a.dtype), **_launch_opts(config))
+    return c
+
+
+# ------------------------------------------------------------------------------------------ compile specs
+
 _SHAPES = {"30B-A3B": (2048, 768), "235B-A22B": (4096, 1536)}
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+_PHASES = (("decode", 8), ("mid", 8 * 64), ("prefill", 8 * 4096))  # T*k slots at k = 8
+
+
+def _p_max(slots: int, bm: int, experts: int = 128) -> int:
+    return (slots + experts * (bm - 1) + bm - 1) // bm * bm
 
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
+
+    def add(kernel, fn, signature, constexprs, label, cfg, ints):
+        tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        specs.append(CompileSpec(
+            kernel=kernel, fn=fn, signature=signature, constexprs={**constexprs, **tiles},
+            label=f"{label} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} BK={cfg['BLOCK_K']}",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True, ints=ints))
+
     for model, (hidden, inter) in _SHAPES.items():
-        for phase, slots in (("decode", 8), ("prefill", 8 * 4096), ("mid", 8 * 64)):
-            cfg = default_config(slots)
-            tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-            for dt in ("bf16", "fp16", "fp32"):
-                p = _DT[dt]
-                label = f"{model} {phase} {dt} BM={tiles['BLOCK_M']} BN={tiles['BLOCK_N']} BK={tiles['BLOCK_K']}"
-                specs.append(CompileSpec(
-                    kernel="grouped_swiglu_gate_up_kernel", fn=grouped_swiglu_gate_up_kernel,
-                    signature={"x_ptr": p, "w_ptr": p, "h_ptr": p, "padded_slots_ptr": "*i32",
-                               "block_expert_ptr": "*i32", "num_slots": "i32", "H": "i32", "I": "i32",
-                               "TOP_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                               "BLOCK_K": "constexpr"},
-                    constexprs={"TOP_K": 8, **tiles}, label=label,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True,
-                    ints={"num_slots": slots, "H": hidden, "I": inter}))
-                specs.append(CompileSpec(
-                    kernel="grouped_swiglu_down_kernel", fn=grouped_swiglu_down_kernel,
-                    signature={"h_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": "*fp32",
-                               "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32", "num_slots": "i32",
-                               "H": "i32", "I": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                               "BLOCK_K": "constexpr"},
-                    constexprs=dict(tiles), label=label,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True,
-                    ints={"num_slots": slots, "H": hidden, "I": inter}))
+        for phase, slots in _PHASES:
+            for dt, p in _DT.items():
+                prec = "tf32x3" if dt == "fp32" else "tf32"
+                label = f"{model} {phase} {dt}"
+                tiles = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+                sig_tiles = {k: "constexpr" for k in tiles}
+                c = default_config(slots, "gate_up", dt)
+                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
+                for store_gu in (False, True):
+                    add("grouped_swiglu_gate_up_kernel", grouped_swiglu_gate_up_kernel,
+                        {"x_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, "padded_slots_ptr": "*i32",
+                         "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32", "H": "i32", "I": "i32",
+                         "TOP_K": "constexpr", "STORE_GU": "constexpr", "PRECISION": "constexpr", **sig_tiles},
+                        {"TOP_K": 8, "STORE_GU": store_gu, "PRECISION": prec},
+                        label + (" +gu" if store_gu else ""), c,
+                        {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I": inter})
+                c = default_config(slots, "down", dt)
+                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
+                add("grouped_swiglu_down_kernel", grouped_swiglu_down_kernel,
+                    {"h_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": "*fp32", "padded_slots_ptr": "*i32",
+                     "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32", "H": "i32", "I": "i32",
+                     "PRECISION": "constexpr", **sig_tiles},
+                    {"PRECISION": prec}, label, c, {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I": inter})
+                c = default_config(slots, "down_bwd", dt)
+                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
+                add("grouped_swiglu_down_bwd_kernel", grouped_swiglu_down_bwd_kernel,
+                    {"dout_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, "rw_ptr": "*fp32", "dgu_ptr": p, "drw_ptr": "*fp32",
+                     "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32",
+                     "H": "i32", "I": "i32", "TOP_K": "constexpr", "PRECISION": "constexpr", **sig_tiles},
+                    {"TOP_K": 8, "PRECISION": prec}, label, c,
+                    {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I": inter})
+                c = default_config(slots, "dx", dt)
+                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
+                add("grouped_swiglu_dx_kernel", grouped_swiglu_dx_kernel,
+                    {"dgu_ptr": p, "w_ptr": p, "dxs_ptr": "*fp32", "padded_slots_ptr": "*i32",
+                     "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32", "H": "i32", "I2": "i32",
+                     "PRECISION": "constexpr", **sig_tiles},
+                    {"PRECISION": prec}, label, c,
+                    {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I2": 2 * inter})
+                c = default_config(slots, "wgrad", dt)
+                # dWd: A = dout [T, H] scaled by rw, B = h [T*k, I]; dWgu: A = dgu [T*k, 2I], B = x [T, H]
+                for what, m, n, a_div, b_div, scale in (("dWd", hidden, inter, 8, 1, True),
+                                                         ("dWgu", 2 * inter, hidden, 1, 8, False)):
+                    add("grouped_swiglu_wgrad_kernel", grouped_swiglu_wgrad_kernel,
+                        {"a_ptr": p, "b_ptr": p, "rw_ptr": "*fp32", "c_ptr": p, "sorted_slots_ptr": "*i32",
+                         "offsets_ptr": "*i32", "M": "i32", "N": "i32", "A_DIV": "constexpr", "B_DIV": "constexpr",
+                         "SCALE_A": "constexpr", "PRECISION": "constexpr", **sig_tiles},
+                        {"A_DIV": a_div, "B_DIV": b_div, "SCALE_A": scale, "PRECISION": prec},
+                        f"{label} {what}", c, {"M": m, "N": n})
     return specs

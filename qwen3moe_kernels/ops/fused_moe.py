@@ -1,18 +1,26 @@
-"""``fused_moe``: the whole sparse MoE block (router linear, top-k routing, SwiGLU experts, weighted combine).
+"""``fused_moe``: the whole sparse MoE block (router linear, top-k routing, SwiGLU experts, weighted combine), and
+``moe_experts``: the experts part alone, given the routing.
 
     logits = x @ router_weight.T                       [T, E]
     weights, ids = router_topk(logits, top_k, renormalize)
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))   with e = ids[t, j]
 
-Implementations:
-- CUDA (no gradient needed): ``moe_align_block`` then the two Triton grouped GEMMs of
-  ``kernels/grouped_swiglu.py`` (x gathered inside kernel 1, routing weight applied in kernel 2's epilogue);
-  the k slots of each token are summed in a fixed order in fp32 (deterministic).
-- CPU, and any device when a gradient is needed: the slots are sorted by expert (``moe_sort``), the rows of x
-  gathered once, one matrix product per expert over its contiguous rows, and the weighted fp32 combine. The
-  compute dtype is the model dtype, except bf16 on CPUs without AVX-512 (AVX2-only: bf16 matmul is very slow
-  there), where the experts run in fp32. Backward goes through autograd of these torch ops.
-Layout: x [T, H]; router_weight [E, H]; w_gate_up [E, 2I, H] (gate rows first); w_down [E, H, I].
+``moe_experts(x, ids, weights, w_gate_up, w_down)`` computes the last line with the registered grouped-GEMM
+ops of ``ops/grouped_swiglu.py`` (``qwen3moe::grouped_swiglu_gate_up`` then ``qwen3moe::grouped_swiglu_down``):
+on CUDA the Triton kernels (x gathered inside the gate/up GEMM, the routing weight applied in the down GEMM's
+epilogue, the k slots of a token summed in a fixed order in fp32: deterministic); on CPU one torch matrix
+product per expert over its rows. As in ``reference.moe_experts`` (and transformers), the routing weights are
+rounded to x's dtype before use.
+
+Autograd: ``moe_experts`` is differentiable in x, weights, w_gate_up and w_down. With a gradient needed the
+forward also keeps the gate/up pre-activations; the backward runs ``qwen3moe::grouped_swiglu_down_backward``
+(dgate/dup with the SwiGLU backward fused in, d_w_down, d_weights) and
+``qwen3moe::grouped_swiglu_gate_up_backward`` (dx, d_w_gate_up): Triton kernels on CUDA, torch on CPU.
+``fused_moe`` routes with the ``router_topk`` op, or with the differentiable reference routing when a gradient is
+needed (the op has no autograd for the weights).
+
+Layout: x [T, H]; router_weight [E, H]; w_gate_up [E, 2I, H] (gate rows first); w_down [E, H, I];
+ids [T, k] int32/int64; weights [T, k] (any float dtype).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch, reference
+from . import grouped_swiglu as _gs  # noqa: F401  (registers the qwen3moe::grouped_swiglu_* ops)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,39 +67,72 @@ def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _experts_torch(x, weights, ids, w_gate_up, w_down, E, top_k):
-    """Per-expert matrix products over the expert-sorted rows; fp32 combine over the k slots."""
+def _check_experts(x, ids, weights, w_gate_up, w_down):
+    if x.dim() != 2:
+        raise ValueError(f"moe_experts: x must be [T, H], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"moe_experts: x must be fp32/fp16/bf16, got {x.dtype}")
     T, H = x.shape
-    cdt = cpu_compute_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
-    flat = ids.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=E).tolist()
-    xs = x[order // top_k].to(cdt)
-    ys = []
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        rows = xs[start : start + c]
-        h = reference.swiglu(F.linear(rows, w_gate_up[e].to(cdt)))
-        ys.append(F.linear(h, w_down[e].to(cdt)))
-        start += c
-    y_sorted = torch.cat(ys, 0) if ys else xs.new_zeros((0, H))
-    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted) if ys else y_sorted  # back to slot order
-    y = y.float().reshape(T, top_k, H) * weights.float()[:, :, None]
-    return y.sum(1).to(x.dtype)
+    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"moe_experts: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"moe_experts: {name} is on {t.device}, x on {x.device}")
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != H or w_gate_up.shape[1] % 2 or w_gate_up.shape[1] == 0:
+        raise ValueError(f"moe_experts: w_gate_up must be [E, 2I, {H}], got {tuple(w_gate_up.shape)}")
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if w_down.dim() != 3 or tuple(w_down.shape) != (E, H, I):
+        raise ValueError(f"moe_experts: w_down must be [{E}, {H}, {I}], got {tuple(w_down.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != T:
+        raise ValueError(f"moe_experts: ids must be [T={T}, top_k], got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_experts: ids must be int32 or int64, got {ids.dtype}")
+    if not weights.is_floating_point() or tuple(weights.shape) != tuple(ids.shape):
+        raise ValueError(f"moe_experts: weights must be a float [T, top_k] = {tuple(ids.shape)} tensor, "
+                         f"got {weights.dtype} {tuple(weights.shape)}")
+    for name, t in (("ids", ids), ("weights", weights)):
+        if t.device != x.device:
+            raise ValueError(f"moe_experts: {name} is on {t.device}, x on {x.device}")
+    if not (1 <= ids.shape[1] <= E):
+        raise ValueError(f"moe_experts: top_k (ids.shape[1]) must be in [1, E={E}], got {ids.shape[1]}")
+    return T, H, E, I
 
 
-def _experts_triton(x, weights, ids, w_gate_up, w_down, E, top_k):
-    from ..kernels import grouped_swiglu as k
-    from . import moe_permute as mp
+class _MoeExperts(torch.autograd.Function):
+    """The registered forward ops, keeping what the registered backward ops need."""
 
-    T, H = x.shape
-    cfg = k.default_config(T * top_k)
-    padded, block_expert, _ = mp.moe_align_block(ids, E, cfg["BLOCK_M"])
-    h = k.gate_up(x.contiguous(), w_gate_up.contiguous(), padded, block_expert, top_k, cfg)
-    y = k.down(h, w_down.contiguous(), weights, padded, block_expert, cfg)
-    return y.reshape(T, top_k, H).sum(1).to(x.dtype)
+    @staticmethod
+    def forward(ctx, x, ids, weights, w_gate_up, w_down):
+        h, gu = torch.ops.qwen3moe.grouped_swiglu_gate_up(x, w_gate_up, ids, True)
+        out = torch.ops.qwen3moe.grouped_swiglu_down(h, w_down, ids, weights)
+        ctx.save_for_backward(x, ids, weights, w_gate_up, w_down, h, gu)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ids, weights, w_gate_up, w_down, h, gu = ctx.saved_tensors
+        dgu, dwd, drw = torch.ops.qwen3moe.grouped_swiglu_down_backward(dout.contiguous(), h, gu, w_down, ids, weights)
+        dx, dwgu = torch.ops.qwen3moe.grouped_swiglu_gate_up_backward(dgu, x, w_gate_up, ids)
+        return dx, None, drw, dwgu, dwd
+
+
+def moe_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """The routed SwiGLU experts, ``[T, H]`` in x's dtype: ``out[t] = sum_j weights[t, j] * expert_e(x[t])``,
+    ``e = ids[t, j]`` (``reference.moe_experts``'s semantics). Differentiable in x, weights, w_gate_up, w_down.
+
+    x [T, H] fp32/fp16/bf16; ids [T, k] int32/int64 in [0, E); weights [T, k] float (rounded to x's dtype
+    first, as transformers does); w_gate_up [E, 2I, H]; w_down [E, H, I], both in x's dtype, on x's device.
+    """
+    T, H, E, I = _check_experts(x, ids, weights, w_gate_up, w_down)
+    weights = weights.to(x.dtype).float()
+    if not torch.compiler.is_compiling():
+        dispatch.record("moe_experts", "triton" if x.device.type == "cuda" else x.device.type)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down)):
+        return _MoeExperts.apply(x, ids, weights, w_gate_up, w_down)
+    h, _ = torch.ops.qwen3moe.grouped_swiglu_gate_up(x, w_gate_up, ids, False)
+    return torch.ops.qwen3moe.grouped_swiglu_down(h, w_down, ids, weights)
 
 
 def fused_moe(
@@ -114,10 +156,6 @@ def fused_moe(
         from .router_topk import router_topk
 
         weights, ids = router_topk(logits, top_k, renormalize)
-    if T == 0:
-        return x.new_zeros((0, H)), logits
-    if x.is_cuda and not needs_grad:
-        dispatch.record("fused_moe", "triton")
-        return _experts_triton(x, weights, ids, w_gate_up, w_down, E, top_k), logits
-    dispatch.record("fused_moe", "cpu" if x.device.type == "cpu" else "torch")
-    return _experts_torch(x, weights, ids, w_gate_up, w_down, E, top_k), logits
+    if not torch.compiler.is_compiling():
+        dispatch.record("fused_moe", "triton" if x.device.type == "cuda" else x.device.type)
+    return moe_experts(x, ids, weights, w_gate_up, w_down), logits

@@ -1,0 +1,380 @@
+"""The grouped-GEMM SwiGLU experts as torch.library ops: ``torch.ops.qwen3moe.grouped_swiglu_{gate_up, down,
+down_backward, gate_up_backward}``.
+
+Slot ``s = t*k + j`` is token t's j-th expert choice ``e = ids[t, j]`` (see ``reference``). Every op takes the
+routing as ``ids [T, k]`` (int32/int64) and groups the slots by expert itself, so its meaning does not depend on
+any tile size.
+
+* ``grouped_swiglu_gate_up(x [T, H], w_gate_up [E, 2I, H], ids, save_gate_up) -> (h [T*k, I], gate_up)``:
+  ``gate_up[s] = x[t] @ w_gate_up[e].T`` (fp32 accumulation), ``h[s] = silu(gate) * up`` in x's dtype. ``gate_up``
+  is ``[T*k, 2I]`` when ``save_gate_up`` (the backward needs the pre-activations), else an empty ``[0, 2I]``.
+* ``grouped_swiglu_down(h [T*k, I], w_down [E, H, I], ids, weights fp32 [T, k]) -> out [T, H]``:
+  ``out[t] = sum_j weights[t, j] * (h[t*k+j] @ w_down[e].T)``, each product and the sum over j (in the order
+  j = 0..k-1, deterministic) in fp32, cast to h's dtype.
+* ``grouped_swiglu_down_backward(dout [T, H], h, gate_up, w_down, ids, weights) -> (d_gate_up [T*k, 2I],
+  d_w_down [E, H, I], d_weights fp32 [T, k])``: the gradients of ``down(swiglu(gate_up))`` (SwiGLU backward
+  included): ``g = dout[t] @ w_down[e]``, ``d_weights[t, j] = <g, h[s]>``, ``dh = weights * g``,
+  ``d_w_down[e] = sum_s (weights[s] dout[t])^T h[s]``.
+* ``grouped_swiglu_gate_up_backward(d_gate_up, x, w_gate_up, ids) -> (dx [T, H], d_w_gate_up [E, 2I, H])``:
+  ``dx[t] = sum_j d_gate_up[s] @ w_gate_up[e]`` (fp32, fixed order), ``d_w_gate_up[e] = sum_s d_gate_up[s]^T x[t]``.
+
+Implementations: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests run the
+kernels without a GPU) launch the Triton kernels of ``kernels/grouped_swiglu.py`` over ``moe_align_block`` /
+``moe_sort`` orders. CPU tensors otherwise run one torch matrix product per expert over its rows (gathered once,
+in expert order); bf16 computes in fp32 on CPUs without native bf16 dot products (``cpu.native_bf16``).
+Autograd for the whole expert computation is in ``ops/fused_moe.py`` (``moe_experts``), which composes these ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .. import dispatch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_float(op, name, t, dtype=None, device=None, dim=None):
+    torch._check(t.dtype in _DTYPES if dtype is None else t.dtype == dtype,
+                 lambda: f"{op}: {name} must be {'fp32/fp16/bf16' if dtype is None else dtype}, got {t.dtype}")
+    if device is not None:
+        torch._check(t.device == device, lambda: f"{op}: {name} is on {t.device}, expected {device} (x's device)")
+    if dim is not None:
+        torch._check(t.dim() == dim, lambda: f"{op}: {name} must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def check_ids(op: str, ids: torch.Tensor, T, E, device) -> None:
+    """ids [T, k] int32/int64 with 1 <= k <= E; values in [0, E) (checked on CPU; a CUDA check would need a
+    host sync, so there moe_align_block's device-side assertion reports them)."""
+    torch._check(ids.dtype in (torch.int32, torch.int64), lambda: f"{op}: ids must be int32 or int64, got {ids.dtype}")
+    torch._check(ids.device == device, lambda: f"{op}: ids is on {ids.device}, expected {device}")
+    torch._check(ids.dim() == 2 and ids.shape[0] == T, lambda: f"{op}: ids must be [T={T}, top_k], got {tuple(ids.shape)}")
+    k = ids.shape[1]
+    torch._check(1 <= k, lambda: f"{op}: top_k (ids.shape[1]) must be >= 1, got {k}")
+    torch._check(k <= E, lambda: f"{op}: top_k (ids.shape[1]) = {k} exceeds the number of experts E = {E}")
+    if ids.device.type == "cpu" and ids.numel() and not isinstance(ids, FakeTensor):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= E:
+            bad = lo if lo < 0 else hi
+            pos = tuple(int(i) for i in (ids == bad).nonzero()[0])
+            raise ValueError(f"{op}: ids{list(pos)} = {bad} is not an expert id in [0, E={E})")
+
+
+def _check_weights(op, weights, T, k, device):
+    torch._check(weights.dtype == torch.float32, lambda: f"{op}: weights must be float32 (the router's), got {weights.dtype}")
+    torch._check(weights.device == device, lambda: f"{op}: weights is on {weights.device}, expected {device}")
+    torch._check(tuple(weights.shape) == (T, k), lambda: f"{op}: weights must be [T={T}, k={k}], got {tuple(weights.shape)}")
+
+
+def _check_gate_up(op, x, w_gate_up, ids):
+    _check_float(op, "x", x, dim=2)
+    T, H = x.shape
+    _check_float(op, "w_gate_up", w_gate_up, x.dtype, x.device, 3)
+    torch._check(w_gate_up.shape[2] == H and w_gate_up.shape[1] % 2 == 0 and w_gate_up.shape[1] > 0,
+                 lambda: f"{op}: w_gate_up must be [E, 2I, H={H}], got {tuple(w_gate_up.shape)}")
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    check_ids(op, ids, T, E, x.device)
+    return T, H, E, I, ids.shape[1]
+
+
+def _check_down(op, h, w_down, ids, weights):
+    _check_float(op, "h", h, dim=2)
+    _check_float(op, "w_down", w_down, h.dtype, h.device, 3)
+    E, H, I = w_down.shape
+    torch._check(h.shape[1] == I, lambda: f"{op}: h must be [T*k, I={I}] (w_down is [E, H, I]), got {tuple(h.shape)}")
+    torch._check(weights.dim() == 2, lambda: f"{op}: weights must be [T, k], got shape {tuple(weights.shape)}")
+    T = weights.shape[0]
+    check_ids(op, ids, T, E, h.device)
+    k = ids.shape[1]
+    _check_weights(op, weights, T, k, h.device)
+    torch._check(h.shape[0] == T * k, lambda: f"{op}: h must have T*k = {T * k} rows, got {h.shape[0]}")
+    return T, H, E, I, k
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _record(op: str, t: torch.Tensor) -> None:
+    if not torch.compiler.is_compiling():
+        dispatch.record(op, "triton" if _use_triton(t) else "cpu")
+
+
+# ------------------------------------------------------------------------------------------- CPU (torch)
+
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    from .fused_moe import cpu_compute_dtype
+
+    return cpu_compute_dtype(dtype)
+
+
+def _groups(ids: torch.Tensor, E: int):
+    """(slots in expert order [T*k] long, per-expert counts as a Python list)."""
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    return order, torch.bincount(flat, minlength=E).tolist()
+
+
+def _cpu_gate_up(x, w_gate_up, ids, save):
+    T, H = x.shape
+    E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
+    k = ids.shape[1]
+    cdt = _cdt(x.dtype)
+    order, counts = _groups(ids, E)
+    xs = x[order // k].to(cdt)
+    gu = torch.empty((T * k, I2), dtype=cdt)
+    gus = torch.empty_like(gu)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(xs[start:start + c], w_gate_up[e].to(cdt).t(), out=gus[start:start + c])
+        start += c
+    gu[order] = gus
+    g, u = gu.float().chunk(2, dim=-1)
+    h = (F.silu(g) * u).to(x.dtype)
+    return h, (gu.to(x.dtype) if save else x.new_empty((0, I2)))
+
+
+def _cpu_down(h, w_down, ids, weights):
+    E, H, I = w_down.shape
+    T, k = weights.shape
+    cdt = _cdt(h.dtype)
+    order, counts = _groups(ids, E)
+    hs = h[order].to(cdt)
+    ys = torch.empty((T * k, H), dtype=cdt)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(hs[start:start + c], w_down[e].to(cdt).t(), out=ys[start:start + c])
+        start += c
+    y = torch.empty_like(ys)
+    y[order] = ys
+    out = torch.einsum("tkh,tk->th", y.float().view(T, k, H), weights) if k > 1 else y.float() * weights
+    return out.to(h.dtype)
+
+
+def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights):
+    E, H, I = w_down.shape
+    T, k = weights.shape
+    cdt = _cdt(h.dtype)
+    order, counts = _groups(ids, E)
+    rw = weights.reshape(-1)[order]  # [T*k] in expert order
+    douts = dout[order // k].to(cdt)
+    hs = h[order]
+    g = torch.empty((T * k, I), dtype=cdt)
+    dwd = torch.zeros_like(w_down)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            sl = slice(start, start + c)
+            torch.mm(douts[sl], w_down[e].to(cdt), out=g[sl])
+            scaled = (douts[sl].float() * rw[sl, None]).to(cdt)
+            dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
+        start += c
+    gf = g.float()
+    drw = torch.empty(T * k, dtype=torch.float32)
+    drw[order] = (gf * hs.float()).sum(1)
+    gate, up = gate_up[order].float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    dh = gf * rw[:, None]
+    dgus = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], 1).to(h.dtype)
+    dgu = torch.empty_like(dgus)
+    dgu[order] = dgus
+    return dgu, dwd, drw.view(T, k)
+
+
+def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids):
+    T, H = x.shape
+    E = w_gate_up.shape[0]
+    k = ids.shape[1]
+    cdt = _cdt(x.dtype)
+    order, counts = _groups(ids, E)
+    dgus = d_gate_up[order].to(cdt)
+    xs = x[order // k].to(cdt)
+    dxs = torch.empty((T * k, H), dtype=cdt)
+    dwgu = torch.zeros_like(w_gate_up)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            sl = slice(start, start + c)
+            torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
+            dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
+        start += c
+    dx = torch.empty((T * k, H), dtype=torch.float32)
+    dx[order] = dxs.float()
+    return dx.view(T, k, H).sum(1).to(x.dtype), dwgu
+
+
+# ------------------------------------------------------------------------------------------ Triton path
+
+
+def _align(ids, E, cfg):
+    from .moe_permute import moe_align_block
+
+    padded, block_expert, _ = moe_align_block(ids, E, cfg["BLOCK_M"])
+    return padded, block_expert
+
+
+def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device) -> dict:
+    from ..kernels import grouped_swiglu as kern
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return kern.default_config(slots, kernel, kern.dtype_name(dtype), name)
+
+
+def _triton_gate_up(x, w_gate_up, ids, save):
+    from ..kernels import grouped_swiglu as kern
+
+    T, H = x.shape
+    E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
+    k = ids.shape[1]
+    cfg = _cfg("gate_up", T * k, x.dtype, x.device)
+    padded, be = _align(ids, E, cfg)
+    h, gu = kern.gate_up(x.contiguous(), w_gate_up.contiguous(), padded, be, k, cfg, store_gu=save)
+    return h, (gu if save else x.new_empty((0, I2)))
+
+
+def _triton_down(h, w_down, ids, weights):
+    from ..kernels import grouped_swiglu as kern
+
+    E, H, I = w_down.shape
+    T, k = weights.shape
+    cfg = _cfg("down", T * k, h.dtype, h.device)
+    padded, be = _align(ids, E, cfg)
+    y = kern.down(h.contiguous(), w_down.contiguous(), weights, padded, be, cfg)
+    return y.view(T, k, H).sum(1).to(h.dtype)  # fixed-order fp32 combine over the k slots
+
+
+def _triton_down_backward(dout, h, gate_up, w_down, ids, weights):
+    from ..kernels import grouped_swiglu as kern
+    from .moe_permute import moe_sort
+
+    E, H, I = w_down.shape
+    T, k = weights.shape
+    dout, h, gate_up, w_down = (t.contiguous() for t in (dout, h, gate_up, w_down))
+    cfg = _cfg("down_bwd", T * k, h.dtype, h.device)
+    padded, be = _align(ids, E, cfg)
+    dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, padded, be, k, cfg)
+    sorted_slots, _, offsets = moe_sort(ids, E)
+    dwd = kern.wgrad(dout, h, weights, sorted_slots, offsets, E, k, 1, _cfg("wgrad", T * k, h.dtype, h.device))
+    return dgu, dwd, drw
+
+
+def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids):
+    from ..kernels import grouped_swiglu as kern
+    from .moe_permute import moe_sort
+
+    T, H = x.shape
+    E = w_gate_up.shape[0]
+    k = ids.shape[1]
+    d_gate_up, x, w_gate_up = (t.contiguous() for t in (d_gate_up, x, w_gate_up))
+    cfg = _cfg("dx", T * k, x.dtype, x.device)
+    padded, be = _align(ids, E, cfg)
+    dx = kern.dx(d_gate_up, w_gate_up, padded, be, k, cfg).to(x.dtype)
+    sorted_slots, _, offsets = moe_sort(ids, E)
+    dwgu = kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, _cfg("wgrad", T * k, x.dtype, x.device))
+    return dx, dwgu
+
+
+# ------------------------------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("qwen3moe::grouped_swiglu_gate_up", mutates_args=())
+def grouped_swiglu_gate_up(
+    x: torch.Tensor, w_gate_up: torch.Tensor, ids: torch.Tensor, save_gate_up: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, H, E, I, k = _check_gate_up("grouped_swiglu_gate_up", x, w_gate_up, ids)
+    _record("grouped_swiglu_gate_up", x)
+    if T == 0:
+        return x.new_empty((0, I)), x.new_empty((0, 2 * I))
+    if _use_triton(x):
+        return _triton_gate_up(x, w_gate_up, ids, save_gate_up)
+    return _cpu_gate_up(x, w_gate_up, ids, save_gate_up)
+
+
+@grouped_swiglu_gate_up.register_fake
+def _(x, w_gate_up, ids, save_gate_up):
+    T, H, E, I, k = _check_gate_up("grouped_swiglu_gate_up", x, w_gate_up, ids)
+    return x.new_empty((T * k, I)), x.new_empty((T * k if save_gate_up else 0, 2 * I))
+
+
+@torch.library.custom_op("qwen3moe::grouped_swiglu_down", mutates_args=())
+def grouped_swiglu_down(h: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    T, H, E, I, k = _check_down("grouped_swiglu_down", h, w_down, ids, weights)
+    _record("grouped_swiglu_down", h)
+    if T == 0:
+        return h.new_empty((0, H))
+    if _use_triton(h):
+        return _triton_down(h, w_down, ids, weights)
+    return _cpu_down(h, w_down, ids, weights)
+
+
+@grouped_swiglu_down.register_fake
+def _(h, w_down, ids, weights):
+    T, H, E, I, k = _check_down("grouped_swiglu_down", h, w_down, ids, weights)
+    return h.new_empty((T, H))
+
+
+def _check_down_backward(op, dout, h, gate_up, w_down, ids, weights):
+    T, H, E, I, k = _check_down(op, h, w_down, ids, weights)
+    _check_float(op, "dout", dout, h.dtype, h.device, 2)
+    torch._check(tuple(dout.shape) == (T, H), lambda: f"{op}: dout must be [T={T}, H={H}], got {tuple(dout.shape)}")
+    _check_float(op, "gate_up", gate_up, h.dtype, h.device, 2)
+    torch._check(tuple(gate_up.shape) == (T * k, 2 * I),
+                 lambda: f"{op}: gate_up must be [T*k={T * k}, 2I={2 * I}] (saved by the forward), got {tuple(gate_up.shape)}")
+    return T, H, E, I, k
+
+
+@torch.library.custom_op("qwen3moe::grouped_swiglu_down_backward", mutates_args=())
+def grouped_swiglu_down_backward(
+    dout: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, H, E, I, k = _check_down_backward("grouped_swiglu_down_backward", dout, h, gate_up, w_down, ids, weights)
+    _record("grouped_swiglu_down_backward", h)
+    if T == 0:
+        return h.new_empty((0, 2 * I)), torch.zeros_like(w_down), weights.new_empty((0, k))
+    if _use_triton(h):
+        return _triton_down_backward(dout, h, gate_up, w_down, ids, weights)
+    return _cpu_down_backward(dout, h, gate_up, w_down, ids, weights)
+
+
+@grouped_swiglu_down_backward.register_fake
+def _(dout, h, gate_up, w_down, ids, weights):
+    T, H, E, I, k = _check_down_backward("grouped_swiglu_down_backward", dout, h, gate_up, w_down, ids, weights)
+    return h.new_empty((T * k, 2 * I)), torch.empty_like(w_down), weights.new_empty((T, k))
+
+
+def _check_gate_up_backward(op, d_gate_up, x, w_gate_up, ids):
+    T, H, E, I, k = _check_gate_up(op, x, w_gate_up, ids)
+    _check_float(op, "d_gate_up", d_gate_up, x.dtype, x.device, 2)
+    torch._check(tuple(d_gate_up.shape) == (T * k, 2 * I),
+                 lambda: f"{op}: d_gate_up must be [T*k={T * k}, 2I={2 * I}], got {tuple(d_gate_up.shape)}")
+    return T, H, E, I, k
+
+
+@torch.library.custom_op("qwen3moe::grouped_swiglu_gate_up_backward", mutates_args=())
+def grouped_swiglu_gate_up_backward(
+    d_gate_up: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, H, E, I, k = _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
+    _record("grouped_swiglu_gate_up_backward", x)
+    if T == 0:
+        return x.new_empty((0, H)), torch.zeros_like(w_gate_up)
+    if _use_triton(x):
+        return _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids)
+    return _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids)
+
+
+@grouped_swiglu_gate_up_backward.register_fake
+def _(d_gate_up, x, w_gate_up, ids):
+    _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
+    return torch.empty_like(x), torch.empty_like(w_gate_up)
