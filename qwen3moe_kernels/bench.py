@@ -8,7 +8,9 @@ Every benchmark in this project times through :func:`time_fn`:
   cache between calls (weights too large for any cache are shared, as they are in a model);
 * CUDA is timed with device events around each call (host timers would include launch queueing);
 * the median is reported with the 10th and 90th percentiles as the spread; the number of calls adapts to a
-  time budget (at least ``min_runs``), so a 40 ms prefill and a 20 us decode call both get a stable median.
+  time budget (at least ``min_runs``), so a 40 ms prefill and a 20 us decode call both get a stable median;
+* implementations compared in one table are timed interleaved (:func:`time_interleaved`: one call of each per
+  round), so a burst of load on a shared machine shows in all of them rather than in whichever ran during it.
 
 :func:`machine_info` records what the numbers mean: CPU capability (``torch.backends.cpu.get_cpu_capability()``),
 the lscpu model name and flags that matter (avx512_bf16, amx), GPU name, torch/triton/transformers versions and
@@ -212,6 +214,57 @@ def time_fn(
             times.append(ms)
             spent += ms / 1e3
     return summarize(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[..., Any]],
+    arg_sets: Sequence[Sequence[Any]],
+    device: str | torch.device = "cpu",
+    *,
+    warmup: int = 2,
+    min_runs: int = 5,
+    max_runs: int = 200,
+    budget_s: float = 1.5,
+) -> dict[str, dict[str, float]]:
+    """:func:`time_fn` for several implementations at once, their timed calls interleaved round by round.
+
+    Each round calls every implementation that still wants calls (fewer than ``min_runs``, or under ``budget_s``
+    of timed work and ``max_runs``) once on the same input set. On a shared machine a burst of load then hits all
+    implementations alike, instead of whichever happened to be timed during it.
+    """
+    device = torch.device(device)
+    n_sets = len(arg_sets)
+    if n_sets == 0:
+        raise ValueError("time_interleaved needs at least one input set")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    with torch.inference_mode():
+        for fn in fns.values():
+            for i in range(warmup):
+                fn(*arg_sets[i % n_sets])
+        _sync(device)
+        i = 0
+        while True:
+            want = [n for n in fns if len(times[n]) < max_runs and (len(times[n]) < min_runs or spent[n] < budget_s)]
+            if not want:
+                break
+            args = arg_sets[i % n_sets]
+            i += 1
+            for name in want:
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fns[name](*args)
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    fns[name](*args)
+                    ms = (time.perf_counter() - t0) * 1e3
+                times[name].append(ms)
+                spent[name] += ms / 1e3
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:
@@ -588,11 +641,13 @@ def bench_moe_block(
             tied = int(router_tied_tokens(xs[0], weights["router_weight"], k).sum())
         active = int(torch.unique(ids).numel())
         flops, nbytes = moe_block_cost(T, H, I, E, k, dtype, active)
-        for name, fn in fns.items():
+        rows: dict[str, dict[str, Any]] = {}
+        for name, fn in fns.items():  # 1. check every implementation (a wrong one gets no number)
             row: dict[str, Any] = {"op": "moe_block", "impl": name, "tokens": T, "dtype": dtype_name(dtype),
                                    "shape": f"H={H} I={I} E={E} k={k}", "device": str(device),
                                    "flops": flops, "bytes": nbytes, "active_experts": active,
                                    "router_tied_tokens": tied}
+            rows[name] = row
             try:
                 dispatch.reset()
                 with warnings.catch_warnings():
@@ -600,21 +655,33 @@ def bench_moe_block(
                     with torch.inference_mode():
                         out = fn(xs[0])
                     err, bound, ok = check_moe_block(out, xs[0], weights, k, ref)
-                    row.update(max_err=err, tol=bound, check="pass" if ok else "FAIL")
-                    if name in ("fused", REGISTERED_EXPERTS):
-                        row["ran"] = last_implementations()
-                    if not ok:
-                        row["error"] = f"wrong result: max error {err:.3e} > {bound:.3e}; not timed"
-                    else:
-                        row.update(time_fn(fn, [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs))
-                        add_rates(row, flops, nbytes, peak)
-                        if memory and device.type == "cuda":
-                            row["peak_mem_gib"] = _block_fwd_bwd_memory(name, weights, k, xs[0], device)
+                row.update(max_err=err, tol=bound, check="pass" if ok else "FAIL")
+                if name in ("fused", REGISTERED_EXPERTS):
+                    row["ran"] = last_implementations()
+                if not ok:
+                    row["error"] = f"wrong result: max error {err:.3e} > {bound:.3e}; not timed"
             except Exception as exc:  # one broken implementation must not hide the others' numbers
                 row["error"] = f"{type(exc).__name__}: {exc}"
+        # 2. time the correct ones, interleaved: load changes on a shared machine hit all of them alike
+        ok_fns = {name: fns[name] for name, row in rows.items() if "error" not in row}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", dispatch.FallbackWarning)
+                timed = time_interleaved(ok_fns, [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs)
+        except Exception as exc:
+            timed = {}
+            for name in ok_fns:
+                rows[name]["error"] = f"timing failed: {type(exc).__name__}: {exc}"
+        for name, stats in timed.items():
+            row = rows[name]
+            row.update(stats)
+            add_rates(row, flops, nbytes, peak)
+            if memory and device.type == "cuda":
+                row["peak_mem_gib"] = _block_fwd_bwd_memory(name, weights, k, xs[0], device)
+        for name, row in rows.items():
             results.append(row)
             if log:
-                msg = f"  moe_block T={T:<5} {name:<24} "
+                msg = f"  moe_block T={T:<5} {name:<30} "
                 msg += f"{row['median_ms']:.3f} ms" if row.get("median_ms") else row.get("error", "")
                 log(msg)
     add_ratios(results)
