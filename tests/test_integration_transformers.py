@@ -131,15 +131,29 @@ def test_padding_mask_and_position_ids():
     torch.testing.assert_close(got.logits, ref.logits, **tol("gemm", torch.float32))
 
 
-def test_bf16_model():
+@pytest.mark.parametrize("how", ["apply", "registered experts"])
+def test_bf16_model(how):
     model = tiny_model(torch.bfloat16)
     ids, labels = batch()
     with torch.no_grad():
         ref = model(input_ids=ids, labels=labels)
-        got = qk_hf.apply(model)(input_ids=ids, labels=labels)
+        if how == "apply":
+            qk_hf.apply(model)
+        else:
+            model.set_experts_implementation(qk_hf.register())
+        got = model(input_ids=ids, labels=labels)
     # bf16 through 2 layers: a few bf16 ulps of the logits (|logits| ~ 5), and the loss to 2 ulps
     torch.testing.assert_close(got.logits.float(), ref.logits.float(), atol=0.1, rtol=0.05)
     torch.testing.assert_close(got.loss.float(), ref.loss.float(), **tol("gemm", torch.bfloat16))
+
+
+def test_registered_experts_same_greedy_tokens():
+    model = tiny_model()
+    ids, _ = batch(B=1, S=7)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    model.set_experts_implementation(qk_hf.register())
+    assert torch.equal(model.generate(ids, **kw), ref)
 
 
 def test_registered_experts_implementation_from_pretrained(tmp_path):
