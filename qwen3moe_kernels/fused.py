@@ -85,12 +85,27 @@ def qk_norm_rope(
     sin: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of q and k, then RoPE."""
-    if _norm_fits(q, q_weight, eps) and _norm_fits(k, k_weight, eps):
-        # per-head norms run the qwen3moe RMSNorm op; the rotation itself is still the reference
-        from .ops.rms_norm import rms_norm as _op
+    """Per-head RMSNorm of q and k, then RoPE: one pass of ``qwen3moe::qk_norm_rope`` when the inputs fit."""
+    fits = (
+        q.dim() == 4
+        and k.dim() == 4
+        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and q.device.type in ("cpu", "cuda")
+        and all(t.dtype == q.dtype and t.device == q.device for t in (k, q_weight, k_weight, cos, sin))
+        and q.shape[-1] % 2 == 0
+        and k.shape[:2] == q.shape[:2]
+        and k.shape[-1] == q.shape[-1]
+        and q_weight.shape == k_weight.shape == (q.shape[-1],)
+        and cos.dim() == 3
+        and cos.shape == sin.shape
+        and cos.shape[0] in (1, q.shape[0])
+        and cos.shape[1:] == q.shape[1:2] + q.shape[3:]
+        and eps > 0
+    )
+    if fits:
+        from .ops.rope import qk_norm_rope as _op
 
-        fallback("qk_norm_rope", "no RoPE kernel yet: the rotation is the reference, q/k norms run qwen3moe::rms_norm")
-        return reference.rope(_op(q, q_weight, eps), _op(k, k_weight, eps), cos, sin)
-    fallback("qk_norm_rope", "no q/k-norm + RoPE kernel yet")
+        return _op(q, k, q_weight, k_weight, cos, sin, eps)
+    fallback("qk_norm_rope", f"no q/k-norm + RoPE kernel for q {q.dtype} on {q.device.type} with cos {cos.dtype} "
+                             "(needs q/k [B, S, H, D], D even, same-dtype [D] weights and [B or 1, S, D] cos/sin)")
     return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
