@@ -44,4 +44,36 @@ TORCH_LIBRARY(qwen3moe, m) {
   m.def("moe_unpermute(Tensor y, Tensor weights, Tensor inv) -> Tensor");
   // Out variant of moe_unpermute writing into a preallocated out [T, H] of y.dtype.
   m.def("moe_unpermute.out(Tensor y, Tensor weights, Tensor inv, *, Tensor(a!) out) -> ()");
+
+  // RMSNorm over the last dim of x [..., H] (fp32/fp16/bf16, rows may be strided, last dim contiguous): fp32 sum of
+  // squares, normed = x * rsqrt(mean + eps) rounded to x's dtype, out = weight * normed in x's dtype (HF's
+  // Qwen3MoeRMSNorm). weight [H] of x's dtype. Output contiguous. Autograd: rms_norm_backward.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // new_residual = residual + x (in x's dtype), out = rms_norm(new_residual): the decoder layer's add + norm.
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor out, Tensor new_residual)");
+  // Gradients of rms_norm at x: grad_x (x's dtype, contiguous) and grad_weight (fp32 accumulation over rows in a
+  // fixed order, so deterministic; weight's dtype).
+  m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, float eps) -> (Tensor grad_x, Tensor grad_weight)");
+  // Rotate-half (neox) RoPE of q [B, S, Hq, D] and k [B, S, Hk, D] (strided views fine, last dim contiguous) with
+  // cos, sin [B or 1, S, D] in q's dtype, computed in q's dtype as transformers' apply_rotary_pos_emb. Outputs
+  // contiguous.
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
+  // rope with the table built in the kernel from position_ids [B or 1, S] (int32/int64, any values: KV-cache decode)
+  // and inv_freq fp32 [D/2]: cos/sin(float(pos) * inv_freq) in fp32 rounded to q's dtype, as Qwen3MoeRotaryEmbedding.
+  m.def("rope_positions(Tensor q, Tensor k, Tensor position_ids, Tensor inv_freq) -> (Tensor q_out, Tensor k_out)");
+  // Qwen3 attention prologue in one pass: per-head RMSNorm of q and k over D with q_weight / k_weight [D], then rope.
+  m.def(
+      "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps) -> "
+      "(Tensor q_out, Tensor k_out)");
+  // qk_norm_rope with the rope table from position_ids and inv_freq (as rope_positions).
+  m.def(
+      "qk_norm_rope_positions(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor position_ids, "
+      "Tensor inv_freq, float eps) -> (Tensor q_out, Tensor k_out)");
+  // Backward of the four ops above (weights absent: no norm; cos/sin absent: position_ids + inv_freq). Returns the
+  // input gradients of q and k and the weight gradients (deterministic fixed-order fp32 sums; empty [0] when the
+  // weight is absent).
+  m.def(
+      "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, "
+      "Tensor? cos, Tensor? sin, Tensor? position_ids, Tensor? inv_freq, float eps) -> "
+      "(Tensor grad_q_in, Tensor grad_k_in, Tensor grad_q_weight, Tensor grad_k_weight)");
 }

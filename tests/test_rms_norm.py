@@ -11,7 +11,7 @@ import torch
 
 from qwen3moe_kernels import reference
 from qwen3moe_kernels.ops.rms_norm import fused_add_rms_norm, rms_norm
-from tests.tolerances import tol
+from tests.tolerances import assert_within_twice_torch_error, tol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(0, 64), (1, 2048), (3, 5, 769), (7, 128), (2, 4096)]
@@ -96,6 +96,56 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(out, reference.fused_add_rms_norm(x, r, w, 1e-6)[0])
 
 
+def _norm_grads(fn, tensors, dy):
+    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    outs = fn(*ts)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = (outs[0].float() * dy.float()).sum()
+    if len(outs) > 1:  # fused: the new residual is used downstream too
+        loss = loss + (outs[1].float() * dy.float().flip(-1)).sum()
+    loss.backward()
+    return [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 769), (1, 769), (4, 769), (3, 2, 2048)])
+def test_cpu_backward_odd_shapes(shape, dtype):
+    """Backward (C++ CPU kernel) against the reference's autograd: fp32 directly; fp16/bf16 by the flash-attention
+    rule against the fp32 autograd of the same inputs (the reference rounds every step in the dtype, we once)."""
+    x, r, w = _inputs(shape, dtype, seed=5)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    for ours_fn, ref_fn, ts in (
+        (lambda a, c: rms_norm(a, c, 1e-6), lambda a, c: reference.rms_norm(a, c, 1e-6), (x, w)),
+        (lambda a, b, c: fused_add_rms_norm(a, b, c, 1e-6), lambda a, b, c: reference.fused_add_rms_norm(a, b, c, 1e-6),
+         (x, r, w)),
+    ):
+        ours = _norm_grads(ours_fn, ts, dy)
+        lowp = _norm_grads(ref_fn, ts, dy)
+        ref32 = _norm_grads(ref_fn, [t.float() for t in ts], dy)
+        for a, lo, hi in zip(ours, lowp, ref32):
+            assert a.dtype == dtype and a.shape == lo.shape
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, lo, rtol=1e-4, atol=1e-5)
+            elif a.numel():
+                assert_within_twice_torch_error(a, hi, lo, floor=torch.finfo(dtype).eps * hi.abs().max().item() + 1e-6)
+
+
+def test_backward_strided_rows_and_determinism():
+    x, _, w = _inputs((37, 2 * 769), torch.bfloat16, seed=9)
+    w = w[:769].contiguous()
+    xs = x[:, ::2]  # last dim strided: copied; rows strided below
+    xr = x[:, :769]
+    dy = torch.randn(37, 769).bfloat16()
+    for xin in (xs, xr):
+        first = _norm_grads(lambda a, c: rms_norm(a, c, 1e-6), (xin, w), dy)
+        again = _norm_grads(lambda a, c: rms_norm(a, c, 1e-6), (xin, w), dy)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))  # fixed-order dweight reduction
+        ref32 = _norm_grads(lambda a, c: reference.rms_norm(a, c, 1e-6), (xin.float(), w.float()), dy)
+        lowp = _norm_grads(lambda a, c: reference.rms_norm(a, c, 1e-6), (xin, w), dy)
+        for a, lo, hi in zip(first, lowp, ref32):
+            assert_within_twice_torch_error(a, hi, lo, floor=2.0**-8 * hi.abs().max().item())
+
+
 _INTERP = textwrap.dedent(
     """
     import os, torch
@@ -124,6 +174,22 @@ _INTERP = textwrap.dedent(
             torch.testing.assert_close(nr, rn, **exact)
             # the norm of the kernel's own residual (an ulp off in bf16 here) must match the reference's norm
             torch.testing.assert_close(out, reference.rms_norm(nr, w, 1e-6), **ntol(dtype))
+    # backward kernel (+ the two-stage dweight reduction): strided rows, H = 769, T = 0 and 1, poisoned outputs
+    from qwen3moe_kernels.kernels.rms_norm import rms_norm_bwd
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, h in ((0, 769), (1, 769), (5, 769), (3, 2048), (600, 64)):
+            g = torch.Generator().manual_seed(rows + h)
+            x = torch.randn(rows, 2 * h, generator=g).to(dtype)[:, :h]
+            w = (1 + 0.1 * torch.randn(h, generator=g)).to(dtype)
+            dy = torch.randn(rows, h, generator=g).to(dtype)
+            dx = torch.full((rows, h), float("nan"), dtype=dtype)
+            dw = torch.full((h,), float("nan"), dtype=dtype)
+            rms_norm_bwd(dy, x, w, 1e-6, dx, dw)
+            xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+            (reference.rms_norm(xf, wf, 1e-6) * dy.float()).sum().backward()
+            bt = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(dx.float(), xf.grad, **bt)
+            torch.testing.assert_close(dw.float(), wf.grad, **bt)
     print("OK")
     """
 )

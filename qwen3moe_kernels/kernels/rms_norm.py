@@ -1,11 +1,18 @@
-"""Triton RMSNorm (and fused residual add + RMSNorm) forward over the last dim of ``[rows, H]``.
+"""Triton RMSNorm (and fused residual add + RMSNorm) forward and backward over the last dim of ``[rows, H]``.
 
-Algorithm: one program per row; the whole row (padded to BLOCK_H, a power of two >= H, masked) is loaded,
+Forward: one program per row; the whole row (padded to BLOCK_H, a power of two >= H, masked) is loaded,
 sum of squares accumulated in fp32, ``normed = x * rsqrt(mean + eps)`` rounded to the input dtype, then
 multiplied by ``weight`` in the input dtype, exactly as Hugging Face's Qwen3MoeRMSNorm computes it.
 Layout: x/residual/out rows may be strided (row stride given), the last dim must be contiguous.
+
+Backward (``rms_norm_bwd_kernel``): a fixed number of programs (``BWD_PROGRAMS``, independent of the device, so
+the result is too), each over a contiguous run of rows: it recomputes rstd, writes
+``dx = rstd * (dn - n * mean(dn * n))`` with ``n = x * rstd``, ``dn = dy * weight``, and sums
+``dy * round(n)`` over its rows into one fp32 partial row. ``col_sum_kernel`` then adds the partials in program
+order: a deterministic two-stage reduction for dweight (no atomics).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -44,6 +51,85 @@ def rms_norm_fwd_kernel(
     # input-dtype product.
     y = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(
+    dy_ptr,  # [rows, H] gradient of the output, contiguous
+    x_ptr,  # [rows, H] the normalised input (row stride stride_x, last dim contiguous)
+    w_ptr,  # [H] weight
+    dx_ptr,  # [rows, H] gradient of x, contiguous
+    part_ptr,  # [programs, H] fp32 partial sums of dy * round(n) (this program's row)
+    stride_x,  # row stride of x in elements
+    rows,  # number of rows
+    rows_per_prog,  # rows handled by each program
+    H,  # hidden size
+    eps,  # variance epsilon
+    BLOCK_H: tl.constexpr,  # power of two >= H
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_prog
+    count = tl.minimum(start + rows_per_prog, rows) - start
+    for i in range(0, count):
+        r64 = start + i  # int64 offsets: rows * H may pass 2^31
+        x = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+        n = xf * rstd
+        dy = tl.load(dy_ptr + r64 * H + cols, mask=mask, other=0.0).to(tl.float32)
+        dn = dy * w
+        c = tl.sum(dn * n, axis=0) / H
+        tl.store(dx_ptr + r64 * H + cols, (rstd * (dn - n * c)).to(dx_ptr.dtype.element_ty), mask=mask)
+        acc += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(part_ptr + pid.to(tl.int64) * H + cols, acc, mask=mask)
+
+
+@triton.jit
+def col_sum_kernel(
+    part_ptr,  # [P, N] fp32 partials, contiguous
+    out_ptr,  # [N] output (its dtype: the weight's)
+    P,  # number of partial rows
+    N,  # row length
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p in range(0, P):  # fixed order: deterministic
+        acc += tl.load(part_ptr + p * N + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+BWD_PROGRAMS = 512  # fixed (not per device): the dweight summation order, and so its bits, never change
+COL_SUM_BLOCK = 256
+
+
+def col_sum(partials, out):
+    """``out[:] = partials.sum(0)`` in a fixed order, rounded once to ``out.dtype``."""
+    p, n = partials.shape
+    if n == 0:
+        return
+    col_sum_kernel[(triton.cdiv(n, COL_SUM_BLOCK),)](partials, out, p, n, BLOCK_N=COL_SUM_BLOCK, num_warps=4)
+
+
+def rms_norm_bwd(dy2d, x2d, weight, eps, dx, dw):
+    """Backward over 2-D views: ``dy2d`` and ``dx`` contiguous ``[rows, H]``; fills ``dx`` and ``dw [H]``."""
+    rows, h = x2d.shape
+    if rows == 0:
+        dw.zero_()
+        return
+    block_h = triton.next_power_of_2(h)
+    progs = min(rows, BWD_PROGRAMS)
+    per = triton.cdiv(rows, progs)
+    progs = triton.cdiv(rows, per)
+    part = torch.empty((progs, h), dtype=torch.float32, device=x2d.device)
+    rms_norm_bwd_kernel[(progs,)](dy2d, x2d, weight, dx, part, x2d.stride(0), rows, per, h, eps,
+                                  BLOCK_H=block_h, num_warps=_num_warps(block_h))
+    col_sum(part, dw)
 
 
 def _num_warps(block_h: int) -> int:
@@ -91,4 +177,24 @@ def compile_specs() -> list[CompileSpec]:
                     num_warps=_num_warps(block_h), num_stages=1,
                     ints={"stride_x": h, "stride_r": h if has_res else 0, "H": h},
                 ))
+    for model, h in (("30B-A3B", 2048), ("235B-A22B", 4096)):
+        for dt in ("bf16", "fp16", "fp32"):
+            block_h = triton.next_power_of_2(h)
+            sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "part_ptr": "*fp32",
+                   "stride_x": "i64", "rows": "i32", "rows_per_prog": "i32", "H": "i32", "eps": "fp32",
+                   "BLOCK_H": "constexpr"}
+            for phase, rows in (("decode", 8), ("prefill", 4096)):
+                per = triton.cdiv(rows, min(rows, BWD_PROGRAMS))
+                specs.append(CompileSpec(
+                    kernel="rms_norm_bwd_kernel", fn=rms_norm_bwd_kernel, signature=sig,
+                    constexprs={"BLOCK_H": block_h}, label=f"{model} hidden={h} {dt} {phase} rows={rows}",
+                    num_warps=_num_warps(block_h), num_stages=1,
+                    ints={"stride_x": h, "rows": rows, "rows_per_prog": per, "H": h},
+                ))
+            specs.append(CompileSpec(
+                kernel="col_sum_kernel", fn=col_sum_kernel,
+                signature={"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32", "N": "i32", "BLOCK_N": "constexpr"},
+                constexprs={"BLOCK_N": COL_SUM_BLOCK}, label=f"{model} dweight [{h}] {dt} (512 partials)",
+                num_warps=4, num_stages=1, ints={"P": BWD_PROGRAMS, "N": h},
+            ))
     return specs

@@ -1,142 +1,150 @@
-"""Public ops ``qwen3moe::rms_norm`` and ``qwen3moe::fused_add_rms_norm``.
+"""Public ops ``qwen3moe::rms_norm``, ``qwen3moe::fused_add_rms_norm`` (and their ``rms_norm_backward``).
 
 RMSNorm over the last dim of ``x [..., H]``: fp32 sum of squares, ``normed = x * rsqrt(mean + eps)`` rounded
 to the input dtype, output ``weight * normed`` in the input dtype (Hugging Face's Qwen3MoeRMSNorm).
 ``fused_add_rms_norm`` first forms ``new_residual = residual + x`` in the input dtype and returns
-``(rms_norm(new_residual), new_residual)``.
+``(rms_norm(new_residual), new_residual)``. Rows may be strided; the last dim must be contiguous (otherwise a
+contiguous copy is made). Outputs are contiguous.
 
-Implementations: CUDA tensors run the Triton kernel in ``kernels/rms_norm.py`` (rows may be strided, the
-last dim must be contiguous, otherwise a contiguous copy is made); CPU tensors run plain torch in fp32
-with exactly the reference's rounding. Backward (both devices) is fp32 torch math:
-``dn = dy * w``, ``dx = rstd * (dn - n * mean(dn * n))``, ``dw = sum_rows(dy * n_rounded)``.
+Where each piece lives:
+
+* schemas: ``csrc/ops.cpp`` (C++ ``TORCH_LIBRARY``), so a call costs one dispatcher hop and no Python;
+* CPU kernels and the autograd kernels: ``csrc/rms_norm_cpu.cpp`` (one pass per row, at::parallel_for; the
+  backward calls ``qwen3moe::rms_norm_backward`` through the dispatcher);
+* CUDA kernels: the Triton kernels of ``kernels/rms_norm.py``, registered below for the CUDA key (forward,
+  and a backward with a deterministic two-stage dweight reduction);
+* fake (meta) implementations: below.
+
+Without the compiled extension the functions here run the reference (``dispatch.fallback`` says so).
 """
+
+from __future__ import annotations
 
 import torch
 
-from .. import dispatch
+from .. import _ext, dispatch, reference
 
-__all__ = ["rms_norm", "fused_add_rms_norm"]
+__all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_backward"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, name: str = "x") -> None:
-    torch._check(x.dim() >= 1, lambda: f"rms_norm: {name} must have at least 1 dim")
-    torch._check(
-        x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-        lambda: f"rms_norm: {name} dtype must be float32/float16/bfloat16, got {x.dtype}",
-    )
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, op: str = "rms_norm") -> None:
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dim")
+    torch._check(x.dtype in _DTYPES, lambda: f"{op}: x dtype must be float32/float16/bfloat16, got {x.dtype}")
     torch._check(
         weight.dim() == 1 and weight.shape[0] == x.shape[-1],
-        lambda: f"rms_norm: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}",
+        lambda: f"{op}: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}",
     )
-    torch._check(weight.dtype == x.dtype, lambda: f"rms_norm: weight dtype {weight.dtype} != {name} dtype {x.dtype}")
-    torch._check(weight.device == x.device, lambda: "rms_norm: weight must be on the same device as x")
-    torch._check(eps > 0, lambda: f"rms_norm: eps must be > 0, got {eps}")
+    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight dtype {weight.dtype} != x dtype {x.dtype}")
+    torch._check(weight.device == x.device, lambda: f"{op}: weight must be on the device of x")
+    torch._check(eps > 0, lambda: f"{op}: eps must be > 0, got {eps}")
 
 
-def _cpu_forward(x, weight, eps):
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    torch._check(residual.shape == x.shape,
+                 lambda: f"fused_add_rms_norm: residual shape {list(residual.shape)} != x shape {list(x.shape)}")
+    torch._check(residual.dtype == x.dtype,
+                 lambda: f"fused_add_rms_norm: residual dtype {residual.dtype} != x dtype {x.dtype}")
+    torch._check(residual.device == x.device, lambda: "fused_add_rms_norm: residual must be on the device of x")
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, H]`` with a contiguous last dim: a view when the leading dims collapse, else a copy."""
     h = t.shape[-1]
     if t.stride(-1) != 1:
         t = t.contiguous()
-    t2 = t.reshape(-1, h)  # a view when the leading dims collapse, else a copy
-    return t2
+    return t.reshape(t.numel() // h if h else 0, h)
 
 
-@torch.library.custom_op("qwen3moe::rms_norm", mutates_args=())
+if _ext.AVAILABLE:
+
+    @torch.library.register_fake("qwen3moe::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        _check(x, weight, eps)
+        return _empty(x)
+
+    @torch.library.register_fake("qwen3moe::fused_add_rms_norm")
+    def _fused_add_rms_norm_fake(x, residual, weight, eps):
+        _check(x, weight, eps, "fused_add_rms_norm")
+        _check_residual(x, residual)
+        return _empty(x), _empty(x)
+
+    @torch.library.register_fake("qwen3moe::rms_norm_backward")
+    def _rms_norm_backward_fake(grad_out, x, weight, eps):
+        _check(x, weight, eps, "rms_norm_backward")
+        return _empty(x), torch.empty_like(weight)
+
+    try:
+        from ..kernels import rms_norm as _k
+    except ImportError:  # no triton: CUDA tensors get no kernel (the C++ build has none for this op)
+        _k = None
+
+    if _k is not None:
+
+        @torch.library.register_kernel("qwen3moe::rms_norm", "cuda")
+        def _rms_norm_cuda(x, weight, eps):
+            _check(x, weight, eps)
+            out = _empty(x)
+            _k.rms_norm_fwd(_as_rows(x), None, weight.contiguous(), eps, out.view(-1, x.shape[-1]), None)
+            return out
+
+        @torch.library.register_kernel("qwen3moe::fused_add_rms_norm", "cuda")
+        def _fused_add_rms_norm_cuda(x, residual, weight, eps):
+            _check(x, weight, eps, "fused_add_rms_norm")
+            _check_residual(x, residual)
+            h = x.shape[-1]
+            out, new_res = _empty(x), _empty(x)
+            _k.rms_norm_fwd(_as_rows(x), _as_rows(residual), weight.contiguous(), eps, out.view(-1, h),
+                            new_res.view(-1, h))
+            return out, new_res
+
+        @torch.library.register_kernel("qwen3moe::rms_norm_backward", "cuda")
+        def _rms_norm_backward_cuda(grad_out, x, weight, eps):
+            _check(x, weight, eps, "rms_norm_backward")
+            h = x.shape[-1]
+            dx, dw = _empty(x), torch.empty_like(weight)
+            _k.rms_norm_bwd(_as_rows(grad_out).contiguous(), _as_rows(x), weight.contiguous(), eps,
+                            dx.view(-1, h), dw)
+            return dx, dw
+
+
+def _impl(t: torch.Tensor) -> str | None:
+    if not _ext.AVAILABLE:
+        return None
+    return {"cpu": "cpu", "cuda": "triton"}.get(t.device.type)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    _check(x, weight, eps)
-    if x.device.type == "cuda":
-        from ..kernels.rms_norm import rms_norm_fwd
-
-        dispatch.record("rms_norm", "triton")
-        x2 = _as_rows(x)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rms_norm_fwd(x2, None, weight.contiguous(), eps, out.view(-1, x.shape[-1]), None)
-        return out
-    dispatch.record("rms_norm", "cpu")
-    return _cpu_forward(x, weight, eps)
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim (autograd supported)."""
+    impl = _impl(x)
+    if impl is None:
+        dispatch.fallback("rms_norm", _ext.no_kernel_reason(x.device))
+        return reference.rms_norm(x, weight, eps)
+    if not torch.compiler.is_compiling():
+        dispatch.record("rms_norm", impl)
+    return torch.ops.qwen3moe.rms_norm.default(x, weight, eps)
 
 
-@rms_norm.register_fake
-def _(x, weight, eps):
-    _check(x, weight, eps)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("qwen3moe::fused_add_rms_norm", mutates_args=())
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, weight, eps)
-    torch._check(residual.shape == x.shape, lambda: f"fused_add_rms_norm: residual shape {list(residual.shape)} != x shape {list(x.shape)}")
-    torch._check(residual.dtype == x.dtype, lambda: f"fused_add_rms_norm: residual dtype {residual.dtype} != x dtype {x.dtype}")
-    if x.device.type == "cuda":
-        from ..kernels.rms_norm import rms_norm_fwd
-
-        dispatch.record("fused_add_rms_norm", "triton")
-        h = x.shape[-1]
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        new_res = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rms_norm_fwd(_as_rows(x), _as_rows(residual), weight.contiguous(), eps, out.view(-1, h), new_res.view(-1, h))
-        return out, new_res
-    dispatch.record("fused_add_rms_norm", "cpu")
-    new_res = residual + x
-    return _cpu_forward(new_res, weight, eps), new_res
+    """``(rms_norm(residual + x), residual + x)`` in one pass (autograd supported)."""
+    impl = _impl(x)
+    if impl is None:
+        dispatch.fallback("fused_add_rms_norm", _ext.no_kernel_reason(x.device))
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    if not torch.compiler.is_compiling():
+        dispatch.record("fused_add_rms_norm", impl)
+    return torch.ops.qwen3moe.fused_add_rms_norm.default(x, residual, weight, eps)
 
 
-@fused_add_rms_norm.register_fake
-def _(x, residual, weight, eps):
-    _check(x, weight, eps)
-    torch._check(residual.shape == x.shape, lambda: "fused_add_rms_norm: residual shape must equal x shape")
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _backward_math(x, weight, eps, dy):
-    """fp32 gradients of ``weight * (x * rstd).to(dtype)`` w.r.t. x and weight."""
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    n = xf * rstd
-    dyf = dy.float()
-    dn = dyf * weight.float()
-    dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
-    dw = (dyf * n.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0)
-    return dx.to(x.dtype), dw.to(weight.dtype)
-
-
-def _setup_rms(ctx, inputs, output):
-    x, weight, eps = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.eps = eps
-
-
-def _bwd_rms(ctx, grad):
-    x, weight = ctx.saved_tensors
-    dx, dw = _backward_math(x, weight, ctx.eps, grad)
-    return dx, dw, None
-
-
-rms_norm.register_autograd(_bwd_rms, setup_context=_setup_rms)
-
-
-def _setup_add(ctx, inputs, output):
-    _, _, weight, eps = inputs
-    ctx.save_for_backward(output[1], weight)
-    ctx.eps = eps
-
-
-def _bwd_add(ctx, grad_out, grad_res):
-    new_res, weight = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(new_res)
-    dx, dw = _backward_math(new_res, weight, ctx.eps, grad_out)
-    if grad_res is not None:
-        dx = dx + grad_res
-    return dx, dx, dw, None
-
-
-fused_add_rms_norm.register_autograd(_bwd_add, setup_context=_setup_add)
+def rms_norm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight)`` of ``rms_norm`` at ``x`` (what autograd calls; exposed for tests/benchmarks)."""
+    return torch.ops.qwen3moe.rms_norm_backward.default(grad_out, x, weight, eps)

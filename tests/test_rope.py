@@ -1,0 +1,290 @@
+"""qwen3moe::rope / rope_positions / qk_norm_rope / qk_norm_rope_positions (and their backward) against the
+reference: the C++ CPU path (forward bit-exact where the arithmetic is the same; autograd against autograd of the
+reference), opcheck, torch.compile(fullgraph=True), bad input, and the Triton kernels under the interpreter (in a
+subprocess so TRITON_INTERPRET is set before triton loads), outputs poisoned beforehand."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qwen3moe_kernels import reference
+from qwen3moe_kernels.ops.rope import (qk_norm_rope, qk_norm_rope_by_positions, rope, rope_by_positions,
+                                       rope_inv_freq)
+from tests.tolerances import assert_within_twice_torch_error, tol
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+THETA = 1e6
+EPS = 1e-6
+# (B, S, Hq, Hk, D): Qwen3-30B-A3B decode, 235B-A22B short prefill, odd head counts / head_dim, T = 0
+SHAPES = [(1, 1, 32, 4, 128), (1, 3, 64, 4, 128), (2, 5, 3, 1, 10), (3, 7, 5, 3, 16), (2, 0, 4, 2, 128)]
+
+
+def _inputs(B, S, Hq, Hk, D, dtype, seed=0, strided=True):
+    """q, k as views of one fused qkv projection (strided like the attention's), weights, positions, table."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+        q = qkv[..., : Hq * D].view(B, S, Hq, D)
+        k = qkv[..., Hq * D : (Hq + Hk) * D].view(B, S, Hk, D)
+    else:
+        q = torch.randn(B, S, Hq, D, generator=g).to(dtype)
+        k = torch.randn(B, S, Hk, D, generator=g).to(dtype)
+    qw = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype)
+    kw = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype)
+    pos = torch.randint(0, 40000, (B, S), generator=g)  # arbitrary (decode / padded) positions, not 0..S-1
+    cos, sin = reference.rope_cos_sin(pos, D, THETA, dtype)
+    return q, k, qw, kw, pos, cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_forward_matches_reference(shape, dtype):
+    q, k, qw, kw, pos, cos, sin = _inputs(*shape, dtype)
+    rq, rk = reference.rope(q, k, cos, sin)
+    # the rotation is the same fp32-rounded-to-dtype arithmetic as transformers': bit-identical
+    for got, ref in zip(rope(q, k, cos, sin), (rq, rk)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # table from positions: cos/sin in fp32 by a different libm (1 fp32 ulp), rounded: within one dtype ulp
+    for got, ref in zip(rope_by_positions(q, k, pos, THETA), (rq, rk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+    nq, nk = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    for got, ref in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), (nq, nk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+        assert got.is_contiguous()
+    for got, ref in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS), (nq, nk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+
+
+def test_broadcast_table_and_int32_positions():
+    q, k, qw, kw, _, _, _ = _inputs(3, 4, 4, 2, 16, torch.float32, seed=3, strided=False)
+    pos = torch.tensor([[5, 900, 70000, 3]])  # [1, S]: one position row for the whole batch
+    cos, sin = reference.rope_cos_sin(pos, 16, THETA, torch.float32)
+    ref = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    for got, r in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), ref):
+        torch.testing.assert_close(got, r, **tol("elementwise", torch.float32))
+    for got, r in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos.int(), THETA, EPS), ref):
+        torch.testing.assert_close(got, r, **tol("elementwise", torch.float32))
+
+
+def test_inv_freq_is_transformers():
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
+
+    cfg = Qwen3MoeConfig(hidden_size=256, num_attention_heads=4, head_dim=64, rope_theta=THETA)
+    hf = Qwen3MoeRotaryEmbedding(cfg)
+    torch.testing.assert_close(rope_inv_freq(64, THETA), hf.inv_freq, rtol=0, atol=0)
+    x = torch.randn(1, 5, 256, dtype=torch.bfloat16)
+    pos = torch.tensor([[0, 1, 17, 4095, 32767]])
+    hc, hs = hf(x, pos)
+    q = torch.randn(1, 5, 4, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 5, 2, 64, dtype=torch.bfloat16)
+    for got, ref in zip(rope_by_positions(q, k, pos, THETA), reference.rope(q, k, hc, hs)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", torch.bfloat16))
+
+
+def _grads(fn, tensors, gq, gk):
+    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    oq, ok = fn(*ts)
+    ((oq.float() * gq.float()).sum() + (ok.float() * gk.float()).sum()).backward()
+    return [t.grad for t in ts]
+
+
+# backward: ours is fp32 math rounded once, the reference's autograd rounds every step in the dtype. fp32: against
+# the reference's autograd directly. fp16/bf16: the flash-attention rule against the fp32 autograd of the same
+# (dtype-rounded) inputs: our error at most twice the error of the reference's own low-precision autograd, plus one
+# unit of the dtype's epsilon times the gradient's magnitude (for tensors where the reference happens to be exact).
+BWD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+           torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def _assert_grads(ours, ref_lowp, ref32, dtype):
+    for a, lo, hi in zip(ours, ref_lowp, ref32):
+        assert a.dtype == lo.dtype and a.shape == lo.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, lo, **BWD_TOL[dtype])
+            continue
+        if a.numel() == 0:
+            continue
+        floor = torch.finfo(dtype).eps * hi.abs().max().item() + 1e-6
+        assert_within_twice_torch_error(a, hi, lo, floor=floor)
+
+
+def _check_backward(ours_fn, ref_fn, tensors, gq, gk, dtype, table=()):
+    ours = _grads(ours_fn, tensors, gq, gk)
+    lowp = _grads(ref_fn(*table), tensors, gq, gk)
+    ref32 = _grads(ref_fn(*(t.float() for t in table)), [t.float() for t in tensors], gq, gk)
+    _assert_grads(ours, lowp, ref32, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 4, 2, 128), (2, 5, 3, 1, 10), (1, 0, 2, 1, 16)])
+def test_backward_matches_reference_autograd(shape, dtype):
+    q, k, qw, kw, pos, cos, sin = _inputs(*shape, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    gq = torch.randn(q.shape, generator=g).to(dtype)
+    gk = torch.randn(k.shape, generator=g).to(dtype)
+    norm_ref = lambda c, s: lambda a, b, wq, wk: reference.qk_norm_rope(a, b, wq, wk, c, s, EPS)  # noqa: E731
+    rope_ref = lambda c, s: lambda a, b: reference.rope(a, b, c, s)  # noqa: E731
+    _check_backward(lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS), norm_ref, (q, k, qw, kw), gq, gk,
+                    dtype, (cos, sin))
+    _check_backward(lambda a, b, c, d: qk_norm_rope_by_positions(a, b, c, d, pos, THETA, EPS), norm_ref,
+                    (q, k, qw, kw), gq, gk, dtype, (cos, sin))
+    _check_backward(lambda a, b: rope(a, b, cos, sin), rope_ref, (q, k), gq, gk, dtype, (cos, sin))
+    _check_backward(lambda a, b: rope_by_positions(a, b, pos, THETA), rope_ref, (q, k), gq, gk, dtype, (cos, sin))
+
+
+def test_weight_grad_is_deterministic():
+    q, k, qw, kw, pos, cos, sin = _inputs(2, 37, 8, 2, 128, torch.bfloat16, seed=9)
+    gq, gk = torch.randn(q.shape).bfloat16(), torch.randn(k.shape).bfloat16()
+    fn = lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS)  # noqa: E731
+    first = _grads(fn, (q, k, qw, kw), gq, gk)
+    for _ in range(2):
+        for a, b in zip(first, _grads(fn, (q, k, qw, kw), gq, gk)):
+            assert torch.equal(a, b)
+
+
+def test_table_gradient_is_refused():
+    q, k, qw, kw, pos, cos, sin = _inputs(1, 2, 2, 1, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="cos / sin / inv_freq are not implemented"):
+        rope(q, k, cos.requires_grad_(), sin)
+
+
+def test_bad_inputs():
+    q, k, qw, kw, pos, cos, sin = _inputs(2, 3, 4, 2, 16, torch.float32, strided=False)
+    cases = [
+        (lambda: rope(q[0], k, cos, sin), "q must be 4-D"),
+        (lambda: rope(q, k.half(), cos, sin), "k dtype"),
+        (lambda: rope(q, k[:, :2], cos, sin), "k must be"),
+        (lambda: rope(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15]), "must be even"),
+        (lambda: rope(q, k, cos.half(), sin), "cos dtype"),
+        (lambda: rope(q, k, cos[:, :2], sin), r"cos must be \[2 or 1, 3, 16\]"),
+        (lambda: qk_norm_rope(q, k, qw[:8], kw, cos, sin, EPS), r"q_weight must have shape \[16\]"),
+        (lambda: qk_norm_rope(q, k, qw, kw.half(), cos, sin, EPS), "k_weight dtype"),
+        (lambda: qk_norm_rope(q, k, qw, kw, cos, sin, 0.0), "eps must be > 0"),
+        (lambda: rope_by_positions(q, k, pos.float(), THETA), "position_ids must be int32 or int64"),
+        (lambda: rope_by_positions(q, k, pos[:, :2], THETA), "position_ids must be"),
+        (lambda: rope(q.double(), k.double(), cos.double(), sin.double()), "q dtype must be"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()
+
+
+def test_opcheck_and_compile():
+    q, k, qw, kw, pos, cos, sin = _inputs(2, 3, 4, 2, 16, torch.float32)
+    inv = rope_inv_freq(16, THETA)
+    ops = torch.ops.qwen3moe
+    for args in ((ops.rope.default, (q, k, cos, sin)), (ops.rope_positions.default, (q, k, pos, inv)),
+                 (ops.qk_norm_rope.default, (q, k, qw, kw, cos, sin, EPS)),
+                 (ops.qk_norm_rope_positions.default, (q, k, qw, kw, pos, inv, EPS))):
+        torch.library.opcheck(*args)
+    torch.library.opcheck(ops.qk_norm_rope_backward.default, (q.contiguous(), k.contiguous(), q, k, qw, kw, cos, sin,
+                                                              None, None, EPS))
+
+    def attn_prologue(q, k, qw, kw, cos, sin, pos):
+        a = qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+        b = rope_by_positions(q, k, pos, THETA, inv)
+        return a[0] + b[0], a[1] + b[1]
+
+    f = torch.compile(attn_prologue, fullgraph=True, backend="aot_eager")
+    got = f(q, k, qw, kw, cos, sin, pos)
+    ra, rb = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS), reference.rope(q, k, cos, sin)
+    torch.testing.assert_close(got[0], ra[0] + rb[0], **tol("elementwise", torch.float32))
+    torch.testing.assert_close(got[1], ra[1] + rb[1], **tol("elementwise", torch.float32))
+
+
+def test_fused_entry_point_uses_the_op():
+    import warnings
+
+    from qwen3moe_kernels import dispatch, fused
+
+    q, k, qw, kw, pos, cos, sin = _inputs(1, 3, 4, 2, 16, torch.bfloat16)
+    dispatch.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning when the inputs fit
+        got = fused.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    assert dispatch.implementations()["qk_norm_rope"] == "cpu"
+    for a, b in zip(got, reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)):
+        torch.testing.assert_close(a, b, **tol("elementwise", torch.bfloat16))
+
+
+_INTERP = textwrap.dedent(
+    """
+    import os, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    from qwen3moe_kernels import reference
+    from qwen3moe_kernels.kernels.rope import qk_norm_rope_fwd, qk_norm_rope_bwd
+    from qwen3moe_kernels.ops.rope import rope_inv_freq
+    from qwen3moe_kernels.tolerances import tol
+    from tests.test_rope import _inputs, BWD_TOL, EPS, THETA
+    nan = float("nan")
+
+    def ntol(dtype):
+        # bf16 under the interpreter: numpy has no bf16, fp32 -> bf16 truncates (a GPU rounds to nearest), and the
+        # rotation rounds three times: a few bf16 ulps. fp32/fp16 are rounded to nearest as on a GPU.
+        return dict(rtol=2.0**-5, atol=2.0**-5) if dtype == torch.bfloat16 else tol("elementwise", dtype)
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((1, 1, 32, 4, 128), (2, 3, 5, 3, 10), (1, 0, 4, 2, 16)):
+            q, k, qw, kw, pos, cos, sin = _inputs(*shape, dtype, seed=11)
+            inv = rope_inv_freq(shape[-1], THETA)
+            g = torch.Generator().manual_seed(12)
+            gq, gk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
+            for norm in (True, False):
+                w = (qw, kw) if norm else (None, None)
+                ref = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS) if norm else reference.rope(q, k, cos, sin)
+                ts = [t.detach().float().requires_grad_() for t in (q, k, qw, kw)]
+                rf = (reference.qk_norm_rope(*ts, cos.float(), sin.float(), EPS) if norm
+                      else reference.rope(ts[0], ts[1], cos.float(), sin.float()))
+                ((rf[0] * gq.float()).sum() + (rf[1] * gk.float()).sum()).backward()
+                for from_pos in (False, True):
+                    src = (None, None, pos, inv) if from_pos else (cos, sin, None, None)
+                    qo = torch.full(q.shape, nan, dtype=dtype)
+                    ko = torch.full(k.shape, nan, dtype=dtype)
+                    qk_norm_rope_fwd(q, k, *w, *src, EPS, qo, ko)
+                    torch.testing.assert_close(qo, ref[0], **ntol(dtype))
+                    torch.testing.assert_close(ko, ref[1], **ntol(dtype))
+                    dq = torch.full(q.shape, nan, dtype=dtype)
+                    dk = torch.full(k.shape, nan, dtype=dtype)
+                    dw = [torch.full((shape[-1],), nan, dtype=dtype) for _ in range(2)] if norm else [None, None]
+                    qk_norm_rope_bwd(gq, gk, q, k, *w, *src, EPS, dq, dk, *dw)
+                    bt = BWD_TOL[dtype] if dtype != torch.bfloat16 else dict(rtol=6e-2, atol=6e-2)
+                    torch.testing.assert_close(dq.float(), ts[0].grad, **bt)
+                    torch.testing.assert_close(dk.float(), ts[1].grad, **bt)
+                    if norm:
+                        torch.testing.assert_close(dw[0].float(), ts[2].grad, **bt)
+                        torch.testing.assert_close(dw[1].float(), ts[3].grad, **bt)
+    print("OK")
+    """
+)
+
+
+def test_triton_kernels_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", _INTERP], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_reference(dtype):
+    q, k, qw, kw, pos, cos, sin = (t.cuda() for t in _inputs(2, 33, 32, 4, 128, dtype))
+    rq, rk = reference.rope(q, k, cos, sin)
+    for got, ref in zip(rope(q, k, cos, sin), (rq, rk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+    for got, ref in zip(rope_by_positions(q, k, pos, THETA), (rq, rk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+    nq, nk = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    for got, ref in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), (nq, nk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+    for got, ref in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS), (nq, nk)):
+        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    norm_ref = lambda c, s: lambda a, b, wq, wk: reference.qk_norm_rope(a, b, wq, wk, c, s, EPS)  # noqa: E731
+    _check_backward(lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS), norm_ref, (q, k, qw, kw), gq, gk,
+                    dtype, (cos, sin))
