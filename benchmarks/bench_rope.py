@@ -87,7 +87,8 @@ def run(device, token_counts, dtype=None, budget_s: float = 0.5, model: str = "3
                 for name, fn in impls.items():
                     out = fn(*sets[0])
                     for o, r in zip(out, ref):
-                        torch.testing.assert_close(o, r, **tol("elementwise", dtype))
+                        kind = "norm" if op == "qk_norm_rope" else "elementwise"
+                        torch.testing.assert_close(o, r, **tol(kind, dtype))
             times = bench.time_interleaved(impls, sets, dev, warmup=3, min_runs=5, budget_s=budget_s)
             for name, t in times.items():
                 r = {"op": op, "impl": impl_name(device) + name[4:] if name.startswith("ours") else name, "tokens": T,
