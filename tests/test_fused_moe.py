@@ -163,3 +163,30 @@ def test_torch_compile_fullgraph_cpu():
     loss(*eager).backward()
     for a, b in zip(ours, eager):
         torch.testing.assert_close(a.grad, b.grad, **tol("gemm", torch.float32))
+
+
+@pytest.mark.parametrize("device", __import__("helpers").DEVICES)
+@pytest.mark.parametrize("T", [1, 7, 83, 512])
+def test_real_shapes_bf16_forward_backward(device, T):
+    """bf16 against the fp32 reference, within twice PyTorch's own bf16 error (forward and every gradient). On
+    CUDA (Triton kernels) at the Qwen3-30B-A3B expert shapes (H=2048, I=768, E=128, k=8); on CPU at a scaled-down
+    shape (the reference's bf16 backward on CPU at the real shapes would take minutes)."""
+    H, I, E, k = (2048, 768, 128, 8) if device == "cuda" else (128, 48, 12, 4)
+    x, ids, w, wgu, wd = (t.to(device) for t in _routed(T, H, I, E, k, torch.bfloat16, seed=T))
+    dout = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16().to(device)
+    dispatch.reset()
+    ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+    out.backward(dout)
+    assert dispatch.implementations()["grouped_swiglu_down_backward"] == ("triton" if device == "cuda" else "cpu")
+    r32 = [t.detach().float().clone().requires_grad_() for t in (x, w, wgu, wd)]
+    ref = reference.moe_experts(r32[0], ids, r32[1], r32[2], r32[3])
+    ref.backward(dout.float())
+    lowp = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    ref_lowp = reference.moe_experts(lowp[0], ids, lowp[1], lowp[2], lowp[3])
+    ref_lowp.backward(dout)
+    for name, got, want, tl_ in [("out", out, ref, ref_lowp)] + [
+            (n, a.grad, b.grad, c.grad) for n, a, b, c in zip(("dx", "dw", "dwgu", "dwd"), ours, r32, lowp)]:
+        bound = twice_torch_error_bound(want.detach(), tl_.detach(), floor=1e-5 * max(1.0, want.abs().max().item()))
+        err = (got.float() - want).abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e}"

@@ -161,3 +161,12 @@ def test_op_errors_name_the_argument():
     for fn, pattern in cases:
         with pytest.raises((RuntimeError, ValueError), match=pattern):
             fn()
+
+
+def test_tuned_table_overrides_heuristic(monkeypatch):
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 8, "num_stages": 4}
+    monkeypatch.setitem(grouped_swiglu.TUNED, "Fake GPU", {"gate_up": {"bf16": [[64, cfg]]}})
+    assert grouped_swiglu.default_config(8, "gate_up", "bf16", "Fake GPU") == cfg
+    # past the table's largest entry, or another kernel/dtype: the heuristic
+    assert grouped_swiglu.default_config(8192, "gate_up", "bf16", "Fake GPU") == grouped_swiglu.default_config(8192)
+    assert grouped_swiglu.default_config(8, "down", "bf16", "Fake GPU") == grouped_swiglu.default_config(8, "down")
