@@ -145,6 +145,8 @@ def test_op_errors_name_the_argument():
         (lambda: OPS.grouped_swiglu_gate_up(x.int(), wgu, ids, False), "x must be fp32/fp16/bf16"),
         (lambda: OPS.grouped_swiglu_gate_up(x, wgu.half(), ids, False), "w_gate_up must be torch.float32"),
         (lambda: OPS.grouped_swiglu_gate_up(x, wgu[:, :, :8], ids, False), r"w_gate_up must be \[E, 2I, H=32\]"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu.to("meta"), ids, False), "w_gate_up is on meta, expected cpu"),
+        (lambda: OPS.grouped_swiglu_down(h, wd, ids.to("meta"), w), "ids is on meta, expected cpu"),
         (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids.float(), False), "ids must be int32 or int64"),
         (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids[:3], False), r"ids must be \[T=4, top_k\]"),
         (lambda: OPS.grouped_swiglu_gate_up(x, wgu, torch.zeros(4, 6, dtype=torch.int32), False),

@@ -304,7 +304,9 @@ def grouped_swiglu_wgrad_kernel(
 # * decode (T*k <= 64 slots, so 1 to 8 tokens per expert): the GEMMs are bound by reading the expert weights
 #   (each touched weight byte is used by a handful of rows). BLOCK_M = 16 wastes the least work on padding;
 #   Triton lowers M = 16 tiles to mma.sync (wgmma needs 64 rows), which is fine when the weights' bandwidth,
-#   not the tensor cores, is the limit. A long BLOCK_K (128) keeps many bytes in flight per program.
+#   not the tensor cores, is the limit. A long BLOCK_K (128) keeps many bytes in flight per program, and the
+#   N tiles are narrow enough that a single token's 8 experts give more programs than the GPU has SMs
+#   (bandwidth needs every SM streaming). Split-K would add parallelism further; not done yet.
 # * mid (up to 4096 slots, ~32 rows per expert at E = 128): 64 x 64 tiles, the smallest that use wgmma.
 # * prefill: 128 x 128 output tiles with BLOCK_K = 64 (8 warps, 3 stages): per K step 16 KB of A and 16 KB of B
 #   (bf16) feed 128*128*64*2 FLOPs, the intensity wgmma needs to approach peak; 3 stages keep TMA-free loads in
@@ -356,7 +358,10 @@ def default_config(num_slots: int, kernel: str = "gate_up", dtype: str = "bf16",
         # longer K tiles at 4 warps
         bk = 32 if dtype == "fp32" else (64 if kernel == "down_bwd" else 128)
         stages = 2 if dtype == "fp32" and kernel == "gate_up" else 3
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": stages}
+        # gate_up: 32 columns x 2 accumulators, so that one token (8 experts x I/32 = 192 programs at I = 768)
+        # still covers all 132 SMs of an H100; 64 would leave a third of them without weights to stream
+        bn = 32 if kernel == "gate_up" else 64
+        return {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": stages}
     # down_bwd's epilogue holds ~6 fp32 tiles (acc, gate, up, h, dgate, dup): in fp32 (tf32x3) a 64-wide tile
     # spills on sm_90, so it narrows to 32
     narrow = 32 if kernel == "down_bwd" and dtype == "fp32" else 64
