@@ -97,7 +97,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
   }
   if (renormalize) {
-    for (int j = lane; j < k; j += 32) w[j] = w[j] / wsum;  // rereads only this lane's own writes
+    // rereads only this lane's own writes. Walked by pointer so that only (pointer, end, wsum) stay live across the
+    // IEEE division, whose slow path is a CALL: with (j, k, w) live, ptxas kept one of them in an 8 B stack slot.
+    const float* const end = w + k;
+    for (float* p = w + lane; p < end; p += 32) *p = *p / wsum;
   }
 }
 
