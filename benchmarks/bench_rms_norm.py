@@ -90,6 +90,7 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", default="1,8,512,4096")
     ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--json", default=None, help="also save the rows with the machine record (bench.save_json)")
     a = ap.parse_args()
     out = run(a.device, [int(t) for t in a.tokens.split(",")], budget_s=a.budget, hidden=a.hidden)
     info = bench.machine_info(a.device)
@@ -99,3 +100,5 @@ if __name__ == "__main__":
     for r in out:
         print(f"{r['op']:20s} {r['impl']:14s} {r['tokens']:5d} {r['median_ms']:10.4f} {r['p10_ms']:8.4f} "
               f"{r['p90_ms']:8.4f} {r['vs_reference']:8.2f} {r['vs_transformers']:7.2f}")
+    if a.json:
+        bench.save_json(a.json, out, info, vars(a))

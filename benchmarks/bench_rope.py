@@ -128,9 +128,12 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", default="1,8,512,4096")
     ap.add_argument("--model", default="30b", choices=sorted(MODELS))
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--json", default=None, help="also save the rows with the machine record (bench.save_json)")
     a = ap.parse_args()
     rows = run(a.device, [int(t) for t in a.tokens.split(",")], budget_s=a.budget, model=a.model)
     info = bench.machine_info(a.device)
     print(f"# {info['cpu_model']} capability={info['cpu_capability']} gpu={info['gpu']} "
           f"threads={torch.get_num_threads()}")
     _print(rows)
+    if a.json:
+        bench.save_json(a.json, rows, info, vars(a))

@@ -292,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor> rope_forward_cpu(const char* op, const at::Te
   a.qo = qo.mutable_data_ptr(), a.ko = ko.mutable_data_ptr();
   const int64_t per_token = (a.Hq + a.Hk) * a.D;
   norm::dispatch_dtype(q.scalar_type(), op, [&](auto tag) {
-    at::parallel_for(0, ntok, std::max<int64_t>(1, 16384 / std::max<int64_t>(per_token, 1)),
+    // ~64K elements per task (a decode step's 1-8 tokens stay on one thread: waking another costs more)
+    at::parallel_for(0, ntok, std::max<int64_t>(1, 65536 / std::max<int64_t>(per_token, 1)),
                      [&](int64_t t0, int64_t t1) { tokens_forward_any(tag, a, t0, t1); });
   });
   return {qo, ko};
@@ -326,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
     a.dwq = qw.has_value() ? pq.mutable_data_ptr<float>() : nullptr;
     a.dwk = kw.has_value() ? pk.mutable_data_ptr<float>() : nullptr;
     norm::dispatch_dtype(q.scalar_type(), op, [&](auto tag) {
-      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { blocks_backward_any(tag, a, ntok, b0, b1); });
+      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(kBwdBlockTokens * (a.Hq + a.Hk) * D, 1));
+      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) { blocks_backward_any(tag, a, ntok, b0, b1); });
     });
   }
   // Second stage of the weight gradients: block partials summed in block order, rounded once.
