@@ -91,8 +91,9 @@ def run(device, token_counts, dtype=None, budget_s: float = 0.5, model: str = "3
                         torch.testing.assert_close(o, r, **tol(kind, dtype))
             times = bench.time_interleaved(impls, sets, dev, warmup=3, min_runs=5, budget_s=budget_s)
             for name, t in times.items():
-                r = {"op": op, "impl": impl_name(device) + name[4:] if name.startswith("ours") else name, "tokens": T,
-                     "dtype": bench.dtype_name(dtype), **t, "vs_reference": times["eager"]["median_ms"] / t["median_ms"],
+                impl = impl_name(device) + name[4:] if name.startswith("ours") else name
+                r = {"op": op, "impl": impl, "tokens": T, "dtype": bench.dtype_name(dtype), **t,
+                     "vs_reference": times["eager"]["median_ms"] / t["median_ms"],
                      "vs_transformers": times["transformers"]["median_ms"] / t["median_ms"], "device": str(dev),
                      "cpu_model": info["cpu_model"], "cpu_capability": info["cpu_capability"], "gpu": info["gpu"],
                      "shape": f"Hq={hq} Hk={hk} D={d}"}
