@@ -91,6 +91,10 @@ def test_opcheck_and_compile():
     x, r, w = _inputs((3, 769), torch.float32)
     torch.library.opcheck(torch.ops.qwen3moe.rms_norm.default, (x, w, 1e-6))
     torch.library.opcheck(torch.ops.qwen3moe.fused_add_rms_norm.default, (x, r, w, 1e-6))
+    xg, rg, wg = (t.clone().requires_grad_() for t in (x, r, w))  # AOT autograd through the C++ autograd kernels
+    torch.library.opcheck(torch.ops.qwen3moe.rms_norm.default, (xg, wg, 1e-6))
+    torch.library.opcheck(torch.ops.qwen3moe.fused_add_rms_norm.default, (xg, rg, wg, 1e-6))
+    torch.library.opcheck(torch.ops.qwen3moe.rms_norm_backward.default, (x, x, w, 1e-6))
     f = torch.compile(lambda a, b, c: fused_add_rms_norm(a, b, c, 1e-6), fullgraph=True, backend="eager")
     out, nr = f(x, r, w)
     torch.testing.assert_close(out, reference.fused_add_rms_norm(x, r, w, 1e-6)[0])

@@ -182,6 +182,10 @@ def test_opcheck_and_compile():
                  (ops.qk_norm_rope.default, (q, k, qw, kw, cos, sin, EPS)),
                  (ops.qk_norm_rope_positions.default, (q, k, qw, kw, pos, inv, EPS))):
         torch.library.opcheck(*args)
+    # with gradients: opcheck's AOT-autograd test traces the C++ autograd kernel and the backward op's fake
+    grads = [t.detach().clone().requires_grad_() for t in (q, k, qw, kw)]
+    torch.library.opcheck(ops.qk_norm_rope.default, (*grads, cos, sin, EPS))
+    torch.library.opcheck(ops.rope_positions.default, (grads[0], grads[1], pos, inv))
     torch.library.opcheck(ops.qk_norm_rope_backward.default, (q.contiguous(), k.contiguous(), q, k, qw, kw, cos, sin,
                                                               None, None, EPS))
 
