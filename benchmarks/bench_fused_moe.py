@@ -10,7 +10,12 @@ per implementation and the ratios of both. FLOP/s counts the experts' 6*T*k*H*I 
 (CPU model, ``get_cpu_capability()``, native bf16 or not, threads, load average; GPU name) is printed and
 returned with the rows.
 
-Run: python benchmarks/bench_fused_moe.py [--tokens 1 8 64 512] [--backward] [--rounds 7]
+On a CPU shared with other busy processes, every GEMM's OpenMP region can stall for a scheduler quantum
+waiting for its second thread (seen here: 8.00 ms per tiny GEMM at 2 threads against 0.4 ms at 1), which
+swamps the per-expert loops of all three implementations alike; ``--threads 1`` measures the code, not the
+neighbours.
+
+Run: python benchmarks/bench_fused_moe.py [--tokens 1 8 64 512] [--backward] [--rounds 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -132,7 +137,11 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a shared, oversubscribed machine 1 avoids OpenMP stalls)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     info = bench.machine_info("cuda" if torch.cuda.is_available() else "cpu")
     print(f"cpu: {info['cpu_model']}, capability {info['cpu_capability']}, flags {info['cpu_flags']}, "
           f"threads {info['cpu_threads']}, gpu {info['gpu']}, load {os.getloadavg()}")

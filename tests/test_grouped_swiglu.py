@@ -14,6 +14,7 @@ import torch
 from qwen3moe_kernels import reference
 from qwen3moe_kernels.kernels import grouped_swiglu
 from qwen3moe_kernels.ops import grouped_swiglu as ops  # noqa: F401  (registers the ops)
+from helpers import DEVICES
 from tolerances import tol
 
 HERE = Path(__file__).parent
@@ -121,11 +122,12 @@ def test_cpu_backward_ops_match_autograd():
     assert (dwd[unused] == 0).all() and (dwgu[unused] == 0).all()  # experts without tokens: zero gradient
 
 
-def test_opcheck_cpu():
-    x, ids, w, wgu, wd = _inputs(9, 32, 16, 5, 2, torch.float32, seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, ids, w, wgu, wd = (t.to(device) for t in _inputs(9, 32, 16, 5, 2, torch.float32, seed=5))
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
-    dout = torch.randn(9, 32)
-    dgu = torch.randn(18, 32)
+    dout = torch.randn(9, 32, device=device)
+    dgu = torch.randn(18, 32, device=device)
     samples = [
         (OPS.grouped_swiglu_gate_up, (x, wgu, ids, True)),
         (OPS.grouped_swiglu_gate_up, (x, wgu, ids.long(), False)),

@@ -124,23 +124,33 @@ def _groups(ids: torch.Tensor, E: int):
 
 
 def _cpu_gate_up(x, w_gate_up, ids, save):
+    # Per expert: one GEMM over its contiguous (expert-sorted) rows, SwiGLU on that chunk while it is in cache
+    # (fp32, one rounding, as the Triton epilogue), one scatter back to slot order at the end.
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
+    I = I2 // 2
     k = ids.shape[1]
     cdt = _cdt(x.dtype)
     order, counts = _groups(ids, E)
-    xs = x[order // k].to(cdt)
-    gu = torch.empty((T * k, I2), dtype=cdt)
-    gus = torch.empty_like(gu)
+    xs = x[order // k]
+    hs = torch.empty((T * k, I), dtype=x.dtype)
+    gus = torch.empty((T * k, I2), dtype=x.dtype) if save else None
     start = 0
     for e, c in enumerate(counts):
         if c:
-            torch.mm(xs[start:start + c], w_gate_up[e].to(cdt).t(), out=gus[start:start + c])
+            sl = slice(start, start + c)
+            gu = torch.mm(xs[sl].to(cdt), w_gate_up[e].to(cdt).t())
+            hs[sl] = F.silu(gu[:, :I].float()) * gu[:, I:].float()
+            if save:
+                gus[sl] = gu
         start += c
+    h = torch.empty_like(hs)
+    h[order] = hs
+    if not save:
+        return h, x.new_empty((0, I2))
+    gu = torch.empty_like(gus)
     gu[order] = gus
-    g, u = gu.float().chunk(2, dim=-1)
-    h = (F.silu(g) * u).to(x.dtype)
-    return h, (gu.to(x.dtype) if save else x.new_empty((0, I2)))
+    return h, gu
 
 
 def _cpu_down(h, w_down, ids, weights):
@@ -148,16 +158,20 @@ def _cpu_down(h, w_down, ids, weights):
     T, k = weights.shape
     cdt = _cdt(h.dtype)
     order, counts = _groups(ids, E)
-    hs = h[order].to(cdt)
+    hs = h[order]
     ys = torch.empty((T * k, H), dtype=cdt)
     start = 0
     for e, c in enumerate(counts):
         if c:
-            torch.mm(hs[start:start + c], w_down[e].to(cdt).t(), out=ys[start:start + c])
+            torch.mm(hs[start:start + c].to(cdt), w_down[e].to(cdt).t(), out=ys[start:start + c])
         start += c
     y = torch.empty_like(ys)
     y[order] = ys
-    out = torch.einsum("tkh,tk->th", y.float().view(T, k, H), weights) if k > 1 else y.float() * weights
+    y = y.view(T, k, H)
+    # fp32 combine in the order j = 0..k-1 (as the Triton path): no [T*k, H] fp32 copy
+    out = y[:, 0].float() * weights[:, :1]
+    for j in range(1, k):
+        out.addcmul_(y[:, j], weights[:, j:j + 1])
     return out.to(h.dtype)
 
 
