@@ -194,6 +194,20 @@ _INTERP = textwrap.dedent(
             bt = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
             torch.testing.assert_close(dx.float(), xf.grad, **bt)
             torch.testing.assert_close(dw.float(), wf.grad, **bt)
+    # the CUDA implementations registered in ops/rms_norm.py (3-D input, strided rows), on CPU tensors here
+    from qwen3moe_kernels.ops import rms_norm as ops_norm
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 2 * 769, generator=g)[..., :769]
+    r = torch.randn(2, 3, 769, generator=g)
+    w = 1 + 0.1 * torch.randn(769, generator=g)
+    e = tol("elementwise", torch.float32)
+    torch.testing.assert_close(ops_norm._rms_norm_cuda(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **e)
+    for a, b in zip(ops_norm._fused_add_rms_norm_cuda(x, r, w, 1e-6), reference.fused_add_rms_norm(x, r, w, 1e-6)):
+        torch.testing.assert_close(a, b, **e)
+    dy = torch.randn(2, 3, 769, generator=g)
+    cpu = torch.ops.qwen3moe.rms_norm_backward(dy, x, w, 1e-6)
+    for a, b in zip(ops_norm._rms_norm_backward_cuda(dy, x, w, 1e-6), cpu):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     print("OK")
     """
 )

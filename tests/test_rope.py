@@ -262,6 +262,27 @@ _INTERP = textwrap.dedent(
                     if norm:
                         torch.testing.assert_close(dw[0].float(), ts[2].grad, **bt)
                         torch.testing.assert_close(dw[1].float(), ts[3].grad, **bt)
+    # the CUDA implementations registered in ops/rope.py (argument plumbing: strided q/k, a [1, S, D] table,
+    # int32 positions), run here on CPU tensors through the interpreter
+    from qwen3moe_kernels.ops import rope as ops_rope
+    q, k, qw, kw, _, _, _ = _inputs(3, 4, 5, 2, 16, torch.float32, seed=13)
+    pos = torch.tensor([[3, 70, 900, 40000]], dtype=torch.int32)
+    cos, sin = reference.rope_cos_sin(pos, 16, THETA, torch.float32)
+    inv = rope_inv_freq(16, THETA)
+    e = tol("elementwise", torch.float32)
+    ref = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    for got in (ops_rope._qk_norm_rope_cuda(q, k, qw, kw, cos, sin, EPS),
+                ops_rope._qk_norm_rope_positions_cuda(q, k, qw, kw, pos, inv, EPS)):
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, **e)
+    ref = reference.rope(q, k, cos, sin)
+    for got in (ops_rope._rope_cuda(q, k, cos, sin), ops_rope._rope_positions_cuda(q, k, pos, inv)):
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, **e)
+    gq, gk = torch.randn(q.shape), torch.randn(k.shape)
+    cpu = torch.ops.qwen3moe.qk_norm_rope_backward(gq, gk, q, k, qw, kw, cos, sin, None, None, EPS)
+    for a, b in zip(ops_rope._qk_norm_rope_backward_cuda(gq, gk, q, k, qw, kw, cos, sin, None, None, EPS), cpu):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     print("OK")
     """
 )

@@ -20,6 +20,8 @@ Without the compiled extension the functions here run the reference (``dispatch.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .. import _ext, dispatch, reference
@@ -79,44 +81,47 @@ if _ext.AVAILABLE:
         _check(x, weight, eps, "rms_norm_backward")
         return _empty(x), torch.empty_like(weight)
 
-    try:
+    # CUDA: the Triton kernels (imported on first use, so importing this module does not import triton)
+    def _rms_norm_cuda(x, weight, eps):
         from ..kernels import rms_norm as _k
-    except ImportError:  # no triton: CUDA tensors get no kernel (the C++ build has none for this op)
-        _k = None
 
-    if _k is not None:
+        _check(x, weight, eps)
+        out = _empty(x)
+        _k.rms_norm_fwd(_as_rows(x), None, weight.contiguous(), eps, out.view(-1, x.shape[-1]), None)
+        return out
 
-        @torch.library.register_kernel("qwen3moe::rms_norm", "cuda")
-        def _rms_norm_cuda(x, weight, eps):
-            _check(x, weight, eps)
-            out = _empty(x)
-            _k.rms_norm_fwd(_as_rows(x), None, weight.contiguous(), eps, out.view(-1, x.shape[-1]), None)
-            return out
+    def _fused_add_rms_norm_cuda(x, residual, weight, eps):
+        from ..kernels import rms_norm as _k
 
-        @torch.library.register_kernel("qwen3moe::fused_add_rms_norm", "cuda")
-        def _fused_add_rms_norm_cuda(x, residual, weight, eps):
-            _check(x, weight, eps, "fused_add_rms_norm")
-            _check_residual(x, residual)
-            h = x.shape[-1]
-            out, new_res = _empty(x), _empty(x)
-            _k.rms_norm_fwd(_as_rows(x), _as_rows(residual), weight.contiguous(), eps, out.view(-1, h),
-                            new_res.view(-1, h))
-            return out, new_res
+        _check(x, weight, eps, "fused_add_rms_norm")
+        _check_residual(x, residual)
+        h = x.shape[-1]
+        out, new_res = _empty(x), _empty(x)
+        _k.rms_norm_fwd(_as_rows(x), _as_rows(residual), weight.contiguous(), eps, out.view(-1, h),
+                        new_res.view(-1, h))
+        return out, new_res
 
-        @torch.library.register_kernel("qwen3moe::rms_norm_backward", "cuda")
-        def _rms_norm_backward_cuda(grad_out, x, weight, eps):
-            _check(x, weight, eps, "rms_norm_backward")
-            h = x.shape[-1]
-            dx, dw = _empty(x), torch.empty_like(weight)
-            _k.rms_norm_bwd(_as_rows(grad_out).contiguous(), _as_rows(x), weight.contiguous(), eps,
-                            dx.view(-1, h), dw)
-            return dx, dw
+    def _rms_norm_backward_cuda(grad_out, x, weight, eps):
+        from ..kernels import rms_norm as _k
+
+        _check(x, weight, eps, "rms_norm_backward")
+        h = x.shape[-1]
+        dx, dw = _empty(x), torch.empty_like(weight)
+        _k.rms_norm_bwd(_as_rows(grad_out).contiguous(), _as_rows(x), weight.contiguous(), eps, dx.view(-1, h), dw)
+        return dx, dw
+
+    torch.library.register_kernel("qwen3moe::rms_norm", "cuda", _rms_norm_cuda)
+    torch.library.register_kernel("qwen3moe::fused_add_rms_norm", "cuda", _fused_add_rms_norm_cuda)
+    torch.library.register_kernel("qwen3moe::rms_norm_backward", "cuda", _rms_norm_backward_cuda)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _impl(t: torch.Tensor) -> str | None:
     if not _ext.AVAILABLE:
         return None
-    return {"cpu": "cpu", "cuda": "triton"}.get(t.device.type)
+    return {"cpu": "cpu", "cuda": "triton" if _HAS_TRITON else None}.get(t.device.type)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ deterministic two-stage reduction). Gradients for cos/sin/inv_freq are not compu
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -110,59 +111,61 @@ if _ext.AVAILABLE:
         dkw = torch.empty_like(k_weight) if k_weight is not None else q.new_empty((0,))
         return dq, dk, dqw, dkw
 
-    try:
+    # CUDA: the Triton kernels (imported on first use, so importing this module does not import triton)
+    def _fwd_cuda(op, q, k, qw, kw, cos, sin, pos, inv_freq, eps):
         from ..kernels import rope as _k
-    except ImportError:  # no triton: CUDA tensors get no kernel
-        _k = None
 
-    if _k is not None:
+        _check(op, q, k, qw, kw, cos, sin, pos, inv_freq, eps)
+        qo, ko = _outs(q, k)
+        q, k, cos, sin = (_last_contig(t) for t in (q, k, cos, sin))
+        _k.qk_norm_rope_fwd(q, k, qw if qw is None else qw.contiguous(), kw if kw is None else kw.contiguous(),
+                            cos, sin, None if pos is None else pos.long(),
+                            None if inv_freq is None else inv_freq.contiguous(), eps, qo, ko)
+        return qo, ko
 
-        def _fwd_cuda(op, q, k, qw, kw, cos, sin, pos, inv_freq, eps):
-            _check(op, q, k, qw, kw, cos, sin, pos, inv_freq, eps)
-            qo, ko = _outs(q, k)
-            q, k, cos, sin = (_last_contig(t) for t in (q, k, cos, sin))
-            _k.qk_norm_rope_fwd(q, k, qw if qw is None else qw.contiguous(), kw if kw is None else kw.contiguous(),
-                                cos, sin, None if pos is None else pos.long(),
-                                None if inv_freq is None else inv_freq.contiguous(), eps, qo, ko)
-            return qo, ko
+    def _rope_cuda(q, k, cos, sin):
+        return _fwd_cuda("rope", q, k, None, None, cos, sin, None, None, 1.0)
 
-        @torch.library.register_kernel("qwen3moe::rope", "cuda")
-        def _rope_cuda(q, k, cos, sin):
-            return _fwd_cuda("rope", q, k, None, None, cos, sin, None, None, 1.0)
+    def _rope_positions_cuda(q, k, position_ids, inv_freq):
+        return _fwd_cuda("rope_positions", q, k, None, None, None, None, position_ids, inv_freq, 1.0)
 
-        @torch.library.register_kernel("qwen3moe::rope_positions", "cuda")
-        def _rope_positions_cuda(q, k, position_ids, inv_freq):
-            return _fwd_cuda("rope_positions", q, k, None, None, None, None, position_ids, inv_freq, 1.0)
+    def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, eps):
+        return _fwd_cuda("qk_norm_rope", q, k, q_weight, k_weight, cos, sin, None, None, eps)
 
-        @torch.library.register_kernel("qwen3moe::qk_norm_rope", "cuda")
-        def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, eps):
-            return _fwd_cuda("qk_norm_rope", q, k, q_weight, k_weight, cos, sin, None, None, eps)
+    def _qk_norm_rope_positions_cuda(q, k, q_weight, k_weight, position_ids, inv_freq, eps):
+        return _fwd_cuda("qk_norm_rope_positions", q, k, q_weight, k_weight, None, None, position_ids, inv_freq,
+                         eps)
 
-        @torch.library.register_kernel("qwen3moe::qk_norm_rope_positions", "cuda")
-        def _qk_norm_rope_positions_cuda(q, k, q_weight, k_weight, position_ids, inv_freq, eps):
-            return _fwd_cuda("qk_norm_rope_positions", q, k, q_weight, k_weight, None, None, position_ids, inv_freq,
-                             eps)
+    def _qk_norm_rope_backward_cuda(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq,
+                                    eps):
+        from ..kernels import rope as _k
 
-        @torch.library.register_kernel("qwen3moe::qk_norm_rope_backward", "cuda")
-        def _qk_norm_rope_backward_cuda(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq,
-                                        eps):
-            _check("qk_norm_rope_backward", q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq, eps)
-            dq, dk = _outs(q, k)
-            dqw = torch.empty_like(q_weight) if q_weight is not None else q.new_empty((0,))
-            dkw = torch.empty_like(k_weight) if k_weight is not None else q.new_empty((0,))
-            q, k, cos, sin = (_last_contig(t) for t in (q, k, cos, sin))
-            _k.qk_norm_rope_bwd(grad_q.contiguous(), grad_k.contiguous(), q, k,
-                                q_weight if q_weight is None else q_weight.contiguous(),
-                                k_weight if k_weight is None else k_weight.contiguous(), cos, sin,
-                                None if position_ids is None else position_ids.long(),
-                                None if inv_freq is None else inv_freq.contiguous(), eps, dq, dk, dqw, dkw)
-            return dq, dk, dqw, dkw
+        _check("qk_norm_rope_backward", q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq, eps)
+        dq, dk = _outs(q, k)
+        dqw = torch.empty_like(q_weight) if q_weight is not None else q.new_empty((0,))
+        dkw = torch.empty_like(k_weight) if k_weight is not None else q.new_empty((0,))
+        q, k, cos, sin = (_last_contig(t) for t in (q, k, cos, sin))
+        _k.qk_norm_rope_bwd(grad_q.contiguous(), grad_k.contiguous(), q, k,
+                            q_weight if q_weight is None else q_weight.contiguous(),
+                            k_weight if k_weight is None else k_weight.contiguous(), cos, sin,
+                            None if position_ids is None else position_ids.long(),
+                            None if inv_freq is None else inv_freq.contiguous(), eps, dq, dk, dqw, dkw)
+        return dq, dk, dqw, dkw
+
+    torch.library.register_kernel("qwen3moe::rope", "cuda", _rope_cuda)
+    torch.library.register_kernel("qwen3moe::rope_positions", "cuda", _rope_positions_cuda)
+    torch.library.register_kernel("qwen3moe::qk_norm_rope", "cuda", _qk_norm_rope_cuda)
+    torch.library.register_kernel("qwen3moe::qk_norm_rope_positions", "cuda", _qk_norm_rope_positions_cuda)
+    torch.library.register_kernel("qwen3moe::qk_norm_rope_backward", "cuda", _qk_norm_rope_backward_cuda)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _impl(t: torch.Tensor) -> str | None:
     if not _ext.AVAILABLE:
         return None
-    return {"cpu": "cpu", "cuda": "triton"}.get(t.device.type)
+    return {"cpu": "cpu", "cuda": "triton" if _HAS_TRITON else None}.get(t.device.type)
 
 
 def _record(op: str, impl: str) -> None:
