@@ -362,9 +362,12 @@ def default_config(num_slots: int, kernel: str = "gate_up", dtype: str = "bf16",
         # still covers all 132 SMs of an H100; 64 would leave a third of them without weights to stream
         bn = 32 if kernel == "gate_up" else 64
         return {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": stages}
-    # down_bwd's epilogue holds ~6 fp32 tiles (acc, gate, up, h, dgate, dup): in fp32 (tf32x3) a 64-wide tile
-    # spills on sm_90, so it narrows to 32
-    narrow = 32 if kernel == "down_bwd" and dtype == "fp32" else 64
+    # down_bwd's epilogue holds ~6 fp32 tiles (acc, gate, up, h, dgate, dup). 16-bit: 64 x 64 tiles on 8 warps
+    # need 128 registers on sm_90 (128 x 64 on 8 warps, or 64 x 64 on 4, sit at the 255 cap, one change away
+    # from spilling). fp32 (tf32x3): a 64-wide tile spills on sm_90, so it narrows to 32.
+    if kernel == "down_bwd" and dtype != "fp32" and num_slots > 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    narrow = 32 if kernel == "down_bwd" else 64
     if num_slots <= 4096:
         return {"BLOCK_M": 64, "BLOCK_N": narrow, "BLOCK_K": 128 // wide, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
     bn = narrow if kernel in ("gate_up", "down_bwd") else 128  # gate_up: two accumulators; down_bwd: epilogue
