@@ -107,6 +107,25 @@ def test_moe_experts_forward_backward(dtype):
             assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e}"
 
 
+@pytest.mark.parametrize("trainable", ["x", "w_down", "weights"])
+def test_moe_experts_partial_grads(trainable):
+    """Only some inputs need a gradient (frozen experts, frozen input): those gradients match the reference and
+    the others stay None (the weight-gradient GEMMs are skipped)."""
+    x, ids, w, wgu, wd = _routed(21, 40, 24, 7, 3, torch.float32, seed=12)
+    names = ("x", "weights", "w_gate_up", "w_down")
+    ours = dict(zip(names, (t.clone() for t in (x, w, wgu, wd))))
+    refs = dict(zip(names, (t.double() for t in (x, w, wgu, wd))))
+    ours[trainable].requires_grad_()
+    refs[trainable].requires_grad_()
+    out = moe_experts(ours["x"], ids, ours["weights"], ours["w_gate_up"], ours["w_down"])
+    ref = reference.moe_experts(refs["x"], ids, refs["weights"], refs["w_gate_up"], refs["w_down"])
+    dout = torch.randn(21, 40, generator=torch.Generator().manual_seed(13))
+    out.backward(dout)
+    ref.backward(dout.double())
+    torch.testing.assert_close(ours[trainable].grad.double(), refs[trainable].grad, **tol("gemm", torch.float32))
+    assert all(ours[n].grad is None for n in names if n != trainable)
+
+
 def test_moe_experts_no_grad_matches_grad_path_and_records():
     x, ids, w, wgu, wd = _routed(16, 48, 32, 6, 2, torch.float32, seed=11)
     dispatch.reset()

@@ -135,6 +135,8 @@ def test_opcheck(device):
         (OPS.grouped_swiglu_down, (h, wd, ids, w)),
         (OPS.grouped_swiglu_down_backward, (dout, h, gu, wd, ids, w)),
         (OPS.grouped_swiglu_gate_up_backward, (dgu, x, wgu, ids)),
+        (OPS.grouped_swiglu_down_backward, (dout, h, gu, wd, ids, w, False)),
+        (OPS.grouped_swiglu_gate_up_backward, (dgu, x, wgu, ids, False)),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

@@ -111,9 +111,15 @@ class _MoeExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, ids, weights, w_gate_up, w_down, h, gu = ctx.saved_tensors
-        dgu, dwd, drw = torch.ops.qwen3moe.grouped_swiglu_down_backward(dout.contiguous(), h, gu, w_down, ids, weights)
-        dx, dwgu = torch.ops.qwen3moe.grouped_swiglu_gate_up_backward(dgu, x, w_gate_up, ids)
-        return dx, None, drw, dwgu, dwd
+        need_x, _, need_rw, need_wgu, need_wd = ctx.needs_input_grad
+        # frozen experts: the weight gradients (a third of the backward's GEMM work) are skipped
+        dgu, dwd, drw = torch.ops.qwen3moe.grouped_swiglu_down_backward(
+            dout.contiguous(), h, gu, w_down, ids, weights, need_wd)
+        dx = dwgu = None
+        if need_x or need_wgu:
+            dx, dwgu = torch.ops.qwen3moe.grouped_swiglu_gate_up_backward(dgu, x, w_gate_up, ids, need_wgu)
+        return (dx if need_x else None, None, drw if need_rw else None, dwgu if need_wgu else None,
+                dwd if need_wd else None)
 
 
 def moe_experts(

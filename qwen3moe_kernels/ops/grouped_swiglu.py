@@ -11,12 +11,15 @@ any tile size.
 * ``grouped_swiglu_down(h [T*k, I], w_down [E, H, I], ids, weights fp32 [T, k]) -> out [T, H]``:
   ``out[t] = sum_j weights[t, j] * (h[t*k+j] @ w_down[e].T)``, each product and the sum over j (in the order
   j = 0..k-1, deterministic) in fp32, cast to h's dtype.
-* ``grouped_swiglu_down_backward(dout [T, H], h, gate_up, w_down, ids, weights) -> (d_gate_up [T*k, 2I],
-  d_w_down [E, H, I], d_weights fp32 [T, k])``: the gradients of ``down(swiglu(gate_up))`` (SwiGLU backward
+* ``grouped_swiglu_down_backward(dout [T, H], h, gate_up, w_down, ids, weights, need_weight_grad) ->
+  (d_gate_up [T*k, 2I], d_w_down [E, H, I], d_weights fp32 [T, k])``: the gradients of ``down(swiglu(gate_up))`` (SwiGLU backward
   included): ``g = dout[t] @ w_down[e]``, ``d_weights[t, j] = <g, h[s]>``, ``dh = weights * g``,
   ``d_w_down[e] = sum_s (weights[s] dout[t])^T h[s]``.
-* ``grouped_swiglu_gate_up_backward(d_gate_up, x, w_gate_up, ids) -> (dx [T, H], d_w_gate_up [E, 2I, H])``:
-  ``dx[t] = sum_j d_gate_up[s] @ w_gate_up[e]`` (fp32, fixed order), ``d_w_gate_up[e] = sum_s d_gate_up[s]^T x[t]``.
+* ``grouped_swiglu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_weight_grad) -> (dx [T, H],
+  d_w_gate_up [E, 2I, H])``: ``dx[t] = sum_j d_gate_up[s] @ w_gate_up[e]`` (fp32, fixed order),
+  ``d_w_gate_up[e] = sum_s d_gate_up[s]^T x[t]``.
+* With ``need_weight_grad=False`` (frozen experts) the weight gradient is not computed and comes back as an
+  empty ``[0, ...]`` tensor: the per-expert ``A^T B`` GEMM is a third of the backward's work.
 
 Implementations: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests run the
 kernels without a GPU) launch the Triton kernels of ``kernels/grouped_swiglu.py`` over ``moe_align_block`` /
@@ -175,7 +178,7 @@ def _cpu_down(h, w_down, ids, weights):
     return out.to(h.dtype)
 
 
-def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights):
+def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     E, H, I = w_down.shape
     T, k = weights.shape
     cdt = _cdt(h.dtype)
@@ -184,14 +187,15 @@ def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights):
     douts = dout[order // k].to(cdt)
     hs = h[order]
     g = torch.empty((T * k, I), dtype=cdt)
-    dwd = torch.zeros_like(w_down)
+    dwd = torch.zeros_like(w_down) if need_w else w_down.new_empty((0, H, I))
     start = 0
     for e, c in enumerate(counts):
         if c:
             sl = slice(start, start + c)
             torch.mm(douts[sl], w_down[e].to(cdt), out=g[sl])
-            scaled = (douts[sl].float() * rw[sl, None]).to(cdt)
-            dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
+            if need_w:
+                scaled = (douts[sl].float() * rw[sl, None]).to(cdt)
+                dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
         start += c
     gf = g.float()
     drw = torch.empty(T * k, dtype=torch.float32)
@@ -205,7 +209,7 @@ def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights):
     return dgu, dwd, drw.view(T, k)
 
 
-def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids):
+def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     T, H = x.shape
     E = w_gate_up.shape[0]
     k = ids.shape[1]
@@ -214,13 +218,14 @@ def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids):
     dgus = d_gate_up[order].to(cdt)
     xs = x[order // k].to(cdt)
     dxs = torch.empty((T * k, H), dtype=cdt)
-    dwgu = torch.zeros_like(w_gate_up)
+    dwgu = torch.zeros_like(w_gate_up) if need_w else w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
     start = 0
     for e, c in enumerate(counts):
         if c:
             sl = slice(start, start + c)
             torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
-            dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
+            if need_w:
+                dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
         start += c
     dx = torch.empty((T * k, H), dtype=torch.float32)
     dx[order] = dxs.float()
@@ -267,7 +272,7 @@ def _triton_down(h, w_down, ids, weights):
     return y.view(T, k, H).sum(1).to(h.dtype)  # fixed-order fp32 combine over the k slots
 
 
-def _triton_down_backward(dout, h, gate_up, w_down, ids, weights):
+def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     from ..kernels import grouped_swiglu as kern
     from .moe_permute import moe_sort
 
@@ -277,12 +282,14 @@ def _triton_down_backward(dout, h, gate_up, w_down, ids, weights):
     cfg = _cfg("down_bwd", T * k, h.dtype, h.device)
     padded, be = _align(ids, E, cfg)
     dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, padded, be, k, cfg)
+    if not need_w:
+        return dgu, w_down.new_empty((0, H, I)), drw
     sorted_slots, _, offsets = moe_sort(ids, E)
     dwd = kern.wgrad(dout, h, weights, sorted_slots, offsets, E, k, 1, _cfg("wgrad", T * k, h.dtype, h.device))
     return dgu, dwd, drw
 
 
-def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids):
+def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     from ..kernels import grouped_swiglu as kern
     from .moe_permute import moe_sort
 
@@ -293,6 +300,8 @@ def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids):
     cfg = _cfg("dx", T * k, x.dtype, x.device)
     padded, be = _align(ids, E, cfg)
     dx = kern.dx(d_gate_up, w_gate_up, padded, be, k, cfg).to(x.dtype)
+    if not need_w:
+        return dx, w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
     sorted_slots, _, offsets = moe_sort(ids, E)
     dwgu = kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, _cfg("wgrad", T * k, x.dtype, x.device))
     return dx, dwgu
@@ -350,21 +359,23 @@ def _check_down_backward(op, dout, h, gate_up, w_down, ids, weights):
 @torch.library.custom_op("qwen3moe::grouped_swiglu_down_backward", mutates_args=())
 def grouped_swiglu_down_backward(
     dout: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor, need_weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, H, E, I, k = _check_down_backward("grouped_swiglu_down_backward", dout, h, gate_up, w_down, ids, weights)
     _record("grouped_swiglu_down_backward", h)
     if T == 0:
-        return h.new_empty((0, 2 * I)), torch.zeros_like(w_down), weights.new_empty((0, k))
+        dwd = torch.zeros_like(w_down) if need_weight_grad else w_down.new_empty((0, H, I))
+        return h.new_empty((0, 2 * I)), dwd, weights.new_empty((0, k))
     if _use_triton(h):
-        return _triton_down_backward(dout, h, gate_up, w_down, ids, weights)
-    return _cpu_down_backward(dout, h, gate_up, w_down, ids, weights)
+        return _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad)
+    return _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad)
 
 
 @grouped_swiglu_down_backward.register_fake
-def _(dout, h, gate_up, w_down, ids, weights):
+def _(dout, h, gate_up, w_down, ids, weights, need_weight_grad=True):
     T, H, E, I, k = _check_down_backward("grouped_swiglu_down_backward", dout, h, gate_up, w_down, ids, weights)
-    return h.new_empty((T * k, 2 * I)), torch.empty_like(w_down), weights.new_empty((T, k))
+    dwd = torch.empty_like(w_down) if need_weight_grad else w_down.new_empty((0, H, I))
+    return h.new_empty((T * k, 2 * I)), dwd, weights.new_empty((T, k))
 
 
 def _check_gate_up_backward(op, d_gate_up, x, w_gate_up, ids):
@@ -377,18 +388,20 @@ def _check_gate_up_backward(op, d_gate_up, x, w_gate_up, ids):
 
 @torch.library.custom_op("qwen3moe::grouped_swiglu_gate_up_backward", mutates_args=())
 def grouped_swiglu_gate_up_backward(
-    d_gate_up: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, ids: torch.Tensor
+    d_gate_up: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, ids: torch.Tensor, need_weight_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, H, E, I, k = _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
     _record("grouped_swiglu_gate_up_backward", x)
     if T == 0:
-        return x.new_empty((0, H)), torch.zeros_like(w_gate_up)
+        dw = torch.zeros_like(w_gate_up) if need_weight_grad else w_gate_up.new_empty((0, 2 * I, H))
+        return x.new_empty((0, H)), dw
     if _use_triton(x):
-        return _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids)
-    return _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids)
+        return _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_weight_grad)
+    return _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_weight_grad)
 
 
 @grouped_swiglu_gate_up_backward.register_fake
-def _(d_gate_up, x, w_gate_up, ids):
-    _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
-    return torch.empty_like(x), torch.empty_like(w_gate_up)
+def _(d_gate_up, x, w_gate_up, ids, need_weight_grad=True):
+    T, H, E, I, k = _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
+    dw = torch.empty_like(w_gate_up) if need_weight_grad else w_gate_up.new_empty((0, 2 * I, H))
+    return torch.empty_like(x), dw
