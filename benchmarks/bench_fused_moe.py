@@ -16,6 +16,7 @@ swamps the per-expert loops of all three implementations alike; ``--threads 1`` 
 neighbours.
 
 Run: python benchmarks/bench_fused_moe.py [--tokens 1 8 64 512] [--backward] [--rounds 7] [--threads 1]
+     [--json PATH]
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ if __name__ == "__main__":
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared, oversubscribed machine 1 avoids OpenMP stalls)")
+    ap.add_argument("--json", default=None, help="write the rows and the machine record here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -146,4 +148,10 @@ if __name__ == "__main__":
     print(f"cpu: {info['cpu_model']}, capability {info['cpu_capability']}, flags {info['cpu_flags']}, "
           f"threads {info['cpu_threads']}, gpu {info['gpu']}, load {os.getloadavg()}")
     toks = a.tokens or ((1, 8, 64, 512, 4096, 16384) if torch.cuda.is_available() else (1, 8, 64, 512))
-    run(toks, rounds=a.rounds, backward=a.backward)
+    result = run(toks, rounds=a.rounds, backward=a.backward)
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True, default=str)
+        print("wrote", a.json)

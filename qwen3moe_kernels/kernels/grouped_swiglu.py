@@ -444,7 +444,10 @@ def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, t
 
 
 def dx(dgu, w_gate_up, padded_slots, block_expert, top_k: int, config: dict):
-    """``dx [T, H]`` fp32: per-slot ``dgu[s] @ w_gate_up[e]`` summed over each token's k slots in fixed order."""
+    """``dx [T, H]`` fp32: per-slot ``dgu[s] @ w_gate_up[e]`` summed over each token's k slots in fixed order.
+
+    The per-slot buffer is ``[T*k, H]`` fp32 (1 GiB at T = 16384, k = 8, H = 2048): the price of a deterministic
+    fp32 sum without atomics."""
     import torch
 
     S, I2 = dgu.shape
