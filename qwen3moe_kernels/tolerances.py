@@ -13,6 +13,8 @@
     ~sqrt(K) * 2^-24 relative to the row norm, so 1e-4 / 1e-4 leaves room. Low precision outputs are rounded once
     more after the sum: 2 ulp.
   - ``"router"``: the router's softmax runs in fp32 whatever the logits dtype, so its weights are fp32.
+  - ``"norm"``: RMSNorm outputs round twice in fp16/bf16 (normed, then weight * normed), so an fp32-ulp change of
+    rstd from another summation order can end 2 ulps away: 2 ulps for fp16/bf16, fp32 as ``"elementwise"``.
 * ``assert_within_twice_torch_error(out, ref_fp32, torch_lowp)``: the flash-attention rule for low precision
   GEMM kernels: the kernel's error against an fp32 reference may be at most about twice the error PyTorch's own
   computation in the same low precision makes (plus a tiny absolute floor for outputs that are exactly zero).
