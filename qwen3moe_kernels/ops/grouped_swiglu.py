@@ -24,12 +24,16 @@ any tile size.
 Implementations: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests run the
 kernels without a GPU) launch the Triton kernels of ``kernels/grouped_swiglu.py`` over ``moe_align_block`` /
 ``moe_sort`` orders. CPU tensors otherwise run one torch matrix product per expert over its rows (gathered once,
-in expert order); bf16 computes in fp32 on CPUs without native bf16 dot products (``cpu.native_bf16``).
+in expert order); bf16 computes in fp32 on CPUs without native bf16 dot products (``cpu.native_bf16``). The same
+torch code serves a GPU where triton is missing, recorded as a fallback. Importing this module does not import
+triton (the kernels module is imported on the first Triton launch).
 Autograd for the whole expert computation is in ``ops/fused_moe.py`` (``moe_experts``), which composes these ops.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -101,13 +105,26 @@ def _check_down(op, h, w_down, ids, weights):
     return T, H, E, I, k
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _use_triton(t: torch.Tensor) -> bool:
+    if not _triton_available():
+        return False
     return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _record(op: str, t: torch.Tensor) -> None:
-    if not torch.compiler.is_compiling():
-        dispatch.record(op, "triton" if _use_triton(t) else "cpu")
+    if torch.compiler.is_compiling():
+        return
+    if _use_triton(t):
+        dispatch.record(op, "triton")
+    elif t.device.type == "cpu":
+        dispatch.record(op, "cpu")
+    else:  # a GPU without triton: the per-expert torch products run there (correct, not fast)
+        dispatch.fallback(op, f"no Triton for {t.device.type} tensors: per-expert torch matrix products")
 
 
 # ------------------------------------------------------------------------------------------- CPU (torch)
@@ -136,8 +153,8 @@ def _cpu_gate_up(x, w_gate_up, ids, save):
     cdt = _cdt(x.dtype)
     order, counts = _groups(ids, E)
     xs = x[order // k]
-    hs = torch.empty((T * k, I), dtype=x.dtype)
-    gus = torch.empty((T * k, I2), dtype=x.dtype) if save else None
+    hs = x.new_empty((T * k, I))
+    gus = x.new_empty((T * k, I2)) if save else None
     start = 0
     for e, c in enumerate(counts):
         if c:
@@ -162,7 +179,7 @@ def _cpu_down(h, w_down, ids, weights):
     cdt = _cdt(h.dtype)
     order, counts = _groups(ids, E)
     hs = h[order]
-    ys = torch.empty((T * k, H), dtype=cdt)
+    ys = h.new_empty((T * k, H), dtype=cdt)
     start = 0
     for e, c in enumerate(counts):
         if c:
@@ -186,7 +203,7 @@ def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     rw = weights.reshape(-1)[order]  # [T*k] in expert order
     douts = dout[order // k].to(cdt)
     hs = h[order]
-    g = torch.empty((T * k, I), dtype=cdt)
+    g = h.new_empty((T * k, I), dtype=cdt)
     dwd = torch.zeros_like(w_down) if need_w else w_down.new_empty((0, H, I))
     start = 0
     for e, c in enumerate(counts):
@@ -198,7 +215,7 @@ def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
                 dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
         start += c
     gf = g.float()
-    drw = torch.empty(T * k, dtype=torch.float32)
+    drw = weights.new_empty(T * k)
     drw[order] = (gf * hs.float()).sum(1)
     gate, up = gate_up[order].float().chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
@@ -217,7 +234,7 @@ def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     order, counts = _groups(ids, E)
     dgus = d_gate_up[order].to(cdt)
     xs = x[order // k].to(cdt)
-    dxs = torch.empty((T * k, H), dtype=cdt)
+    dxs = x.new_empty((T * k, H), dtype=cdt)
     dwgu = torch.zeros_like(w_gate_up) if need_w else w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
     start = 0
     for e, c in enumerate(counts):
@@ -227,7 +244,7 @@ def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
             if need_w:
                 dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
         start += c
-    dx = torch.empty((T * k, H), dtype=torch.float32)
+    dx = x.new_empty((T * k, H), dtype=torch.float32)
     dx[order] = dxs.float()
     return dx.view(T, k, H).sum(1).to(x.dtype), dwgu
 
