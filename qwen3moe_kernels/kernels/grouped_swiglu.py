@@ -301,6 +301,12 @@ def grouped_swiglu_wgrad_kernel(
 # ------------------------------------------------------------------------------------------------- configs
 #
 # Why these tiles (no GPU has run them yet; tuned tables replace them when one is lent, see ``TUNED``):
+# With r = T*k / E rows per expert, each expert weight byte read from HBM feeds about r FLOPs (2r per bf16
+# element), so the expert GEMMs stay bound by weight bandwidth up to r ~ 300 on an H100 (~990 TFLOP/s over
+# ~3.35 TB/s): at Qwen3-30B-A3B (E = 128, k = 8) that is T up to ~4800 tokens. Below that the tiles must read
+# each weight once (GROUP_M swizzling keeps it in L2 across an expert's M blocks) with enough programs in
+# flight, and the padding of each expert's last M block costs no bandwidth (its x rows are masked off); above
+# it, tensor-core efficiency decides, and BLOCK_M = 128 wastes at most ~BLOCK_M/2 of >= 300 rows per expert.
 # * decode (T*k <= 64 slots, so 1 to 8 tokens per expert): the GEMMs are bound by reading the expert weights
 #   (each touched weight byte is used by a handful of rows). BLOCK_M = 16 wastes the least work on padding;
 #   Triton lowers M = 16 tiles to mma.sync (wgmma needs 64 rows), which is fine when the weights' bandwidth,
@@ -311,7 +317,8 @@ def grouped_swiglu_wgrad_kernel(
 # * prefill: 128 x 128 output tiles with BLOCK_K = 64 (8 warps, 3 stages): per K step 16 KB of A and 16 KB of B
 #   (bf16) feed 128*128*64*2 FLOPs, the intensity wgmma needs to approach peak; 3 stages keep TMA-free loads in
 #   flight within 227 KB of shared memory. The gate/up kernel runs two accumulators (gate and up columns of the
-#   same N tile), so its BLOCK_N = 64 already is an effective 128-wide tile. GROUP_M = 8 swizzling makes the
+#   same N tile), so its BLOCK_N = 64 already is an effective 128-wide tile; down_bwd, whose SwiGLU-backward
+#   epilogue holds several tiles, runs 64 x 64 on 8 warps (see default_config). GROUP_M = 8 swizzling makes the
 #   weight tiles of one expert L2-resident across its M blocks. fp32 inputs (tf32x3) halve BLOCK_K to fit
 #   shared memory. compile-check compiles all of them for sm_90/sm_100 and fails on spills or on missing
 #   wgmma/tcgen05/mma instructions.
