@@ -131,7 +131,11 @@ def test_moe_experts_no_grad_matches_grad_path_and_records():
     dispatch.reset()
     with torch.no_grad():
         a = moe_experts(x, ids, w, wgu, wd)
-    assert dispatch.implementations()["grouped_swiglu_down"] == "cpu"
+    ran = dispatch.implementations()
+    assert ran["grouped_swiglu_down"] == "cpu"
+    # the CPU experts group, gather and combine with the registered permutation ops (issue: fused uses them)
+    assert {op: ran.get(op) for op in ("moe_sort", "moe_permute", "moe_unpermute")} == dict.fromkeys(
+        ("moe_sort", "moe_permute", "moe_unpermute"), "cpu")
     b = moe_experts(x.requires_grad_(), ids.long(), w, wgu, wd)
     assert torch.equal(a, b.detach())
 

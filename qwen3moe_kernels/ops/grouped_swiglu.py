@@ -23,9 +23,11 @@ any tile size.
 
 Implementations: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests run the
 kernels without a GPU) launch the Triton kernels of ``kernels/grouped_swiglu.py`` over ``moe_align_block`` /
-``moe_sort`` orders. CPU tensors otherwise run one torch matrix product per expert over its rows (gathered once,
-in expert order); bf16 computes in fp32 on CPUs without native bf16 dot products (``cpu.native_bf16``). The same
-torch code serves a GPU where triton is missing, recorded as a fallback. Importing this module does not import
+``moe_sort`` orders. CPU tensors otherwise run one torch matrix product per expert over its rows, with the
+registered permutation ops around them: ``moe_sort`` groups the slots, ``moe_permute`` gathers the rows into
+expert order once (and back to slot order by ``inv``), ``moe_unpermute`` does the down op's fp32 combine (and
+dx's sum over the k slots) straight from expert order; bf16 computes in fp32 on CPUs without native bf16 dot
+products (``cpu.native_bf16``). The same torch code serves a GPU where triton is missing, recorded as a fallback. Importing this module does not import
 triton (the kernels module is imported on the first Triton launch).
 Autograd for the whole expert computation is in ``ops/fused_moe.py`` (``moe_experts``), which composes these ops.
 """
@@ -136,94 +138,112 @@ def _cdt(dtype: torch.dtype) -> torch.dtype:
     return cpu_compute_dtype(dtype)
 
 
-def _groups(ids: torch.Tensor, E: int):
-    """(slots in expert order [T*k] long, per-expert counts as a Python list)."""
-    flat = ids.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
-    return order, torch.bincount(flat, minlength=E).tolist()
+class _Order:
+    """The slots of ``ids [T, k]`` grouped by expert, from the registered permutation ops (``moe_sort``).
+
+    ``sorted`` [T*k] int32 lists the slots expert by expert, ``inv`` [T*k] int32 is each slot's position in that
+    order, ``counts`` the per-expert group sizes (a Python list: the CPU path loops over experts anyway).
+    ``rows(t)`` gathers the rows of a slot-ordered ``[T*k, ...]`` tensor into expert order, ``tokens(x)`` the rows
+    of a token-ordered ``[T, H]`` one (``moe_permute``, a parallel row copy); ``back(ts)`` puts an expert-ordered
+    tensor back in slot order (a gather by ``inv``, the same op with top_k = 1).
+    """
+
+    def __init__(self, ids: torch.Tensor, E: int):
+        from .moe_permute import moe_sort
+
+        self.k = ids.shape[1]
+        self.sorted, self.inv, offsets = moe_sort(ids.contiguous(), E)
+        self.counts = offsets.diff().tolist()
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        from .moe_permute import moe_permute
+
+        return moe_permute(_rows_contiguous(x), self.sorted, self.k)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        from .moe_permute import moe_permute
+
+        return moe_permute(_rows_contiguous(t), self.sorted, 1)
+
+    def back(self, ts: torch.Tensor) -> torch.Tensor:
+        from .moe_permute import moe_permute
+
+        return moe_permute(_rows_contiguous(ts), self.inv, 1)
+
+    def chunks(self):
+        """(expert, slice of the expert-ordered rows) for every expert that has rows."""
+        start = 0
+        for e, c in enumerate(self.counts):
+            if c:
+                yield e, slice(start, start + c)
+            start += c
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) else t.contiguous()
 
 
 def _cpu_gate_up(x, w_gate_up, ids, save):
-    # Per expert: one GEMM over its contiguous (expert-sorted) rows, SwiGLU on that chunk while it is in cache
-    # (fp32, one rounding, as the Triton epilogue), one scatter back to slot order at the end.
+    # Per expert: one GEMM over its contiguous (expert-ordered) rows, SwiGLU on that chunk while it is in cache
+    # (fp32, one rounding, as the Triton epilogue), one gather back to slot order at the end.
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
     I = I2 // 2
-    k = ids.shape[1]
     cdt = _cdt(x.dtype)
-    order, counts = _groups(ids, E)
-    xs = x[order // k]
-    hs = x.new_empty((T * k, I))
-    gus = x.new_empty((T * k, I2)) if save else None
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            sl = slice(start, start + c)
-            gu = torch.mm(xs[sl].to(cdt), w_gate_up[e].to(cdt).t())
-            hs[sl] = F.silu(gu[:, :I].float()) * gu[:, I:].float()
-            if save:
-                gus[sl] = gu
-        start += c
-    h = torch.empty_like(hs)
-    h[order] = hs
-    if not save:
-        return h, x.new_empty((0, I2))
-    gu = torch.empty_like(gus)
-    gu[order] = gus
-    return h, gu
+    order = _Order(ids, E)
+    xs = order.tokens(x)
+    hs = x.new_empty((T * order.k, I))
+    gus = x.new_empty((T * order.k, I2)) if save else None
+    for e, sl in order.chunks():
+        gu = torch.mm(xs[sl].to(cdt), w_gate_up[e].to(cdt).t())
+        hs[sl] = F.silu(gu[:, :I].float()) * gu[:, I:].float()
+        if save:
+            gus[sl] = gu
+    return order.back(hs), (order.back(gus) if save else x.new_empty((0, I2)))
 
 
 def _cpu_down(h, w_down, ids, weights):
     E, H, I = w_down.shape
     T, k = weights.shape
     cdt = _cdt(h.dtype)
-    order, counts = _groups(ids, E)
-    hs = h[order]
+    order = _Order(ids, E)
+    hs = order.rows(h)
     ys = h.new_empty((T * k, H), dtype=cdt)
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            torch.mm(hs[start:start + c].to(cdt), w_down[e].to(cdt).t(), out=ys[start:start + c])
-        start += c
-    y = torch.empty_like(ys)
-    y[order] = ys
-    y = y.view(T, k, H)
-    # fp32 combine in the order j = 0..k-1 (as the Triton path): no [T*k, H] fp32 copy
-    out = y[:, 0].float() * weights[:, :1]
-    for j in range(1, k):
-        out.addcmul_(y[:, j], weights[:, j:j + 1])
-    return out.to(h.dtype)
+    for e, sl in order.chunks():
+        torch.mm(hs[sl].to(cdt), w_down[e].to(cdt).t(), out=ys[sl])
+    # moe_unpermute: the k rows of each token straight from expert order, weighted and summed in fp32 in the
+    # order j = 0..k-1 (as the Triton path); one rounding to h's dtype at the end
+    return _unpermute(ys, weights, order.inv).to(h.dtype)
+
+
+def _unpermute(ys, weights, inv):
+    from .moe_permute import moe_unpermute
+
+    return moe_unpermute(ys, weights.float().contiguous(), inv)
 
 
 def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     E, H, I = w_down.shape
     T, k = weights.shape
     cdt = _cdt(h.dtype)
-    order, counts = _groups(ids, E)
-    rw = weights.reshape(-1)[order]  # [T*k] in expert order
-    douts = dout[order // k].to(cdt)
-    hs = h[order]
+    order = _Order(ids, E)
+    rw = weights.reshape(-1)[order.sorted.long()]  # [T*k] in expert order
+    douts = order.tokens(dout).to(cdt)
+    hs = order.rows(h)
     g = h.new_empty((T * k, I), dtype=cdt)
     dwd = torch.zeros_like(w_down) if need_w else w_down.new_empty((0, H, I))
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            sl = slice(start, start + c)
-            torch.mm(douts[sl], w_down[e].to(cdt), out=g[sl])
-            if need_w:
-                scaled = (douts[sl].float() * rw[sl, None]).to(cdt)
-                dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
-        start += c
+    for e, sl in order.chunks():
+        torch.mm(douts[sl], w_down[e].to(cdt), out=g[sl])
+        if need_w:
+            scaled = (douts[sl].float() * rw[sl, None]).to(cdt)
+            dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
     gf = g.float()
-    drw = weights.new_empty(T * k)
-    drw[order] = (gf * hs.float()).sum(1)
-    gate, up = gate_up[order].float().chunk(2, dim=-1)
+    drw = (gf * hs.float()).sum(1)[order.inv.long()]
+    gate, up = order.rows(gate_up).float().chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     dh = gf * rw[:, None]
     dgus = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], 1).to(h.dtype)
-    dgu = torch.empty_like(dgus)
-    dgu[order] = dgus
-    return dgu, dwd, drw.view(T, k)
+    return order.back(dgus), dwd, drw.view(T, k)
 
 
 def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
@@ -231,22 +251,18 @@ def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     E = w_gate_up.shape[0]
     k = ids.shape[1]
     cdt = _cdt(x.dtype)
-    order, counts = _groups(ids, E)
-    dgus = d_gate_up[order].to(cdt)
-    xs = x[order // k].to(cdt)
+    order = _Order(ids, E)
+    dgus = order.rows(d_gate_up).to(cdt)
+    xs = order.tokens(x).to(cdt) if need_w else None
     dxs = x.new_empty((T * k, H), dtype=cdt)
     dwgu = torch.zeros_like(w_gate_up) if need_w else w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            sl = slice(start, start + c)
-            torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
-            if need_w:
-                dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
-        start += c
-    dx = x.new_empty((T * k, H), dtype=torch.float32)
-    dx[order] = dxs.float()
-    return dx.view(T, k, H).sum(1).to(x.dtype), dwgu
+    for e, sl in order.chunks():
+        torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
+        if need_w:
+            dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
+    # dx[t] = sum_j dxs[inv[t*k+j]]: moe_unpermute with unit weights (fp32, fixed order)
+    ones = torch.ones((T, k), dtype=torch.float32, device=x.device)
+    return _unpermute(dxs, ones, order.inv).to(x.dtype), dwgu
 
 
 # ------------------------------------------------------------------------------------------ Triton path
