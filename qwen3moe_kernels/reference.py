@@ -48,20 +48,24 @@ def load_balancing_loss(
     ``router_logits`` holds one ``[B*S, E]`` tensor per sparse layer. The loss is
     ``E * sum_e f_e * P_e`` with f_e the fraction of (token, choice) assignments to expert e and P_e the mean
     router probability of e, both averaged over the non-padding tokens of every layer.
+
+    As in transformers, the softmax runs in the logits' dtype (no fp32 upcast, unlike ``router_topk``) and the
+    top-k choice is made on those probabilities; the counts and probability sums accumulate in fp32. So a bf16
+    model's aux loss is computed from bf16 probabilities, exactly as transformers computes it.
     """
     device = router_logits[0].device
     counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
     rows = torch.zeros((), dtype=torch.float32, device=device)
     for layer_logits in router_logits:
-        probs = torch.softmax(layer_logits.to(device).float(), dim=-1)
+        probs = torch.softmax(layer_logits.to(device), dim=-1)
         _, chosen = torch.topk(probs, top_k, dim=-1)
         if attention_mask is None:
             mask = torch.ones(probs.shape[0], dtype=torch.float32, device=device)
         else:
             mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
         counts = counts.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(top_k))
-        prob_sum = prob_sum + (probs * mask[:, None]).sum(dim=0)
+        prob_sum = prob_sum + (probs.float() * mask[:, None]).sum(dim=0)
         rows = rows + mask.sum()
     # counts are per assignment, so sum_e f_e == top_k, as in transformers.
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))

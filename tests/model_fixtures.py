@@ -57,6 +57,19 @@ def save_per_expert(hf, path) -> None:
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
+def save_fused(hf, path) -> None:
+    """Write ``hf.state_dict()`` as it is, in transformers' fused 3-D expert layout
+    (``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj [E, H, I]``).
+
+    ``save_pretrained`` cannot make this file: transformers 5.24 converts the experts back to the per-expert
+    layout when it saves. A tied model's file keeps its ``lm_head.weight`` copy, as some tied checkpoints do.
+    """
+    os.makedirs(path, exist_ok=True)
+    hf.config.save_pretrained(path)
+    sd = {name: t.detach().contiguous().clone() for name, t in hf.state_dict().items()}  # clone: no shared storage
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
 def read_config(path) -> dict:
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)

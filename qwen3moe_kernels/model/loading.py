@@ -13,7 +13,9 @@ The name-mapping rule (checkpoint name -> our parameter, and which slice of it):
 ``mlp.gate.weight -> mlp.router_weight``; ``experts.gate_up_proj -> w_gate_up``; ``experts.down_proj ->
 w_down``; ``experts.{j}.gate_proj.weight -> w_gate_up[j, :I]``; ``experts.{j}.up_proj.weight ->
 w_gate_up[j, I:]``; ``experts.{j}.down_proj.weight -> w_down[j]``; every other name is ours as is.
-Missing, unexpected, duplicated or misshapen tensors raise ``ValueError`` naming the tensor.
+Missing, unexpected, duplicated, misshapen or non-floating-point tensors raise ``ValueError`` naming the
+tensor; so does a shard index whose ``weight_map`` disagrees with what the shards hold. ``dtype`` and
+``device`` are checked before any file is read.
 """
 
 from __future__ import annotations
@@ -77,29 +79,76 @@ def _missing_names(pname: str, param: torch.Tensor, done: set) -> list[str]:
     return [f"{name} {tuple(param.shape)}"]
 
 
+def _read_weight_map(index: str) -> dict[str, str]:
+    with open(index) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index}: not valid JSON: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
+    return weight_map
+
+
+def _check_shard(index: str, weight_map: dict[str, str], fname: str, names: set[str]) -> None:
+    """The tensors in shard ``fname`` must be exactly those the index maps to it."""
+    listed = {n for n, shard in weight_map.items() if shard == fname}
+    absent = sorted(listed - names)
+    if absent:
+        raise ValueError(f"{index} maps tensor {absent[0]!r} to {fname!r}, which does not hold it"
+                         + (f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""))
+    for name in sorted(names - listed):
+        where = f"maps it to {weight_map[name]!r}" if name in weight_map else "does not list it"
+        raise ValueError(f"shard {fname!r} holds tensor {name!r}, but {index} {where}")
+
+
 def _shards(path: str) -> list[str]:
+    """The safetensors files of the checkpoint; a shard index is checked against the shards' headers first."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no weight_map")
+        weight_map = _read_weight_map(index)
         files = sorted(set(weight_map.values()))
         for fname in files:
-            if not os.path.exists(os.path.join(path, fname)):
+            full = os.path.join(path, fname)
+            if not os.path.exists(full):
                 raise ValueError(f"{index} lists shard {fname!r}, which does not exist")
+            with safe_open(full, framework="pt", device="cpu") as f:  # reads the header only
+                _check_shard(index, weight_map, fname, set(f.keys()))
         return [os.path.join(path, f) for f in files]
     if os.path.exists(single):
         return [single]
     raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device that can hold the weights, checked before any checkpoint file is read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from e
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data, so the checkpoint cannot be loaded onto it; "
+                         "pass a real device such as 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} needs CUDA, but torch.cuda.is_available() is False here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    try:
+        torch.empty(0, device=dev)  # any other backend (mps, xpu, ...) that is not usable fails here
+    except (RuntimeError, AssertionError) as e:  # first line: some backends append their whole dispatch table
+        raise ValueError(f"device={device!r} cannot hold tensors here: {str(e).splitlines()[0]}") from e
+    return dev
+
+
 def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager"):
     path = os.fspath(path)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    device = torch.device(device)
+    device = _check_device(device)
     config = Qwen3MoeConfig.from_pretrained(path)
     files = _shards(path)
     with torch.device("meta"):
@@ -126,8 +175,13 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager
                     raise ValueError(f"tensor {name!r} is given twice")
                 if done[pname] and (piece == "all") != ("all" in done[pname]):
                     raise ValueError(f"tensor {name!r}: {pname} given both fused and per expert")
+                tensor = f.get_tensor(name)
+                if not tensor.dtype.is_floating_point:
+                    # copy_ would convert it silently: integer weights mean a quantized or broken checkpoint
+                    raise ValueError(f"tensor {name!r} in {os.path.basename(fname)} has dtype {tensor.dtype}, "
+                                     f"expected a floating-point dtype")
                 with torch.no_grad():
-                    dest.copy_(f.get_tensor(name))
+                    dest.copy_(tensor)
                 done[pname].add(piece)
     missing = []
     for pname, param in params.items():

@@ -4,11 +4,14 @@ Two backends share one set of weights and can be switched at any time with ``set
 
 * ``"eager"`` calls only ``qwen3moe_kernels.reference`` functions and matches transformers op for op;
 * ``"fused"`` calls the ``qwen3moe_kernels.fused`` entry points (MoE block, norms, fused residual-add +
-  RMSNorm, q/k-norm + RoPE); attention stays the reference in both.
+  RMSNorm, q/k-norm + RoPE). Attention and the dense MLP of ``mlp_only_layers`` are torch code in both (the
+  library has no kernel for them, by design); the fused backend records them in
+  ``qwen3moe_kernels.implementations()`` so the report covers every op the model ran.
 
 Data layout: experts stacked as ``w_gate_up [E, 2I, H]`` (gate rows, then up rows) and ``w_down [E, H, I]``,
 router ``[E, H]``; activations ``[B, S, H]``; the KV cache keeps per layer ``k, v [B, Hk, L, D]`` (RoPE already
-applied), and the position of a new token is the cache length.
+applied). A token's position is its index counting the cache (``past + i``) unless ``position_ids`` says
+otherwise; ``generate`` with an ``attention_mask`` passes transformers' positions for left-padded rows.
 
 The decoder layer is written residual-stream style: each layer takes ``(h, residual)`` and adds its input
 to the residual inside ``fused_add_rms_norm``; ``residual + h`` is the same float add transformers does.
@@ -20,12 +23,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import fused, reference
+from ..dispatch import record
 from .config import Qwen3MoeConfig
 
 BACKENDS = {"eager": reference, "fused": fused}
+
+
+def _record_torch(ops, op: str, impl: str) -> None:
+    """Report an op that runs plain torch code under the fused backend too, so implementations() is complete.
+
+    Not a fallback (there is no kernel to fall back from); skipped while compiling, where it would only be traced.
+    """
+    if ops is fused and not torch.compiler.is_compiling():
+        record(op, impl)
 
 
 @dataclass
@@ -80,6 +92,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = reference.attention(q, k, v, mask, self.d**-0.5)
+        _record_torch(ops, "attention", "torch (eager: matmul + fp32 softmax)")
         return self.o_proj(out.reshape(B, S, self.hq * self.d))
 
 
@@ -99,6 +112,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, ops):
+        _record_torch(ops, "mlp", "torch (F.linear SwiGLU)")
         return reference.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight), None
 
 
@@ -182,7 +196,9 @@ class Qwen3MoeForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size})")
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_router_logits=False,
-                past_key_values=None, use_cache=False) -> CausalLMOutput:
+                past_key_values=None, use_cache=False, position_ids=None) -> CausalLMOutput:
+        """``attention_mask [B, past+S]`` (0 = padding) masks keys; ``position_ids [B or 1, S]`` default to
+        ``past + arange(S)``, as transformers' forward (which, like this one, does not derive them from the mask)."""
         self._check_input_ids(input_ids)
         cfg, ops = self.config, BACKENDS[self.backend]
         B, S = input_ids.shape
@@ -190,11 +206,22 @@ class Qwen3MoeForCausalLM(nn.Module):
         if cache is None and use_cache:
             cache = KVCache(cfg.num_hidden_layers)
         past = 0 if cache is None else cache.get_seq_length()
-        if attention_mask is not None and attention_mask.shape != (B, past + S):
-            raise ValueError(f"attention_mask must be [batch, past+seq] = {(B, past + S)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + S):
+                raise ValueError(f"attention_mask must be [batch, past+seq] = {(B, past + S)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            if attention_mask.device != input_ids.device:
+                raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
         h = self.model.embed_tokens(input_ids)
-        positions = torch.arange(past, past + S, device=h.device)[None].expand(B, S)
+        if position_ids is None:
+            positions = torch.arange(past, past + S, device=h.device)[None].expand(B, S)
+        elif (not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32)
+              or tuple(position_ids.shape) not in ((B, S), (1, S)) or position_ids.device != h.device):
+            raise ValueError(f"position_ids must be an int64/int32 tensor [batch or 1, seq] = {(B, S)} on "
+                             f"{h.device}, got {getattr(position_ids, 'dtype', type(position_ids))} "
+                             f"{tuple(getattr(position_ids, 'shape', ()))}")
+        else:
+            positions = position_ids
         cos, sin = reference.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
         mask = reference.causal_mask(attention_mask, S, past, h.dtype, h.device)
         residual, all_router_logits = None, []
@@ -221,15 +248,42 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (or sampled) decoding with the KV cache; returns prompt + new tokens ``[B, S + n]``."""
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy (or sampled) decoding with the KV cache; returns prompt + new tokens ``[B, S + n]``.
+
+        ``attention_mask [B, S]`` (1 = token, 0 = padding) batches prompts of different lengths, left-padded,
+        and decodes them as transformers' ``generate`` does: a token's position is the number of real tokens
+        before it (``cumsum(mask) - 1``, padding at 0), each new token is at the previous position + 1, and the
+        padding stays masked out of attention at every step (its K/V sit in the cache, masked). Without a mask
+        every token is real. A row that has produced ``eos_token_id`` is filled with ``pad_token_id`` (default:
+        the eos id) from then on; decoding stops early once every row has. ``do_sample=True`` needs
+        ``temperature > 0`` (transformers refuses 0 too: greedy decoding is ``do_sample=False``).
+        """
         self._check_input_ids(input_ids)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}; "
+                             f"use do_sample=False for greedy decoding")
+        if pad_token_id is None:
+            pad_token_id = eos_token_id
+        V = self.config.vocab_size
+        for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            # both are fed back into the model (a finished row's next input is the pad), so both must be ids
+            if tok is not None and (not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < V):
+                raise ValueError(f"{name} must be a token id in [0, vocab_size={V}), got {tok!r}")
+        positions = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask)}")
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out, cache, step = input_ids, None, input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            res = self(step, past_key_values=cache, use_cache=True)
+            res = self(step, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True)
             cache, last = res.past_key_values, res.logits[:, -1].float()
             if do_sample:
                 probs = torch.softmax(last / temperature, dim=-1)
@@ -237,10 +291,13 @@ class Qwen3MoeForCausalLM(nn.Module):
             else:
                 nxt = last.argmax(dim=-1)
             if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
                 done |= nxt == eos_token_id
             step = nxt[:, None].to(input_ids.dtype)
             out = torch.cat([out, step], dim=1)
+            if attention_mask is not None:  # the new token is real; the next one sits one position further
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(step.shape)], dim=1)
+                positions = positions[:, -1:] + 1
             if eos_token_id is not None and bool(done.all()):
                 break
         return out
