@@ -8,9 +8,17 @@
 //
 // The CUDA kernel encodes the order into a 64-bit key per (p, id) so that "better" is plain unsigned ">" in a
 // warp max-reduction: high word = the float's bits made monotonic (NaN mapped above +inf), low word = ~id (lower
-// id, bigger key). Keys are unique within a row (distinct ids). The CPU kernel selects on the floats directly
-// (select_topk_row, the same order for a NaN-free row; a NaN row is all NaN and selects 0..k-1) and uses the
-// keys, and the GPU's k-rounds-of-argmax selection, for k > 32, so the tests exercise both.
+// id, bigger key). Keys are unique within a row (distinct ids).
+//
+// Which CPU path runs which function here (router_topk_cpu.cpp), so what the CPU tests exercise:
+//   every row           to_float, softmax_row (with exp_nonpos), renorm_sum / renormalize_row
+//   k <= 32, NaN-free   select_topk_row: one-pass insertion on the floats, the same order as the keys
+//   k <= 32, NaN row    select_topk_nan_row
+//   k > 32, every row   topk_key (order_bits), select_topk_passes (key_prob / from_order_bits, key_id): the GPU's
+//                       k-rounds-of-argmax selection, NaN rows included (their keys are all the NaN image)
+// GPU only: nan_max and softmax_prob (the CUDA kernel's max and probability; the CPU's softmax_row computes the
+// same exp_nonpos(l - max) * inv in two loops), exp_nonpos of a NaN (softmax_row fills a NaN row without calling
+// exp), and the zero key of the padding lanes.
 #pragma once
 
 #include <cmath>
@@ -35,7 +43,9 @@ C10_HOST_DEVICE inline float to_float(c10::BFloat16 v) { return static_cast<floa
 C10_HOST_DEVICE inline float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
 // Monotonic unsigned image of a float: a < b (as floats) <=> bits(a) < bits(b); -0 and +0 map together;
-// every NaN maps to 0xFFFFFFFF, above +inf (NaN is the largest value in torch.sort).
+// every NaN maps to 0xFFFFFFFF, above +inf (NaN is the largest value in torch.sort). The -0 merge is defensive,
+// keeping this a total order on all floats: no probability is -0 (exp_nonpos returns +0, a positive value or
+// NaN; the reciprocal sum is positive), so no router input reaches that line and no test runs it.
 C10_HOST_DEVICE inline uint32_t order_bits(float p) {
   if (p != p) return 0xFFFFFFFFu;
   if (p == 0.0f) p = 0.0f;  // -0 == +0

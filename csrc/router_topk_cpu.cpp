@@ -1,6 +1,11 @@
 // router_topk on CPU: rows split across threads with at::parallel_for; each row runs the shared per-row code of
-// router_topk.h (softmax into 64-bit selection keys, then the k best keys). See router_topk.h for the order and
-// the NaN rule.
+// router_topk.h (see there for the order and the NaN rule):
+//   * every row: softmax_row (fp32 probabilities; false for a NaN row), then renormalize_row if asked;
+//   * k <= 32, NaN-free row: select_topk_row, a one-pass insertion on the floats (the fast path: Qwen3 uses k = 8);
+//   * k <= 32, NaN row: select_topk_nan_row (experts 0..k-1, NaN weights);
+//   * k > 32, every row (NaN rows included): the GPU's selection, the 64-bit keys of topk_key and k rounds of
+//     argmax (select_topk_passes), so the key encoding, its NaN image and the ~id tie-break run on CPU too.
+// Both selections give the reference's order, so the CPU result does not depend on which path ran.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,7 +27,8 @@ void check_router_topk_args(const at::Tensor& logits, int64_t top_k) {
   TORCH_CHECK(E >= 1 && E <= router::kMaxExperts, "router_topk: logits.size(1) (number of experts) must be in [1, ",
               router::kMaxExperts, "], got ", E);
   TORCH_CHECK(top_k >= 1 && top_k <= E, "router_topk: top_k must be in [1, E=", E, "], got ", top_k);
-  TORCH_CHECK(logits.size(0) == 0 || logits.stride(1) == 1,
+  // a single column (E == 1) has no stride(1) to honour: a transposed [1, T] row is fine, as in moe_permute
+  TORCH_CHECK(logits.size(0) == 0 || E <= 1 || logits.stride(1) == 1,
               "router_topk: logits rows must be contiguous (stride(1) == 1), got strides ", logits.strides());
   TORCH_CHECK(logits.size(0) * top_k <= INT32_MAX, "router_topk: T * top_k = ", logits.size(0) * top_k,
               " does not fit int32 (the slot ids downstream are int32)");
@@ -61,13 +67,16 @@ void router_topk_out_cpu(const at::Tensor& logits, int64_t top_k, bool renormali
       for (int64_t t = begin; t < end; ++t) {
         float* wt = w + t * k;
         int32_t* it = id + t * k;
-        if (!router::softmax_row(l + t * row_stride, static_cast<int>(E), p.data())) {
-          router::select_topk_nan_row(static_cast<int>(k), wt, it);
-        } else if (k <= 32) {
-          router::select_topk_row(p.data(), static_cast<int>(E), static_cast<int>(k), wt, it);
-        } else {  // the GPU's algorithm: 64-bit keys, k rounds of argmax (same order, so the same result)
+        const bool nan_free = router::softmax_row(l + t * row_stride, static_cast<int>(E), p.data());
+        if (k > 32) {
+          // the GPU's algorithm: 64-bit keys, k rounds of argmax, for every row. A NaN row's keys all carry the NaN
+          // image of order_bits, so their ~id low words pick experts 0..k-1, as select_topk_nan_row does.
           for (int64_t e = 0; e < E; ++e) keys[e] = router::topk_key(p[e], static_cast<int32_t>(e));
           router::select_topk_passes(keys.data(), static_cast<int>(E), static_cast<int>(k), wt, it);
+        } else if (nan_free) {
+          router::select_topk_row(p.data(), static_cast<int>(E), static_cast<int>(k), wt, it);
+        } else {
+          router::select_topk_nan_row(static_cast<int>(k), wt, it);
         }
         if (renormalize) router::renormalize_row(wt, static_cast<int>(k));
       }

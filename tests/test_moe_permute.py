@@ -16,8 +16,11 @@ import qwen3moe_kernels as qk
 from qwen3moe_kernels import reference
 from qwen3moe_kernels.ops.moe_permute import moe_align_block, moe_permute, moe_sort, moe_unpermute, padded_bound
 
-SORT_CASES = [(T, E, k) for T in [0, 1, 7, 83, 4096] for E in [8, 60, 128, 256] for k in [1, 2, 8]]
-SORT_CASES += [(65536, 128, 8), (65536, 60, 2), (65536, 256, 1)]
+GRID_T = [0, 1, 7, 83, 4096, 65536]
+GRID_E = [8, 60, 128, 256]
+GRID_K = [1, 2, 8]
+GRID = [(T, E, k) for T in GRID_T for E in GRID_E for k in GRID_K]
+ID_MODES = ["random", "hot_expert", "one_expert"]
 
 
 def random_ids(T, E, k, device, dtype=torch.int32):
@@ -27,21 +30,42 @@ def random_ids(T, E, k, device, dtype=torch.int32):
     return torch.rand(T, E).topk(k, dim=-1).indices.to(device, dtype)
 
 
+def grid_ids(T, E, k, mode, device):
+    """random: router-like ids. hot_expert: router-like, and every token's first choice is expert E // 3 (it gets
+    all T tokens). one_expert: every slot on expert E // 3 (k equal ids per token: not router-like, but legal, and
+    the largest group there can be, T*k slots, with every other expert empty)."""
+    hot = E // 3
+    if mode == "one_expert":
+        return torch.full((T, k), hot, dtype=torch.int32, device=device)
+    if mode == "hot_expert" and T:
+        scores = torch.rand(T, E)
+        scores[:, hot] = 2.0  # above every other score
+        return scores.topk(k, dim=-1).indices.to(device, torch.int32)
+    return random_ids(T, E, k, device)
+
+
 def assert_equal(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
     assert torch.equal(a.cpu(), b.cpu())
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("T,E,k", SORT_CASES)
-def test_sort_and_align_match_reference(device, T, E, k):
-    ids = random_ids(T, E, k, device)
-    for got, ref in zip(moe_sort(ids, E), reference.moe_sort(ids, E)):
+@pytest.mark.parametrize("mode", ID_MODES)
+@pytest.mark.parametrize("T,E,k", GRID)
+def test_sort_and_align_match_reference(device, T, E, k, mode):
+    ids = grid_ids(T, E, k, mode, device)
+    got_sort = moe_sort(ids, E)
+    for got, ref in zip(got_sort, reference.moe_sort(ids, E)):
         assert_equal(got, ref)
-    if T <= 4096:  # the reference's align loops over experts in Python; the sort above covers 65536
-        for block in (16, 64):
-            for got, ref in zip(moe_align_block(ids, E, block), reference.moe_align_block(ids, E, block)):
-                assert_equal(got, ref)
+    for block in (16, 64):  # the reference's align loops over the E experts in Python: fast enough at T = 65536
+        for got, ref in zip(moe_align_block(ids, E, block), reference.moe_align_block(ids, E, block)):
+            assert_equal(got, ref)
+    counts = got_sort[2].diff().cpu()
+    if mode == "hot_expert":
+        assert int(counts[E // 3]) == T
+    if mode == "one_expert":
+        assert int(counts[E // 3]) == T * k and int(counts.sum()) == T * k
+        assert_equal(got_sort[0], torch.arange(T * k, dtype=torch.int32))  # stable: the slots in order
     assert qk.implementations()["moe_sort"] == ("cpu" if device == "cpu" else "cuda")
 
 
@@ -69,12 +93,11 @@ def test_sort_is_stable_with_repeated_experts(device):
         assert_equal(got, ref)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,H,E,k", [(0, 64, 8, 2), (1, 2048, 128, 8), (7, 769, 60, 2), (83, 7, 8, 1),
-                                     (256, 2048, 128, 8)])
-def test_permute_unpermute(device, dtype, T, H, E, k):
-    ids = random_ids(T, E, k, device)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def check_permute_unpermute(device, dtype, T, H, E, k, mode="random"):
+    ids = grid_ids(T, E, k, mode, device)
     sorted_slots, inv, _ = moe_sort(ids, E)
     x = torch.randn(T, H).to(device, dtype)
     xp = moe_permute(x, sorted_slots, k)
@@ -95,12 +118,26 @@ def test_permute_unpermute(device, dtype, T, H, E, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_unpermute_fp32_matches_reference_bits(device):
-    # the combine rounds each product before adding, in the order j = 0..k-1, as the reference's fp32 sum does
-    T, H, k = 64, 256, 8
-    y, w = torch.randn(T * k, H, device=device), torch.rand(T, k, device=device)
-    inv = torch.randperm(T * k, device=device).int()
-    torch.testing.assert_close(moe_unpermute(y, w, inv), reference.moe_unpermute(y, w, inv), atol=0, rtol=2e-7)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,E,k", [(0, 64, 8, 2), (1, 2048, 128, 8), (7, 769, 60, 2), (83, 7, 8, 1),
+                                     (256, 2048, 128, 8), (64, 4096, 128, 8)])
+def test_permute_unpermute(device, dtype, T, H, E, k):
+    # row sizes of the kernels' paths: H = 2048 bf16 is one 256-thread pass of 16-byte vectors on CUDA, 4096 two,
+    # 769 and 7 the scalar path
+    check_permute_unpermute(device, dtype, T, H, E, k)
+
+
+# the grid's row size per T: the big T get small rows (at T = 65536, k = 8 the reference gathers T*k*H values in
+# fp32, 8 M at H = 16, in well under a second; H = 2048 would be 1 G); the large H run in test_permute_unpermute
+GRID_H = {0: 64, 1: 2048, 7: 769, 83: 96, 4096: 32, 65536: 16}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["random", "one_expert"])
+@pytest.mark.parametrize("T,E,k", GRID)
+def test_permute_unpermute_grid(device, T, E, k, mode):
+    dtype = DTYPES[(T + E + k) % 3]  # every dtype meets every size class without a full product
+    check_permute_unpermute(device, dtype, T, GRID_H[T], E, k, mode)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,14 +213,32 @@ def test_properties_random_shapes(T, E, k, block, H, seed):
     assert_equal(moe_unpermute(moe_permute(x, sorted_slots, k), onehot, inv), x)
 
 
-def test_int32_overflow_is_an_error():
-    # a zero-stride view claims 2^31 slots without allocating them
+def test_zero_stride_ids_are_rejected_as_not_contiguous():
+    # a zero-stride view could claim 2^31 slots for free, but the ids must be contiguous: that check comes first
     ids = torch.zeros(1, dtype=torch.int32).expand(2**30, 2)
-    with pytest.raises(RuntimeError, match="contiguous"):
+    with pytest.raises(RuntimeError, match="ids must be contiguous"):
         moe_sort(ids, 8)
-    big = torch.zeros(1, 1).expand(2**29, 1)  # T = 2^29, k = 8: T*k = 2^32
-    with pytest.raises(RuntimeError, match="does not fit int32"):
+
+
+def test_int32_overflow_is_an_error():
+    # moe_permute: a zero-stride x claims T = 2^29 tokens without allocating them; k = 8: T*k = 2^32
+    big = torch.zeros(1, 1).expand(2**29, 1)
+    with pytest.raises(RuntimeError, match="T \\* top_k = 4294967296 does not fit int32"):
         moe_permute(big, torch.zeros(1, dtype=torch.int32), 8)
+    # moe_sort / moe_align_block need contiguous ids (see above), so T*k = 2^31 slots are a real 8 GiB int32
+    # buffer: there is no way to reach their T*k check without one. torch.empty only reserves the address space
+    # (no page is committed until written), and the check fails before any element is read, so the only page
+    # touched is the one written here. That id is out of range: were the T*k check missing, the sort would
+    # report it (a different message) rather than run over 2^31 slots.
+    try:
+        ids = torch.empty(2**30, 2, dtype=torch.int32)
+    except RuntimeError:  # a machine that cannot even reserve 8 GiB of address space
+        pytest.skip("cannot reserve 8 GiB of address space for 2^31 int32 ids")
+    ids[0, 0] = 8
+    with pytest.raises(RuntimeError, match="ids.numel\\(\\) = T\\*k = 2147483648 does not fit int32"):
+        moe_sort(ids, 8)
+    with pytest.raises(RuntimeError, match="ids.numel\\(\\) = T\\*k = 2147483648 does not fit int32"):
+        moe_align_block(ids, 8, 16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

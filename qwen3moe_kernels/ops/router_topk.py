@@ -8,10 +8,13 @@ Ties are broken by the lowest expert id (a stable descending sort's order, which
 ``torch.topk`` does not promise); a NaN probability counts as the largest value, so a row with a NaN (or +inf)
 logit, whose softmax is NaN everywhere, selects experts 0..k-1 with NaN weights, exactly as the reference.
 
-Algorithm (csrc/router_topk.h, shared by the CPU and CUDA kernels): each probability and its expert id are packed
-into one 64-bit key whose unsigned order is (probability desc, id asc, NaN first); the k largest keys are
-selected in one pass over the row. CPU: rows in parallel (at::parallel_for). CUDA: one warp per row, the row in
-registers, k rounds of a warp max-reduction over keys; no host synchronisation.
+Algorithm (the per-row code in csrc/router_topk.h is shared by the CPU and CUDA kernels): the softmax with a
+shared branch-free exp (``exp_nonpos``), then the selection. CUDA: one warp per row, the row in registers; each
+probability and its expert id are packed into one 64-bit key whose unsigned order is (probability desc, id asc,
+NaN first), and k rounds of a warp max-reduction over the keys pick the k largest; no host synchronisation.
+CPU: rows in parallel (at::parallel_for); for k <= 32 a one-pass insertion into a sorted top-k on the float
+probabilities (same order; a NaN row directly takes experts 0..k-1), for k > 32 the GPU's 64-bit keys and k
+rounds of argmax, NaN rows included. Both give the reference's order, so the result does not depend on the path.
 
 The C++ op is registered in csrc/ops.cpp; its fake (meta) implementation is here.
 """
