@@ -2,8 +2,10 @@
 
 With the interpreter on, the ``qwen3moe::grouped_swiglu_*`` ops run their Triton kernels on CPU tensors, so this
 checks the whole Triton path (alignment, gather GEMMs, SwiGLU epilogues, backward kernels, fixed-order sums)
-forward and backward against autograd of ``reference.moe_experts`` in float64. Every ``torch.empty`` is
-poisoned (NaN / -7) so any output element a kernel fails to write shows up.
+forward and backward against autograd of ``reference.moe_experts`` in float64, with small tiles, the shipped
+heuristic, and its prefill tiles forced at a small shape; then the inference path (gate_up with STORE_GU=False)
+and the per-slot buffers' dtype. Every ``torch.empty`` is poisoned (NaN / -7) so any output element a kernel
+fails to write shows up.
 
 Usage: python _grouped_swiglu_interp.py fp32 fp16 [bf16]   (bf16 needs the tests/triton_interp.py shim: pass
 ``--shim``). Prints one line per case and ``OK`` at the end.
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qwen3moe_kernels import dispatch, reference  # noqa: E402
 from qwen3moe_kernels.kernels import grouped_swiglu as kern  # noqa: E402
 from qwen3moe_kernels.ops.fused_moe import moe_experts  # noqa: E402
+from qwen3moe_kernels.ops.moe_permute import moe_align_block  # noqa: E402
 from tolerances import tol, twice_torch_error_bound  # noqa: E402
 
 _empty = torch.empty
@@ -37,11 +40,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _default_config = kern.default_config
 
 
-def small_tiles(num_slots, kernel="gate_up", dtype="bf16", device_name=None):
+def small_tiles(num_slots, kernel="gate_up", dtype="bf16", device_name=None, shape=None):
     """Tiles smaller than the test sizes, so the K loops, N tiles and row loops run several iterations."""
     if kernel == "wgrad":
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, "num_warps": 4, "num_stages": 2}
+
+
+USED = []  # (kernel, config) of every launch while prefill_tiles is in place
+
+
+def prefill_tiles(num_slots, kernel="gate_up", dtype="bf16", device_name=None, shape=None):
+    """The heuristic's prefill tiles (its branch above 4096 slots) whatever the slot count, so they run at a
+    small shape (BLOCK_M = 128 blocks, each expert's last one mostly padding)."""
+    cfg = _default_config(1 << 20, kernel, dtype)
+    USED.append((kernel, cfg))
+    return cfg
+
+
+TILES = {"small": small_tiles, "default": _default_config, "prefill": prefill_tiles}
 
 
 def inputs(T, H, I, E, k, dtype, routing, seed):
@@ -71,7 +88,8 @@ def check(name, got, ref64, lowp_torch, dtype):
 
 
 def run(T, H, I, E, k, dtype, routing="topk", tiles="default"):
-    kern.default_config = small_tiles if tiles == "small" else _default_config
+    kern.default_config = TILES[tiles]
+    USED.clear()
     x, ids, w, wgu, wd, dout = inputs(T, H, I, E, k, dtype, routing, seed=T * 131 + H + E)
     ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
     out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
@@ -91,6 +109,9 @@ def run(T, H, I, E, k, dtype, routing="topk", tiles="default"):
     for name, a, b, c in zip(("dx", "dweights", "dw_gate_up", "dw_down"), ours, r64, lowp):
         check(name, a.grad, b.grad, c.grad if ref_lowp is not None else None, dtype)
     kern.default_config = _default_config
+    if tiles == "prefill":  # the prefill tiles really ran, for every kernel
+        assert {k for k, _ in USED} == set(kern.KERNELS), USED
+        assert all(c["BLOCK_M"] == 128 for k, c in USED if k != "down_bwd"), USED  # 16-bit down_bwd: 64 x 64
     print(f"ok T={T} H={H} I={I} E={E} k={k} {dtype} {routing} {tiles}")
 
 
@@ -122,6 +143,37 @@ def frozen_experts(dtype):
     assert wgu.grad is None and wd.grad is None
 
 
+def inference(dtype):
+    """The no-grad path: gate_up with STORE_GU=False (no gate/up buffer) gives the same h, bit for bit, as with
+    STORE_GU=True, and moe_experts matches the reference."""
+    x, ids, w, wgu, wd, dout = inputs(21, 72, 40, 6, 3, dtype, "topk", seed=4)
+    ops = torch.ops.qwen3moe
+    dispatch.reset()
+    h_inf, empty = ops.grouped_swiglu_gate_up(x, wgu, ids, False)
+    assert dispatch.implementations().get("grouped_swiglu_gate_up") == "triton"
+    h_train, gu = ops.grouped_swiglu_gate_up(x, wgu, ids, True)
+    assert empty.shape == (0, 80) and gu.shape == (63, 80)
+    assert torch.isfinite(h_inf.double()).all() and torch.equal(h_inf, h_train), "STORE_GU=False changes h"
+    with torch.no_grad():
+        out = moe_experts(x, ids, w, wgu, wd)
+    ref = reference.moe_experts(x.double(), ids, w.double(), wgu.double(), wd.double())
+    check("out (no grad, STORE_GU=False)", out, ref, reference.moe_experts(x, ids, w, wgu, wd), dtype)
+    print(f"ok inference {dtype}")
+
+
+def per_slot_buffers(dtype):
+    """The down and dx kernels store their per-slot rows in the activations' dtype (fp32 only for fp32 inputs):
+    half the bytes of an fp32 buffer for 16-bit models."""
+    x, ids, w, wgu, wd, dout = inputs(9, 48, 40, 5, 2, dtype, "topk", seed=6)
+    cfg = small_tiles(18)
+    padded, be, _ = moe_align_block(ids, 5, cfg["BLOCK_M"])
+    h, _ = kern.gate_up(x, wgu, padded, be, 2, cfg)
+    y = kern.down(h, wd, w, padded, be, cfg)
+    dxs = kern.dx(torch.randn(18, 80).to(dtype), wgu, padded, be, cfg)
+    assert y.dtype == dtype and y.shape == (18, 48) and torch.isfinite(y.double()).all()
+    assert dxs.dtype == dtype and dxs.shape == (18, 48) and torch.isfinite(dxs.double()).all()
+
+
 CASES = [
     # (T, H, I, E, k, routing, tiles); kept small: the interpreter runs every program in Python
     (1, 64, 48, 5, 2, "topk", "small"),  # one token: most experts get none
@@ -130,6 +182,9 @@ CASES = [
     (12, 48, 40, 9, 9, "topk", "small"),  # k == E: every expert gets every token
     (11, 70, 45, 6, 2, "one_expert", "small"),  # all tokens on expert 0 (and 1)
     (5, 32, 16, 60, 4, "topk", "default"),  # E = 60, not a power of two; most experts empty (decode tiles)
+    # the prefill tiles (never picked below 4096 slots) at a small shape: ~67 slots per expert, so wgrad's
+    # slot loop runs twice; H = 72 and I = 40 leave K and N tails
+    (100, 72, 40, 3, 2, "topk", "prefill"),
 ]
 
 if __name__ == "__main__":
@@ -146,5 +201,7 @@ if __name__ == "__main__":
             run(T, H, I, E, k, dtype, routing, tiles)
         determinism(dtype)
         frozen_experts(dtype)
+        inference(dtype)
+        per_slot_buffers(dtype)
     print("OK")
     sys.exit(0)

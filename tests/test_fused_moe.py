@@ -1,6 +1,8 @@
 """fused_moe and moe_experts (CPU path) against the reference: forward per dtype, backward vs autograd of the
 reference (fp32 tight, fp16/bf16 within twice PyTorch's own error), routing edge cases, torch.compile
-(fullgraph) and argument errors. The Triton path runs in tests/test_grouped_swiglu.py under the interpreter."""
+(fullgraph) and argument errors; on a GPU, the Triton kernels at the real shapes (accuracy for decode, mid and
+prefill tiles, and bitwise determinism). Without a GPU the Triton path runs in tests/test_grouped_swiglu.py under
+the interpreter."""
 
 import pytest
 import torch
@@ -189,11 +191,12 @@ def test_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.parametrize("device", __import__("helpers").DEVICES)
-@pytest.mark.parametrize("T", [1, 7, 83, 512])
+@pytest.mark.parametrize("T", [1, 7, 83, 512, 1024, 4096])
 def test_real_shapes_bf16_forward_backward(device, T):
     """bf16 against the fp32 reference, within twice PyTorch's own bf16 error (forward and every gradient). On
-    CUDA (Triton kernels) at the Qwen3-30B-A3B expert shapes (H=2048, I=768, E=128, k=8); on CPU at a scaled-down
-    shape (the reference's bf16 backward on CPU at the real shapes would take minutes)."""
+    CUDA (Triton kernels) at the Qwen3-30B-A3B expert shapes (H=2048, I=768, E=128, k=8): T = 1 and 7 run the
+    decode tiles, 83 and 512 the mid tiles, 1024 (8192 slots) and 4096 (32768 slots) the prefill tiles. On CPU
+    at a scaled-down shape (the reference's bf16 backward on CPU at the real shapes would take minutes)."""
     H, I, E, k = (2048, 768, 128, 8) if device == "cuda" else (128, 48, 12, 4)
     x, ids, w, wgu, wd = (t.to(device) for t in _routed(T, H, I, E, k, torch.bfloat16, seed=T))
     dout = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16().to(device)
@@ -213,3 +216,38 @@ def test_real_shapes_bf16_forward_backward(device, T):
         bound = twice_torch_error_bound(want.detach(), tl_.detach(), floor=1e-5 * max(1.0, want.abs().max().item()))
         err = (got.float() - want).abs().max().item()
         assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e}"
+
+
+GPU_SHAPES = {"30B-A3B": (2048, 768, 128, 8), "235B-A22B": (4096, 1536, 128, 8)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels at real shapes)")
+@pytest.mark.parametrize("model", list(GPU_SHAPES))
+@pytest.mark.parametrize("T", [7, 1024])
+def test_real_shapes_bf16_deterministic_cuda(model, T):
+    """Two bf16 forward + backward runs of the fused experts at the real shapes (decode and prefill tiles) give
+    bitwise-identical outputs and gradients: no atomics, fixed-order sums (the k-slot combines, the
+    routing-weight gradient's per-tile parts, the per-expert weight gradients)."""
+    H, I, E, k = GPU_SHAPES[model]
+    g = torch.Generator(device="cuda").manual_seed(T + H)  # on the GPU: 235B's fp32 weights on CPU would be 10 GB
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).bfloat16()
+
+    x, dout = randn(T, H), randn(T, H)
+    wgu, wd = randn(E, 2 * I, H, scale=H**-0.5), randn(E, H, I, scale=I**-0.5)
+    w, ids = reference.router_topk(torch.randn(T, E, generator=g, device="cuda"), k, True)
+    runs = []
+    for _ in range(2):
+        # NaN-fill memory the caching allocator will hand out next, so an element a kernel leaves unwritten shows
+        # up as non-finite (or as a difference) instead of repeating the previous run's value
+        poison = torch.full((1 << 28,), float("nan"), device="cuda")
+        del poison
+        ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+        out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+        out.backward(dout)
+        runs.append([out.detach()] + [t.grad for t in ours])
+    assert dispatch.implementations()["grouped_swiglu_down_backward"] == "triton"
+    for name, a, b in zip(("out", "dx", "dweights", "dw_gate_up", "dw_down"), *runs):
+        assert torch.isfinite(a.float()).all(), name
+        assert torch.equal(a, b), f"{name}: two runs differ"

@@ -1,8 +1,11 @@
 """The grouped-GEMM SwiGLU ops (``qwen3moe::grouped_swiglu_*``): CPU implementations against the reference,
 ``torch.library.opcheck``, argument errors; the Triton kernels under the interpreter (a subprocess, so
 TRITON_INTERPRET=1 is set before triton is imported) in fp32, fp16 and bf16 (through tests/triton_interp.py),
-the interpreter's bf16 dot defect that makes the shim necessary; and the kernels' compile specs."""
+the interpreter's bf16 dot defect that makes the shim necessary; the kernels' compile specs against the heuristic;
+tuned tables (file location, exact-shape / nearest-slot lookup, compile specs) and the tuner's mechanics under the
+interpreter; the fixed-order fp32 k-slot combine."""
 
+import json
 import os
 import subprocess
 import sys
@@ -169,10 +172,161 @@ def test_op_errors_name_the_argument():
             fn()
 
 
-def test_tuned_table_overrides_heuristic(monkeypatch):
-    cfg = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 8, "num_stages": 4}
-    monkeypatch.setitem(grouped_swiglu.TUNED, "Fake GPU", {"gate_up": {"bf16": [[64, cfg]]}})
-    assert grouped_swiglu.default_config(8, "gate_up", "bf16", "Fake GPU") == cfg
-    # past the table's largest entry, or another kernel/dtype: the heuristic
-    assert grouped_swiglu.default_config(8192, "gate_up", "bf16", "Fake GPU") == grouped_swiglu.default_config(8192)
-    assert grouped_swiglu.default_config(8, "down", "bf16", "Fake GPU") == grouped_swiglu.default_config(8, "down")
+# ------------------------------------------------------------------------------------ configs and tables
+
+SLOT_SWEEP = sorted({1 << i for i in range(17)} | {3, 7, 63, 65, 65 * 8 - 1, 4095, 4097, 12345, 65535})
+
+
+def _spec_keys(specs):
+    return {(s.extra["kernel"], s.extra["dtype"], s.extra["H"], s.extra["I"], s.extra["E"], s.extra["variant"],
+             tuple(sorted(s.extra["config"].items()))) for s in specs}
+
+
+VARIANTS = {"gate_up": ("", "+gu"), "wgrad": ("dWd", "dWgu")}
+
+
+def test_compile_specs_cover_every_heuristic_config():
+    """Whatever default_config returns (no tuned table) at the two model shapes, for any slot count, kernel and
+    dtype, is compiled by compile_specs(), in every variant (gate_up with and without STORE_GU, both wgrads)."""
+    keys = _spec_keys(grouped_swiglu.compile_specs())
+    missing = set()
+    for model, (H, I, E) in grouped_swiglu.MODEL_SHAPES.items():
+        for kernel in grouped_swiglu.KERNELS:
+            for dt in ("bf16", "fp16", "fp32"):
+                for slots in SLOT_SWEEP:
+                    cfg = grouped_swiglu._launch_opts(grouped_swiglu.default_config(slots, kernel, dt, None, (H, I, E)))
+                    for v in VARIANTS.get(kernel, ("",)):
+                        if (kernel, dt, H, I, E, v, tuple(sorted(cfg.items()))) not in keys:
+                            missing.add((model, kernel, dt, v, slots, tuple(cfg.values())))
+    assert not missing, f"default_config returns configs compile_specs() does not compile: {sorted(missing)[:10]}"
+    assert grouped_swiglu.MODEL_SHAPES == {"30B-A3B": (2048, 768, 128), "235B-A22B": (4096, 1536, 128)}
+
+
+def _entry(kernel, dtype, H, I, E, slots, cfg, top_k=8):
+    return {"kernel": kernel, "dtype": dtype, "H": H, "I": I, "E": E, "top_k": top_k, "slots": slots, "config": cfg}
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    """An empty configs/ directory in place of the package's, and an empty loader cache."""
+    monkeypatch.setattr(grouped_swiglu, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(grouped_swiglu, "TUNED", {})
+    return tmp_path
+
+
+def test_tuned_table_exact_shape_nearest_slots(table_dir):
+    a = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 8, "num_stages": 4}
+    b = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+    c = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    s30 = (2048, 768, 128)
+    table = {"device": "Fake GPU 80GB",
+             "entries": [_entry("gate_up", "bf16", *s30, slots, cfg) for slots, cfg in ((8, a), (32, b), (4096, c))]}
+    path = grouped_swiglu.table_path("Fake GPU 80GB")
+    assert path == table_dir / "grouped_swiglu_Fake_GPU_80GB.json"
+    path.write_text(json.dumps(table))
+    dc = grouped_swiglu.default_config
+    # nearest in log2: 16 ties 8 and 32 (the smaller wins); 2^8.5 ~ 362.04 splits 32 and 4096
+    for slots, want in ((1, a), (8, a), (16, a), (17, b), (64, b), (362, b), (363, c), (8192, c), (1 << 20, c)):
+        assert dc(slots, "gate_up", "bf16", "Fake GPU 80GB", s30) == want, slots
+    # another shape (a 30B table never applies to 235B), dtype, kernel, device, or no shape: the heuristic
+    dev = "Fake GPU 80GB"
+    for args in ((8, "gate_up", "bf16", dev, (4096, 1536, 128)), (8, "gate_up", "fp16", dev, s30),
+                 (8, "down", "bf16", dev, s30), (8, "gate_up", "bf16", "Other GPU", s30),
+                 (8, "gate_up", "bf16", dev, None), (8, "gate_up", "bf16", None, s30)):
+        assert dc(*args) == dc(args[0], args[1], args[2]), args
+    # compile_specs() compiles every config of every table in configs/
+    keys = {grouped_swiglu._compile_key(s) for s in grouped_swiglu.compile_specs()}
+    for e in table["entries"]:
+        for spec in grouped_swiglu.kernel_specs("gate_up", "bf16", *s30, e["slots"], e["config"], "t"):
+            assert grouped_swiglu._compile_key(spec) in keys, e
+    assert any(s.label.startswith("tuned Fake_GPU_80GB") for s in grouped_swiglu.compile_specs())
+
+
+def test_table_directory_is_what_setup_ships():
+    """The loader reads kernels/configs/grouped_swiglu_<device>.json, which setup.py's package_data ships."""
+    import fnmatch
+    import re
+
+    pkg = Path(grouped_swiglu.__file__).resolve().parent.parent
+    assert grouped_swiglu.CONFIG_DIR == pkg / "kernels" / "configs"
+    setup = (HERE.parent / "setup.py").read_text()
+    patterns = re.search(r'package_data=\{"qwen3moe_kernels": \[([^\]]*)\]', setup).group(1)
+    patterns = [x.strip().strip('"') for x in patterns.split(",") if x.strip()]
+    rel = grouped_swiglu.table_path("NVIDIA H100 80GB HBM3").relative_to(pkg).as_posix()
+    assert rel == "kernels/configs/grouped_swiglu_NVIDIA_H100_80GB_HBM3.json"
+    assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), (rel, patterns)
+
+
+def test_no_tuned_table_is_shipped_without_a_gpu_run():
+    """Shipped tables come from GPU measurements only (an interpreter table says device "interpreter")."""
+    for path in grouped_swiglu.shipped_tables():
+        table = json.loads(path.read_text())
+        assert table.get("device") not in (None, "interpreter") and table.get("entries"), path
+
+
+def _load_tuner():
+    import importlib.util
+
+    path = HERE.parent / "python" / "tune_grouped_swiglu.py"
+    spec = importlib.util.spec_from_file_location("tune_grouped_swiglu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tuner_check_rejects_wrong_results():
+    tuner = _load_tuner()
+    want = torch.randn(6, 5)
+    assert tuner.close("y", want + 1e-6, want, torch.float32) is None
+    assert "non-finite" in tuner.close("y", torch.full_like(want, float("nan")), want, torch.float32)
+    assert "elements off" in tuner.close("y", want * 1.1, want, torch.float32)
+    assert "shape" in tuner.close("y", want[:3], want, torch.float32)
+
+
+def test_tuner_tiny_interpret_writes_a_table_the_loader_uses(table_dir):
+    """The tuner's mechanics without a GPU: sweep two candidates per kernel at one tiny shape, check each against
+    the torch path, time it, write the JSON; the loader reads it back and default_config returns its entries."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(HERE.parent / "python" / "tune_grouped_swiglu.py"), "--interpret", "--tiny",
+                        "--out-dir", str(table_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    path = grouped_swiglu.table_path("interpreter")
+    table = json.loads(path.read_text())
+    assert table["device"] == "interpreter" and table["versions"]["triton"]
+    assert {e["kernel"] for e in table["entries"]} == set(grouped_swiglu.KERNELS)
+    for e in table["entries"]:
+        assert (e["H"], e["I"], e["E"], e["top_k"], e["slots"], e["dtype"]) == (64, 32, 4, 2, 16, "fp32")
+        assert len(e["candidates"]) == 2 and all(c["ms"] > 0 and c["error"] is None for c in e["candidates"])
+        heuristic = grouped_swiglu._launch_opts(grouped_swiglu.default_config(16, e["kernel"], "fp32"))
+        assert e["candidates"][0]["config"] == heuristic and e["heuristic_config"] == heuristic
+        fastest = min(e["candidates"], key=lambda c: c["ms"])
+        assert e["ms"] == fastest["ms"] and e["config"] == fastest["config"]
+        assert grouped_swiglu.default_config(16, e["kernel"], "fp32", "interpreter", (64, 32, 4)) == e["config"]
+    # an entry the heuristic would not pick is returned as well (so the tuned path, not the heuristic, answered)
+    alt = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 3, "num_warps": 2, "num_stages": 1}
+    table["entries"][0]["config"] = alt
+    path.write_text(json.dumps(table))
+    grouped_swiglu.TUNED.clear()
+    kernel = table["entries"][0]["kernel"]
+    assert grouped_swiglu.default_config(16, kernel, "fp32", "interpreter", (64, 32, 4)) == alt
+    assert grouped_swiglu.default_config(16, kernel, "fp32") != alt
+    assert any(s.extra["config"] == alt and s.extra["H"] == 64 for s in grouped_swiglu.compile_specs())
+
+
+def test_triton_combine_is_fixed_order_fp32():
+    """The k-slot combine after the down and dx kernels: fp32 accumulation in the order j = 0..k-1, one rounding
+    (an exact match with that loop; a bf16 accumulation or another order would differ)."""
+    from qwen3moe_kernels.ops.grouped_swiglu import _triton_combine
+
+    T, k, H = 37, 8, 96
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(T * k, H, generator=g) * torch.logspace(-3, 3, T * k)[:, None]
+    for dtype in (torch.float32, torch.bfloat16):
+        ys = base.to(dtype)
+        want = ys.view(T, k, H)[:, 0].float()
+        for j in range(1, k):
+            want = want + ys.view(T, k, H)[:, j].float()
+        got = _triton_combine(ys, T, k)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype)), dtype
+    rev = base.view(T, k, H).flip(1).reshape(T * k, H)
+    assert not torch.equal(_triton_combine(rev, T, k), _triton_combine(base, T, k))  # the order shows in fp32

@@ -5,7 +5,7 @@ Forward, for every token-slot ``s = t*k + j`` routed to expert ``e = ids[t, j]``
     gu[s] = x[t] @ w_gate_up[e].T                 gate = gu[:, :I], up = gu[:, I:]   (w_gate_up[e] = [2I, H])
     h[s]  = silu(gate) * up                                                    (kernel ``gate_up``)
     y[s]  = rw[s] * (h[s] @ w_down[e].T)                                       (kernel ``down``; w_down[e] = [H, I])
-    out[t] = sum_j y[t*k + j]        (fp32, fixed order j = 0..k-1: deterministic)
+    out[t] = sum_j y[t*k + j]        (``moe_unpermute``: fp32, fixed order j = 0..k-1: deterministic)
 
 Backward, given ``dout [T, H]``:
 
@@ -13,7 +13,7 @@ Backward, given ``dout [T, H]``:
     drw[s]  = <g[s], h[s]>  (= <dout[t], y_unweighted[s]>, with the forward's h; per-N-tile partials, summed
                              in a fixed order)
     dh[s]   = rw[s] * g[s];  dgate = dh * up * silu'(gate);  dup = dh * silu(gate)   (same kernel's epilogue)
-    dxs[s]  = dgu[s] @ w_gate_up[e]                (kernel ``dx``, K = 2I; dx[t] = sum_j dxs[t*k+j] in fp32)
+    dxs[s]  = dgu[s] @ w_gate_up[e]                (kernel ``dx``, K = 2I; dx[t] = sum_j dxs[t*k+j] as out[t])
     dWd[e]  = sum_{s in e} (rw[s] dout[t])^T h[s]  (kernel ``wgrad``: per expert A^T B over its slots)
     dWgu[e] = sum_{s in e} dgu[s]^T x[t]           (kernel ``wgrad``)
 
@@ -33,10 +33,28 @@ fp32 inputs use ``tf32x3`` dots (three tf32 tensor-core products: fp32 accuracy 
 inputs accumulate in fp32.
 
 Layout: x [T, H], w_gate_up [E, 2I, H] (gate rows first, as transformers), w_down [E, H, I], all contiguous;
-h [T*k, I] and gu [T*k, 2I] in x's dtype; y [T*k, H] fp32. Padding slots hold the sentinel ``T*k`` and are masked.
+h [T*k, I], gu [T*k, 2I] and the per-slot y and dxs [T*k, H] in x's dtype. Padding slots hold the sentinel ``T*k``
+and are masked.
+
+Per-slot outputs in the activations' dtype: ``down`` and ``dx`` round each slot's fp32 accumulator once (``down``
+after applying the routing weight) and store it in x's dtype (fp32 inputs keep fp32); the ops then sum each
+token's k rows with ``moe_unpermute`` (unit weights, identity order): fp32 accumulation in the order j = 0..k-1,
+one thread per output element, one rounding to x's dtype. The extra per-slot rounding stays within the tests'
+tolerances (tests/_grouped_swiglu_interp.py, bf16 / fp16 within twice PyTorch's own error). Expected effect, NOT
+yet measured on a GPU: at T = 16384, k = 8, H = 2048 (Qwen3-30B-A3B) in bf16 the per-slot buffer shrinks from
+1 GiB fp32 to 512 MiB, and the combine no longer goes through an fp32 [T, H] intermediate and a cast; bytes
+moved per op (kernel store + combine) go from 2368 MiB (1024 written, 1024 read, 128 + 128 + 64 for the fp32 sum
+and cast) to 1089 MiB (512 written, 512 + 1 read, 64 written), 1.34 GB less: ~0.45 ms at 3.0 TB/s for the forward
+combine and again for dx (twice that at Qwen3-235B-A22B's H = 4096). The per-slot buffer's remaining round trip
+(1 GiB, ~0.36 ms per op) is the price of a deterministic combine without atomics.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -114,7 +132,7 @@ def grouped_swiglu_down_kernel(
     h_ptr,  # [T*k, I] SwiGLU activations, row = slot
     w_ptr,  # [E, H, I] down weights
     rw_ptr,  # [T*k] fp32 routing weights, row = slot
-    y_ptr,  # [T*k, H] fp32 output, row = slot
+    y_ptr,  # [T*k, H] output in h's dtype (weighted), row = slot
     padded_slots_ptr,
     block_expert_ptr,
     num_slots,
@@ -147,8 +165,11 @@ def grouped_swiglu_down_kernel(
         b = tl.load(w_base + offs_n[None, :].to(tl.int64) * I + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
+    # weight applied to the fp32 accumulator, then one rounding to the output dtype (16-bit: half the bytes of
+    # an fp32 per-slot buffer; the k slots of a token are summed in fp32 afterwards)
     acc = acc * rw[:, None]
-    tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -194,6 +215,10 @@ def grouped_swiglu_down_bwd_kernel(
         b = tl.load(w_base + kk[:, None].to(tl.int64) * I + offs_n[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     # Epilogue: SwiGLU backward and this tile's share of the routing-weight gradient.
+    # The SwiGLU backward reads gate/up as the forward stored them (rounded to the activations' dtype), while the
+    # forward's h came from the fp32 accumulators: for 16-bit inputs silu'(gate) and up carry one extra rounding
+    # (~2^-8 relative in bf16), well within the gradient tolerances (twice PyTorch's own bf16 error, which rounds
+    # gate/up too). Keeping them exact would need an fp32 gu buffer: twice its memory and traffic.
     mask = row_ok[:, None] & col_ok[None, :]
     gu_rows = gu_ptr + rows[:, None] * 2 * I + offs_n[None, :]
     gate = tl.load(gu_rows, mask=mask, other=0.0).to(tl.float32)
@@ -217,7 +242,7 @@ def grouped_swiglu_down_bwd_kernel(
 def grouped_swiglu_dx_kernel(
     dgu_ptr,  # [T*k, 2I] gradient of the gate/up pre-activations, row = slot
     w_ptr,  # [E, 2I, H] gate/up weights (B[k, n] = w[e, k, n]: N contiguous)
-    dxs_ptr,  # [T*k, H] fp32 output: each slot's contribution to dx, row = slot
+    dxs_ptr,  # [T*k, H] output in dgu's dtype: each slot's contribution to dx, row = slot
     padded_slots_ptr,
     block_expert_ptr,
     num_slots,
@@ -249,7 +274,9 @@ def grouped_swiglu_dx_kernel(
         a = tl.load(dgu_ptr + rows[:, None] * I2 + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + kk[:, None].to(tl.int64) * H + offs_n[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    tl.store(dxs_ptr + rows[:, None] * H + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    # one rounding to the dtype; the k slots of a token are summed in fp32 afterwards (as the forward's y)
+    tl.store(dxs_ptr + rows[:, None] * H + offs_n[None, :], acc.to(dxs_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -300,7 +327,7 @@ def grouped_swiglu_wgrad_kernel(
 
 # ------------------------------------------------------------------------------------------------- configs
 #
-# Why these tiles (no GPU has run them yet; tuned tables replace them when one is lent, see ``TUNED``):
+# Why these tiles (no GPU has run them yet; tuned tables replace them when one is lent, see below):
 # With r = T*k / E rows per expert, each expert weight byte read from HBM feeds about r FLOPs (2r per bf16
 # element), so the expert GEMMs stay bound by weight bandwidth up to r ~ 300 on an H100 (~990 TFLOP/s over
 # ~3.35 TB/s): at Qwen3-30B-A3B (E = 128, k = 8) that is T up to ~4800 tokens. Below that the tiles must read
@@ -325,32 +352,71 @@ def grouped_swiglu_wgrad_kernel(
 # The wgrad kernel's M x N tile is a block of one expert's weight gradient; its K loop runs over that expert's
 # slots, so decode uses a short BLOCK_K.
 
-# Tuned tables, {kernel: {dtype: [[max_slots, config], ...]}} per device name, loaded from JSON beside this file
-# (grouped_swiglu_<device>.json) when present. None is shipped yet: they are only written from GPU measurements.
-TUNED: dict = {}
+# Tuned tables (none shipped yet: they are only written from GPU measurements, by python/tune_grouped_swiglu.py).
+# One JSON file per device in ``configs/`` beside this file (what setup.py's package_data ships), named
+# ``grouped_swiglu_<device>.json`` with the device name sanitized (``table_path``), e.g.
+# ``configs/grouped_swiglu_NVIDIA_H100_80GB_HBM3.json``. Its ``entries`` are measured winners, each keyed by
+# kernel, dtype, model shape (H, I, E) and the slot count it was measured at (see configs/README.md). For a launch,
+# an entry applies only on an exact (kernel, dtype, H, I, E) match; among those the nearest slot count (in log2;
+# ties to the smaller) wins. Anything else falls back to the heuristic below, so a table tuned at one model
+# shape is never applied to another. compile_specs() compiles every config of every table in ``configs/``.
+CONFIG_DIR = Path(__file__).resolve().with_name("configs")
+TUNED: dict = {}  # device name -> {(kernel, dtype, H, I, E): [(slots, config), ...] sorted by slots}
+
+
+def table_path(device_name: str, config_dir: Path | None = None) -> Path:
+    """Where the tuned table of ``device_name`` lives: ``configs/grouped_swiglu_<sanitized name>.json``."""
+    safe = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+    return (CONFIG_DIR if config_dir is None else config_dir) / f"grouped_swiglu_{safe}.json"
+
+
+def index_table(table: dict) -> dict:
+    """{(kernel, dtype, H, I, E): [(slots, config), ...] sorted by slots} from a table's JSON object."""
+    index: dict = {}
+    for e in table.get("entries", []):
+        key = (e["kernel"], e["dtype"], int(e["H"]), int(e["I"]), int(e["E"]))
+        index.setdefault(key, []).append((int(e["slots"]), dict(e["config"])))
+    return {key: sorted(rows, key=lambda r: r[0]) for key, rows in index.items()}
 
 
 def _load_tuned(device_name: str) -> dict:
-    import json
-    from pathlib import Path
-
     if device_name not in TUNED:
-        path = Path(__file__).with_name(f"grouped_swiglu_{device_name.replace(' ', '_')}.json")
-        TUNED[device_name] = json.loads(path.read_text()) if path.exists() else {}
+        path = table_path(device_name)
+        TUNED[device_name] = index_table(json.loads(path.read_text())) if path.exists() else {}
     return TUNED[device_name]
 
 
+def shipped_tables() -> list[Path]:
+    """Every tuned table in ``configs/`` (what compile_specs() must compile)."""
+    return sorted(CONFIG_DIR.glob("grouped_swiglu_*.json"))
+
+
+def tuned_config(num_slots: int, kernel: str, dtype: str, device_name: str, shape: tuple) -> dict | None:
+    """The tuned entry for an exact (kernel, dtype, H, I, E) match at the nearest measured slot count, or None."""
+    rows = _load_tuned(device_name).get((kernel, dtype, *map(int, shape)))
+    if not rows:
+        return None
+    want = math.log2(max(num_slots, 1))
+    slots, cfg = min(rows, key=lambda r: abs(math.log2(max(r[0], 1)) - want))  # min keeps the first (smaller) tie
+    return dict(cfg)
+
+
 GATHER_KERNELS = ("gate_up", "down", "down_bwd", "dx")
+KERNELS = GATHER_KERNELS + ("wgrad",)
 
 
-def default_config(num_slots: int, kernel: str = "gate_up", dtype: str = "bf16", device_name: str | None = None) -> dict:
+def default_config(num_slots: int, kernel: str = "gate_up", dtype: str = "bf16", device_name: str | None = None,
+                   shape: tuple | None = None) -> dict:
     """Launch config of ``kernel`` (``gate_up``, ``down``, ``down_bwd``, ``dx`` or ``wgrad``) for ``num_slots =
-    T*k`` slots in ``dtype`` (``bf16``/``fp16``/``fp32``): a tuned table entry for ``device_name`` if one exists,
-    else the heuristic above."""
-    if device_name is not None:
-        for max_slots, cfg in _load_tuned(device_name).get(kernel, {}).get(dtype, []):
-            if num_slots <= max_slots:
-                return dict(cfg)
+    T*k`` slots in ``dtype`` (``bf16``/``fp16``/``fp32``) at model ``shape = (H, I, E)``: the tuned entry of
+    ``device_name``'s table for exactly this kernel, dtype and shape if there is one (see ``tuned_config``), else
+    the heuristic above (which depends on the slot count only)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"default_config: unknown kernel {kernel!r}")
+    if device_name is not None and shape is not None:
+        cfg = tuned_config(num_slots, kernel, dtype, device_name, shape)
+        if cfg is not None:
+            return cfg
     wide = 4 if dtype == "fp32" else 2  # bytes per element: fp32 tiles use half the BLOCK_K
     if kernel == "wgrad":
         if num_slots <= 64:
@@ -358,8 +424,6 @@ def default_config(num_slots: int, kernel: str = "gate_up", dtype: str = "bf16",
         if num_slots <= 4096:
             return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
         return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128 // wide, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    if kernel not in GATHER_KERNELS:
-        raise ValueError(f"default_config: unknown kernel {kernel!r}")
     if num_slots <= 64:
         # fp32 (tf32x3 on mma.sync) and down_bwd (its epilogue holds gate, up and dgate/dup tiles) spill with
         # longer K tiles at 4 warps
@@ -419,12 +483,13 @@ def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, 
 
 
 def down(h, w_down, routing_weights, padded_slots, block_expert, config: dict):
-    """Kernel 2. ``routing_weights`` is [T, k] fp32; returns y [T*k, H] fp32 (weighted)."""
+    """Kernel 2. ``routing_weights`` is [T, k] fp32; returns the weighted per-slot y [T*k, H] in h's dtype (the
+    caller sums each token's k rows in fp32: ``ops.grouped_swiglu._triton_combine``)."""
     import torch
 
     S, I = h.shape
     H = w_down.shape[1]
-    y = torch.empty((S, H), dtype=torch.float32, device=h.device)
+    y = torch.empty((S, H), dtype=h.dtype, device=h.device)
     nm = block_expert.numel()
     grid = (nm * triton.cdiv(H, config["BLOCK_N"]),)
     grouped_swiglu_down_kernel[grid](
@@ -450,21 +515,19 @@ def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, t
     return dgu, parts.sum(0).reshape(T, top_k)  # fixed-order sum of the per-tile parts: deterministic
 
 
-def dx(dgu, w_gate_up, padded_slots, block_expert, top_k: int, config: dict):
-    """``dx [T, H]`` fp32: per-slot ``dgu[s] @ w_gate_up[e]`` summed over each token's k slots in fixed order.
-
-    The per-slot buffer is ``[T*k, H]`` fp32 (1 GiB at T = 16384, k = 8, H = 2048): the price of a deterministic
-    fp32 sum without atomics."""
+def dx(dgu, w_gate_up, padded_slots, block_expert, config: dict):
+    """Kernel ``dx``: the per-slot ``dxs[s] = dgu[s] @ w_gate_up[e]``, [T*k, H] in dgu's dtype (the caller sums
+    each token's k rows in fp32, as the forward's y)."""
     import torch
 
     S, I2 = dgu.shape
     H = w_gate_up.shape[2]
-    dxs = torch.empty((S, H), dtype=torch.float32, device=dgu.device)
+    dxs = torch.empty((S, H), dtype=dgu.dtype, device=dgu.device)
     nm = block_expert.numel()
     grouped_swiglu_dx_kernel[(nm * triton.cdiv(H, config["BLOCK_N"]),)](
         dgu, w_gate_up, dxs, padded_slots, block_expert, S, nm, H, I2,
         PRECISION=_precision(dgu.dtype), **_launch_opts(config))
-    return dxs.view(S // top_k, top_k, H).sum(1)
+    return dxs
 
 
 def wgrad(a, b, routing_weights, sorted_slots, offsets, num_experts: int, a_div: int, b_div: int, config: dict):
@@ -487,73 +550,103 @@ def wgrad(a, b, routing_weights, sorted_slots, offsets, num_experts: int, a_div:
 
 # ------------------------------------------------------------------------------------------ compile specs
 
-_SHAPES = {"30B-A3B": (2048, 768), "235B-A22B": (4096, 1536)}
+# The model shapes (H, I, E) at which the heuristic's configs are compiled (top_k = 8 for both), and one slot
+# count per branch of default_config. tests/test_grouped_swiglu.py sweeps default_config over slot counts and
+# fails if it can return a config that is not compiled here: a new branch needs a phase.
+MODEL_SHAPES = {"30B-A3B": (2048, 768, 128), "235B-A22B": (4096, 1536, 128)}
+TOP_K = 8
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 _PHASES = (("decode", 8), ("mid", 8 * 64), ("prefill", 8 * 4096))  # T*k slots at k = 8
+_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_IDX = {"padded_slots_ptr": "*i32", "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32"}
 
 
-def _p_max(slots: int, bm: int, experts: int = 128) -> int:
+def _p_max(slots: int, bm: int, experts: int) -> int:
     return (slots + experts * (bm - 1) + bm - 1) // bm * bm
 
 
-def compile_specs() -> list[CompileSpec]:
+def _variants(kernel: str, p: str, H: int, I: int, slots: int, num_pid_m: int, top_k: int):
+    """(variant, kernel name, fn, signature without tiles, constexprs, ints) of each compile of ``kernel``: gate_up
+    with and without STORE_GU (inference skips it), wgrad for dWd and dWgu (different M, N, divisors)."""
+    rows = {"num_slots": slots, "num_pid_m": num_pid_m}
+    if kernel == "gate_up":
+        sig = {"x_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, **_IDX, "H": "i32", "I": "i32",
+               "TOP_K": "constexpr", "STORE_GU": "constexpr", "PRECISION": "constexpr"}
+        for store_gu in (False, True):
+            yield ("+gu" if store_gu else "", "grouped_swiglu_gate_up_kernel", grouped_swiglu_gate_up_kernel, sig,
+                   {"TOP_K": top_k, "STORE_GU": store_gu}, {**rows, "H": H, "I": I})
+    elif kernel == "down":
+        sig = {"h_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": p, **_IDX, "H": "i32", "I": "i32",
+               "PRECISION": "constexpr"}
+        yield "", "grouped_swiglu_down_kernel", grouped_swiglu_down_kernel, sig, {}, {**rows, "H": H, "I": I}
+    elif kernel == "down_bwd":
+        sig = {"dout_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, "rw_ptr": "*fp32", "dgu_ptr": p, "drw_ptr": "*fp32",
+               **_IDX, "H": "i32", "I": "i32", "TOP_K": "constexpr", "PRECISION": "constexpr"}
+        yield ("", "grouped_swiglu_down_bwd_kernel", grouped_swiglu_down_bwd_kernel, sig, {"TOP_K": top_k},
+               {**rows, "H": H, "I": I})
+    elif kernel == "dx":
+        sig = {"dgu_ptr": p, "w_ptr": p, "dxs_ptr": p, **_IDX, "H": "i32", "I2": "i32", "PRECISION": "constexpr"}
+        yield "", "grouped_swiglu_dx_kernel", grouped_swiglu_dx_kernel, sig, {}, {**rows, "H": H, "I2": 2 * I}
+    elif kernel == "wgrad":
+        sig = {"a_ptr": p, "b_ptr": p, "rw_ptr": "*fp32", "c_ptr": p, "sorted_slots_ptr": "*i32", "offsets_ptr": "*i32",
+               "M": "i32", "N": "i32", "A_DIV": "constexpr", "B_DIV": "constexpr", "SCALE_A": "constexpr",
+               "PRECISION": "constexpr"}
+        # dWd: A = dout [T, H] scaled by rw, B = h [T*k, I]; dWgu: A = dgu [T*k, 2I], B = x [T, H]
+        for what, m, n, a_div, b_div, scale in (("dWd", H, I, top_k, 1, True), ("dWgu", 2 * I, H, 1, top_k, False)):
+            yield (what, "grouped_swiglu_wgrad_kernel", grouped_swiglu_wgrad_kernel, sig,
+                   {"A_DIV": a_div, "B_DIV": b_div, "SCALE_A": scale}, {"M": m, "N": n})
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def kernel_specs(kernel: str, dtype: str, H: int, I: int, E: int, slots: int, config: dict, label: str,
+                 top_k: int = TOP_K) -> list:
+    """The CompileSpecs of one launch ``config`` of ``kernel`` in ``dtype`` at shape (H, I, E) and ``slots = T*k``.
+    ``extra`` records (kernel, dtype, H, I, E, variant, config) for the coverage tests."""
+    cfg = _launch_opts(config)
+    tiles = {k: cfg[k] for k in _TILES}
+    num_pid_m = _p_max(slots, cfg["BLOCK_M"], E) // cfg["BLOCK_M"]
+    prec = "tf32x3" if dtype == "fp32" else "tf32"
     specs = []
-
-    def add(kernel, fn, signature, constexprs, label, cfg, ints):
-        tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    for variant, name, fn, sig, constexprs, ints in _variants(kernel, _DT[dtype], H, I, slots, num_pid_m, top_k):
         specs.append(CompileSpec(
-            kernel=kernel, fn=fn, signature=signature, constexprs={**constexprs, **tiles},
-            label=f"{label} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} BK={cfg['BLOCK_K']}",
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True, ints=ints))
+            kernel=name, fn=fn, signature={**sig, **dict.fromkeys(_TILES, "constexpr")},
+            constexprs={**constexprs, "PRECISION": prec, **tiles},
+            label=(f"{label}{' ' + variant if variant else ''} "
+                   f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} BK={cfg['BLOCK_K']}"),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True, ints=ints,
+            extra={"kernel": kernel, "dtype": dtype, "H": H, "I": I, "E": E, "variant": variant, "config": cfg}))
+    return specs
 
-    for model, (hidden, inter) in _SHAPES.items():
+
+def _compile_key(spec: CompileSpec) -> tuple:
+    """Two specs with equal keys build the same binary: the JIT specialises an int only on whether it is 1, a
+    multiple of 16, or beyond int32 (kernels/spec.py)."""
+    div = tuple(sorted((k, v == 1, v % 16 == 0, v >= 2**31) for k, v in spec.ints.items()))
+    return (spec.kernel, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())),
+            spec.num_warps, spec.num_stages, div)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """The heuristic's configs at both model shapes for every phase and dtype, then every entry of every tuned
+    table in ``configs/`` (skipping a compile that is already in the list: same kernel, dtypes, constexprs,
+    warps, stages and divisibility)."""
+    specs = []
+    for model, (H, I, E) in MODEL_SHAPES.items():
         for phase, slots in _PHASES:
-            for dt, p in _DT.items():
-                prec = "tf32x3" if dt == "fp32" else "tf32"
-                label = f"{model} {phase} {dt}"
-                tiles = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-                sig_tiles = {k: "constexpr" for k in tiles}
-                c = default_config(slots, "gate_up", dt)
-                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
-                for store_gu in (False, True):
-                    add("grouped_swiglu_gate_up_kernel", grouped_swiglu_gate_up_kernel,
-                        {"x_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, "padded_slots_ptr": "*i32",
-                         "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32", "H": "i32", "I": "i32",
-                         "TOP_K": "constexpr", "STORE_GU": "constexpr", "PRECISION": "constexpr", **sig_tiles},
-                        {"TOP_K": 8, "STORE_GU": store_gu, "PRECISION": prec},
-                        label + (" +gu" if store_gu else ""), c,
-                        {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I": inter})
-                c = default_config(slots, "down", dt)
-                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
-                add("grouped_swiglu_down_kernel", grouped_swiglu_down_kernel,
-                    {"h_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": "*fp32", "padded_slots_ptr": "*i32",
-                     "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32", "H": "i32", "I": "i32",
-                     "PRECISION": "constexpr", **sig_tiles},
-                    {"PRECISION": prec}, label, c, {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I": inter})
-                c = default_config(slots, "down_bwd", dt)
-                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
-                add("grouped_swiglu_down_bwd_kernel", grouped_swiglu_down_bwd_kernel,
-                    {"dout_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, "rw_ptr": "*fp32", "dgu_ptr": p, "drw_ptr": "*fp32",
-                     "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32",
-                     "H": "i32", "I": "i32", "TOP_K": "constexpr", "PRECISION": "constexpr", **sig_tiles},
-                    {"TOP_K": 8, "PRECISION": prec}, label, c,
-                    {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I": inter})
-                c = default_config(slots, "dx", dt)
-                nm = _p_max(slots, c["BLOCK_M"]) // c["BLOCK_M"]
-                add("grouped_swiglu_dx_kernel", grouped_swiglu_dx_kernel,
-                    {"dgu_ptr": p, "w_ptr": p, "dxs_ptr": "*fp32", "padded_slots_ptr": "*i32",
-                     "block_expert_ptr": "*i32", "num_slots": "i32", "num_pid_m": "i32", "H": "i32", "I2": "i32",
-                     "PRECISION": "constexpr", **sig_tiles},
-                    {"PRECISION": prec}, label, c,
-                    {"num_slots": slots, "num_pid_m": nm, "H": hidden, "I2": 2 * inter})
-                c = default_config(slots, "wgrad", dt)
-                # dWd: A = dout [T, H] scaled by rw, B = h [T*k, I]; dWgu: A = dgu [T*k, 2I], B = x [T, H]
-                for what, m, n, a_div, b_div, scale in (("dWd", hidden, inter, 8, 1, True),
-                                                         ("dWgu", 2 * inter, hidden, 1, 8, False)):
-                    add("grouped_swiglu_wgrad_kernel", grouped_swiglu_wgrad_kernel,
-                        {"a_ptr": p, "b_ptr": p, "rw_ptr": "*fp32", "c_ptr": p, "sorted_slots_ptr": "*i32",
-                         "offsets_ptr": "*i32", "M": "i32", "N": "i32", "A_DIV": "constexpr", "B_DIV": "constexpr",
-                         "SCALE_A": "constexpr", "PRECISION": "constexpr", **sig_tiles},
-                        {"A_DIV": a_div, "B_DIV": b_div, "SCALE_A": scale, "PRECISION": prec},
-                        f"{label} {what}", c, {"M": m, "N": n})
+            for dt in _DT:
+                for kernel in KERNELS:
+                    specs += kernel_specs(kernel, dt, H, I, E, slots, default_config(slots, kernel, dt),
+                                          f"{model} {phase} {dt}")
+    seen = {_compile_key(s) for s in specs}
+    for path in shipped_tables():
+        device = path.stem[len("grouped_swiglu_"):]
+        for e in json.loads(path.read_text()).get("entries", []):
+            H, I, E, slots = int(e["H"]), int(e["I"]), int(e["E"]), int(e["slots"])
+            for spec in kernel_specs(e["kernel"], e["dtype"], H, I, E, slots, e["config"],
+                                     f"tuned {device} H={H} I={I} E={E} slots={slots} {e['dtype']}",
+                                     int(e.get("top_k", TOP_K))):
+                if _compile_key(spec) not in seen:
+                    seen.add(_compile_key(spec))
+                    specs.append(spec)
     return specs

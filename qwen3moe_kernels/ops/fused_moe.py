@@ -8,9 +8,9 @@
 ``moe_experts(x, ids, weights, w_gate_up, w_down)`` computes the last line with the registered grouped-GEMM
 ops of ``ops/grouped_swiglu.py`` (``qwen3moe::grouped_swiglu_gate_up`` then ``qwen3moe::grouped_swiglu_down``):
 on CUDA the Triton kernels (x gathered inside the gate/up GEMM, the routing weight applied in the down GEMM's
-epilogue, the k slots of a token summed in a fixed order in fp32: deterministic); on CPU one torch matrix
-product per expert over its rows. As in ``reference.moe_experts`` (and transformers), the routing weights are
-rounded to x's dtype before use.
+epilogue to the fp32 accumulator, each slot's row stored in x's dtype, the k slots of a token summed in a fixed
+order in fp32: deterministic); on CPU one torch matrix product per expert over its rows. As in
+``reference.moe_experts`` (and transformers), the routing weights are rounded to x's dtype before use.
 
 Autograd: ``moe_experts`` is differentiable in x, weights, w_gate_up and w_down. With a gradient needed the
 forward also keeps the gate/up pre-activations; the backward runs ``qwen3moe::grouped_swiglu_down_backward``

@@ -9,14 +9,16 @@ any tile size.
   ``gate_up[s] = x[t] @ w_gate_up[e].T`` (fp32 accumulation), ``h[s] = silu(gate) * up`` in x's dtype. ``gate_up``
   is ``[T*k, 2I]`` when ``save_gate_up`` (the backward needs the pre-activations), else an empty ``[0, 2I]``.
 * ``grouped_swiglu_down(h [T*k, I], w_down [E, H, I], ids, weights fp32 [T, k]) -> out [T, H]``:
-  ``out[t] = sum_j weights[t, j] * (h[t*k+j] @ w_down[e].T)``, each product and the sum over j (in the order
-  j = 0..k-1, deterministic) in fp32, cast to h's dtype.
+  ``out[t] = sum_j weights[t, j] * (h[t*k+j] @ w_down[e].T)``, each product accumulated in fp32, the sum over j
+  in fp32 in the order j = 0..k-1 (deterministic), cast to h's dtype. For fp16/bf16 the Triton path rounds each
+  weighted product to h's dtype before that sum (half the per-slot bytes; within the tests' tolerances).
 * ``grouped_swiglu_down_backward(dout [T, H], h, gate_up, w_down, ids, weights, need_weight_grad) ->
   (d_gate_up [T*k, 2I], d_w_down [E, H, I], d_weights fp32 [T, k])``: the gradients of ``down(swiglu(gate_up))`` (SwiGLU backward
   included): ``g = dout[t] @ w_down[e]``, ``d_weights[t, j] = <g, h[s]>``, ``dh = weights * g``,
   ``d_w_down[e] = sum_s (weights[s] dout[t])^T h[s]``.
 * ``grouped_swiglu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_weight_grad) -> (dx [T, H],
-  d_w_gate_up [E, 2I, H])``: ``dx[t] = sum_j d_gate_up[s] @ w_gate_up[e]`` (fp32, fixed order),
+  d_w_gate_up [E, 2I, H])``: ``dx[t] = sum_j d_gate_up[s] @ w_gate_up[e]`` (fp32, fixed order; as in
+  the down op, the Triton path rounds each slot's product to x's dtype first),
   ``d_w_gate_up[e] = sum_s d_gate_up[s]^T x[t]``.
 * With ``need_weight_grad=False`` (frozen experts) the weight gradient is not computed and comes back as an
   empty ``[0, ...]`` tensor: the per-expert ``A^T B`` GEMM is a third of the backward's work.
@@ -275,11 +277,28 @@ def _align(ids, E, cfg):
     return padded, block_expert
 
 
-def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device, shape: tuple) -> dict:
+    """The launch config: the device's tuned table for exactly this kernel, dtype and ``shape = (H, I, E)`` if
+    it has an entry, else the heuristic (``kernels.grouped_swiglu.default_config``)."""
     from ..kernels import grouped_swiglu as kern
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return kern.default_config(slots, kernel, kern.dtype_name(dtype), name)
+    return kern.default_config(slots, kernel, kern.dtype_name(dtype), name, shape)
+
+
+def _triton_combine(ys: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """``out[t] = sum_j ys[t*k + j]`` for the per-slot rows of the down and dx kernels, [T, H] in ys's dtype.
+
+    ``moe_unpermute`` with unit weights and the identity order: one thread per output element accumulates the k
+    rows in fp32 in the order j = 0..k-1 (``1.0 * v`` and the fp32 add are exact), then rounds once, so the sum
+    is deterministic and independent of tiling, as the CPU path's combine. Not ``ys.view(T, k, H).sum(1)``:
+    torch's CUDA reduction order (split accumulators) and accumulation dtype are implementation details, and
+    ``sum(dtype=float32)`` would add an fp32 [T, H] round trip."""
+    from .moe_permute import moe_unpermute
+
+    ones = torch.ones((T, k), dtype=torch.float32, device=ys.device)
+    identity = torch.arange(T * k, dtype=torch.int32, device=ys.device)
+    return moe_unpermute(ys, ones, identity)
 
 
 def _triton_gate_up(x, w_gate_up, ids, save):
@@ -288,7 +307,7 @@ def _triton_gate_up(x, w_gate_up, ids, save):
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
     k = ids.shape[1]
-    cfg = _cfg("gate_up", T * k, x.dtype, x.device)
+    cfg = _cfg("gate_up", T * k, x.dtype, x.device, (H, I2 // 2, E))
     padded, be = _align(ids, E, cfg)
     h, gu = kern.gate_up(x.contiguous(), w_gate_up.contiguous(), padded, be, k, cfg, store_gu=save)
     return h, (gu if save else x.new_empty((0, I2)))
@@ -299,10 +318,10 @@ def _triton_down(h, w_down, ids, weights):
 
     E, H, I = w_down.shape
     T, k = weights.shape
-    cfg = _cfg("down", T * k, h.dtype, h.device)
+    cfg = _cfg("down", T * k, h.dtype, h.device, (H, I, E))
     padded, be = _align(ids, E, cfg)
-    y = kern.down(h.contiguous(), w_down.contiguous(), weights, padded, be, cfg)
-    return y.view(T, k, H).sum(1).to(h.dtype)  # fixed-order fp32 combine over the k slots
+    y = kern.down(h.contiguous(), w_down.contiguous(), weights, padded, be, cfg)  # [T*k, H] in h's dtype, weighted
+    return _triton_combine(y, T, k)
 
 
 def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
@@ -312,13 +331,14 @@ def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     E, H, I = w_down.shape
     T, k = weights.shape
     dout, h, gate_up, w_down = (t.contiguous() for t in (dout, h, gate_up, w_down))
-    cfg = _cfg("down_bwd", T * k, h.dtype, h.device)
+    cfg = _cfg("down_bwd", T * k, h.dtype, h.device, (H, I, E))
     padded, be = _align(ids, E, cfg)
     dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, padded, be, k, cfg)
     if not need_w:
         return dgu, w_down.new_empty((0, H, I)), drw
     sorted_slots, _, offsets = moe_sort(ids, E)
-    dwd = kern.wgrad(dout, h, weights, sorted_slots, offsets, E, k, 1, _cfg("wgrad", T * k, h.dtype, h.device))
+    wcfg = _cfg("wgrad", T * k, h.dtype, h.device, (H, I, E))
+    dwd = kern.wgrad(dout, h, weights, sorted_slots, offsets, E, k, 1, wcfg)
     return dgu, dwd, drw
 
 
@@ -327,16 +347,18 @@ def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     from .moe_permute import moe_sort
 
     T, H = x.shape
-    E = w_gate_up.shape[0]
+    E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
     k = ids.shape[1]
     d_gate_up, x, w_gate_up = (t.contiguous() for t in (d_gate_up, x, w_gate_up))
-    cfg = _cfg("dx", T * k, x.dtype, x.device)
+    cfg = _cfg("dx", T * k, x.dtype, x.device, (H, I2 // 2, E))
     padded, be = _align(ids, E, cfg)
-    dx = kern.dx(d_gate_up, w_gate_up, padded, be, k, cfg).to(x.dtype)
+    dxs = kern.dx(d_gate_up, w_gate_up, padded, be, cfg)  # [T*k, H] in x's dtype
+    dx = _triton_combine(dxs, T, k)
     if not need_w:
         return dx, w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
     sorted_slots, _, offsets = moe_sort(ids, E)
-    dwgu = kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, _cfg("wgrad", T * k, x.dtype, x.device))
+    wcfg = _cfg("wgrad", T * k, x.dtype, x.device, (H, I2 // 2, E))
+    dwgu = kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, wcfg)
     return dx, dwgu
 
 
