@@ -331,7 +331,7 @@ def table(results: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def scaled_models():
     """transformers' scaled-down model and the thin model on the same weights (built once per session)."""
-    from conftest import bench_device, bench_dtype
+    from qwen3moe_kernels.bench import bench_device, bench_dtype
 
     hf = build_transformers_model(2, bench_dtype(), bench_device())
     thin, why = thin_model(hf, bench_dtype(), bench_device())

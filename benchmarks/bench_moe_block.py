@@ -23,14 +23,16 @@ import torch
 
 from qwen3moe_kernels import bench, fused, reference
 
-from conftest import bench_device, bench_dtype, bench_tokens
+from qwen3moe_kernels.bench import bench_device, bench_dtype, bench_tokens
 
 IMPLS = bench.MOE_BLOCK_IMPLS
 
 
-def run(device, token_counts, dtype=None):
-    """Plain entry point for ``qwen3moe-kernels bench``: one dict per (token count, implementation)."""
-    return bench.bench_moe_block(device, token_counts, dtype)
+def run(device, token_counts, dtype=None, shapes=None, budget_s: float = 1.5):
+    """Plain entry point: one dict per (token count, implementation). ``shapes`` overrides
+    ``bench.QWEN3_30B_A3B`` (hidden, moe_intermediate, experts, top_k). ``qwen3moe-kernels bench`` calls
+    ``bench.bench_moe_block`` itself."""
+    return bench.bench_moe_block(device, token_counts, dtype, shapes=shapes, budget_s=budget_s)
 
 
 @pytest.fixture(scope="module")

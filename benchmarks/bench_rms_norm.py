@@ -35,6 +35,26 @@ def _hf_norm(w):
     return m
 
 
+def implementations(w: torch.Tensor) -> dict[str, dict]:
+    """``op -> {impl: fn(x, residual)}``: ours, the reference ("eager") and transformers' Qwen3MoeRMSNorm module
+    (for the fused add: the decoder layer's ``norm(x + residual)``)."""
+    hf = _hf_norm(w)
+    return {
+        "rms_norm": {"ours": lambda x, r: rms_norm(x, w, EPS), "eager": lambda x, r: reference.rms_norm(x, w, EPS),
+                     "transformers": lambda x, r: hf(x)},
+        "fused_add_rms_norm": {"ours": lambda x, r: fused_add_rms_norm(x, r, w, EPS)[0],
+                               "eager": lambda x, r: reference.fused_add_rms_norm(x, r, w, EPS)[0],
+                               "transformers": lambda x, r: hf(x + r)},
+    }
+
+
+def make_inputs(T: int, hidden: int, dtype, dev, seed: int):
+    """3 input sets (x, residual), rotated so a small op cannot keep one hot in cache, and the norm weight."""
+    g = torch.Generator().manual_seed(seed)
+    sets = [tuple(torch.randn(T, hidden, generator=g).to(dev, dtype) for _ in range(2)) for _ in range(3)]
+    return sets, (1 + 0.1 * torch.randn(hidden, generator=g)).to(dev, dtype)
+
+
 def run(device, token_counts, dtype=None, budget_s: float = 0.5, hidden: int = HIDDEN):
     """Plain entry point for ``qwen3moe-kernels bench``: one dict per (op, implementation, token count)."""
     dev = torch.device(device)
@@ -43,17 +63,9 @@ def run(device, token_counts, dtype=None, budget_s: float = 0.5, hidden: int = H
     peak = copy_bandwidth(str(dev))
     rows = []
     for T in token_counts:
-        g = torch.Generator().manual_seed(T)
-        sets = [tuple(torch.randn(T, hidden, generator=g).to(dev, dtype) for _ in range(2)) for _ in range(3)]
-        w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dev, dtype)
-        hf = _hf_norm(w)
-        for op, impls, nio in (
-            ("rms_norm", {"ours": lambda x, r: rms_norm(x, w, EPS), "eager": lambda x, r: reference.rms_norm(x, w, EPS),
-                          "transformers": lambda x, r: hf(x)}, 2),
-            ("fused_add_rms_norm", {"ours": lambda x, r: fused_add_rms_norm(x, r, w, EPS)[0],
-                                    "eager": lambda x, r: reference.fused_add_rms_norm(x, r, w, EPS)[0],
-                                    "transformers": lambda x, r: hf(x + r)}, 4),
-        ):
+        sets, w = make_inputs(T, hidden, dtype, dev, seed=T)
+        for op, impls in implementations(w).items():
+            nio = 2 if op == "rms_norm" else 4  # tensors of [T, H] read or written
             nbytes = nio * T * hidden * sets[0][0].element_size() + hidden * w.element_size()
             ref = impls["eager"](*sets[0])
             with torch.inference_mode():
@@ -72,16 +84,33 @@ def run(device, token_counts, dtype=None, budget_s: float = 0.5, hidden: int = H
     return rows
 
 
-from conftest import bench_device, bench_tokens  # noqa: E402
+from qwen3moe_kernels.bench import bench_device, bench_tokens  # noqa: E402  (pytest-benchmark suite below)
 
 
 @pytest.mark.parametrize("tokens", bench_tokens())
-def test_rms_norm(benchmark, tokens):
+@pytest.mark.parametrize("impl", ["ours", "eager", "transformers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm"])
+def test_rms_norm(benchmark, op, dtype, impl, tokens):
     dev = bench_device()
-    x = torch.randn(tokens, HIDDEN, device=dev)
-    w = torch.ones(HIDDEN, device=dev)
-    torch.testing.assert_close(rms_norm(x, w, EPS), reference.rms_norm(x, w, EPS), **tol("elementwise", x.dtype))
-    benchmark(rms_norm, x, w, EPS)
+    sets, w = make_inputs(tokens, HIDDEN, dtype, dev, seed=tokens)
+    impls = implementations(w)[op]
+    fn = impls[impl]
+    with torch.inference_mode():
+        torch.testing.assert_close(fn(*sets[0]), impls["eager"](*sets[0]), **tol("norm", dtype))
+    it = iter(range(10**9))
+
+    def call():
+        with torch.inference_mode():
+            out = fn(*sets[next(it) % len(sets)])
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"{op} {bench.dtype_name(dtype)} T={tokens}"
+    benchmark.extra_info.update(op=op, impl=impl_name(dev) if impl == "ours" else impl, tokens=tokens,
+                                dtype=bench.dtype_name(dtype))
+    benchmark.pedantic(call, rounds=20, warmup_rounds=2, iterations=1)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,10 @@ def _inputs(T, hq, hk, d, dtype, dev, seed):
     return q, k, cos, sin, pos
 
 
-def run(device, token_counts, dtype=None, budget_s: float = 0.5, model: str = "30b"):
-    """Plain entry point (also for ``qwen3moe-kernels bench``): one dict per (op, implementation, token count)."""
-    dev = torch.device(device)
-    dtype = dtype or (bench.cpu_bench_dtype()[0] if dev.type == "cpu" else torch.bfloat16)
-    info = bench.machine_info(dev)
-    peak = copy_bandwidth(str(dev))
-    hq, hk, d = MODELS[model]
+def implementations(d: int, dtype, dev) -> dict[str, dict]:
+    """``op -> {impl: fn(q, k, cos, sin, positions)}``: ours (C++ on CPU, Triton on CUDA; for rope also from
+    positions), the reference ("eager") and transformers (Qwen3MoeRMSNorm q_norm/k_norm modules and
+    apply_rotary_pos_emb in its [B, H, S, D] layout)."""
     hf = _hf()
     g = torch.Generator().manual_seed(1)
     qw = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dtype)
@@ -67,28 +64,40 @@ def run(device, token_counts, dtype=None, budget_s: float = 0.5, model: str = "3
         a, b = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return a.transpose(1, 2), b.transpose(1, 2)
 
+    return {
+        "rope": {"ours": lambda q, k, c, s, p: rope(q, k, c, s),
+                 "ours-positions": lambda q, k, c, s, p: rope_by_positions(q, k, p, THETA),
+                 "eager": lambda q, k, c, s, p: reference.rope(q, k, c, s),
+                 "transformers": lambda q, k, c, s, p: hf_rope(q, k, c, s)},
+        "qk_norm_rope": {"ours": lambda q, k, c, s, p: qk_norm_rope(q, k, qw, kw, c, s, EPS),
+                         "eager": lambda q, k, c, s, p: reference.qk_norm_rope(q, k, qw, kw, c, s, EPS),
+                         "transformers": lambda q, k, c, s, p: hf_rope(q_norm(q), k_norm(k), c, s)},
+    }
+
+
+def check(op: str, out, ref, dtype) -> None:
+    kind = "norm" if op == "qk_norm_rope" else "elementwise"
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, **tol(kind, dtype))
+
+
+def run(device, token_counts, dtype=None, budget_s: float = 0.5, model: str = "30b"):
+    """Plain entry point (also for ``qwen3moe-kernels bench``): one dict per (op, implementation, token count)."""
+    dev = torch.device(device)
+    dtype = dtype or (bench.cpu_bench_dtype()[0] if dev.type == "cpu" else torch.bfloat16)
+    info = bench.machine_info(dev)
+    peak = copy_bandwidth(str(dev))
+    hq, hk, d = MODELS[model]
+    all_impls = implementations(d, dtype, dev)
     rows = []
     for T in token_counts:
         sets = [_inputs(T, hq, hk, d, dtype, dev, seed) for seed in range(3)]
         nbytes = 2 * T * (hq + hk) * d * sets[0][0].element_size() + 2 * T * d * sets[0][0].element_size()
-        for op, impls, ref_fn in (
-            ("rope", {"ours": lambda q, k, c, s, p: rope(q, k, c, s),
-                      "ours-positions": lambda q, k, c, s, p: rope_by_positions(q, k, p, THETA),
-                      "eager": lambda q, k, c, s, p: reference.rope(q, k, c, s),
-                      "transformers": lambda q, k, c, s, p: hf_rope(q, k, c, s)},
-             lambda q, k, c, s: reference.rope(q, k, c, s)),
-            ("qk_norm_rope", {"ours": lambda q, k, c, s, p: qk_norm_rope(q, k, qw, kw, c, s, EPS),
-                              "eager": lambda q, k, c, s, p: reference.qk_norm_rope(q, k, qw, kw, c, s, EPS),
-                              "transformers": lambda q, k, c, s, p: hf_rope(q_norm(q), k_norm(k), c, s)},
-             lambda q, k, c, s: reference.qk_norm_rope(q, k, qw, kw, c, s, EPS)),
-        ):
-            ref = ref_fn(*sets[0][:4])
+        for op, impls in all_impls.items():
             with torch.inference_mode():
-                for name, fn in impls.items():
-                    out = fn(*sets[0])
-                    for o, r in zip(out, ref):
-                        kind = "norm" if op == "qk_norm_rope" else "elementwise"
-                        torch.testing.assert_close(o, r, **tol(kind, dtype))
+                ref = impls["eager"](*sets[0])
+                for fn in impls.values():
+                    check(op, fn(*sets[0]), ref, dtype)
             times = bench.time_interleaved(impls, sets, dev, warmup=3, min_runs=5, budget_s=budget_s)
             for name, t in times.items():
                 impl = impl_name(device) + name[4:] if name.startswith("ours") else name
@@ -109,18 +118,36 @@ def _print(rows):
               f"{r['p90_ms']:8.4f} {r['vs_reference']:8.2f} {r['vs_transformers']:7.2f}")
 
 
-from conftest import bench_device, bench_dtype, bench_tokens  # noqa: E402
+from qwen3moe_kernels.bench import bench_device, bench_dtype, bench_tokens  # noqa: E402
+
+
+CASES = [(op, impl) for op, impls in (("rope", ("ours", "ours-positions", "eager", "transformers")),
+                                       ("qk_norm_rope", ("ours", "eager", "transformers"))) for impl in impls]
 
 
 @pytest.mark.parametrize("tokens", bench_tokens())
-def test_qk_norm_rope(benchmark, tokens):
+@pytest.mark.parametrize("op,impl", CASES)
+def test_rope(benchmark, op, impl, tokens):
     dev, dtype = bench_device(), bench_dtype()
-    q, k, cos, sin, _ = _inputs(tokens, 32, 4, 128, dtype, dev, 0)
-    w = torch.ones(128, device=dev, dtype=dtype)
-    ref = reference.qk_norm_rope(q, k, w, w, cos, sin, EPS)
-    for o, r in zip(qk_norm_rope(q, k, w, w, cos, sin, EPS), ref):
-        torch.testing.assert_close(o, r, **tol("elementwise", dtype))
-    benchmark(qk_norm_rope, q, k, w, w, cos, sin, EPS)
+    hq, hk, d = MODELS["30b"]
+    impls = implementations(d, dtype, dev)[op]
+    fn = impls[impl]
+    sets = [_inputs(tokens, hq, hk, d, dtype, dev, seed) for seed in range(3)]
+    with torch.inference_mode():
+        check(op, fn(*sets[0]), impls["eager"](*sets[0]), dtype)
+    it = iter(range(10**9))
+
+    def call():
+        with torch.inference_mode():
+            out = fn(*sets[next(it) % len(sets)])
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"{op} T={tokens}"
+    benchmark.extra_info.update(op=op, impl=impl_name(dev) + impl[4:] if impl.startswith("ours") else impl,
+                                tokens=tokens, dtype=bench.dtype_name(dtype))
+    benchmark.pedantic(call, rounds=20, warmup_rounds=2, iterations=1)
 
 
 if __name__ == "__main__":

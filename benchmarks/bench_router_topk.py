@@ -82,7 +82,7 @@ def run(device, token_counts, dtype=None, budget_s: float = 0.5):
 
 # ------------------------------------------------------------------------------------- pytest-benchmark
 
-from conftest import bench_device, bench_dtype, bench_tokens  # noqa: E402
+from qwen3moe_kernels.bench import bench_device, bench_dtype, bench_tokens  # noqa: E402
 
 
 @pytest.mark.parametrize("tokens", bench_tokens())

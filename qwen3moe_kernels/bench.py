@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import dispatch, fused, reference
+from . import dispatch, fused, reference, roofline
 from .cpu import _lscpu, cpu_flags  # noqa: F401  (cpu_flags: tests patch it here)
 from .tolerances import TOL, twice_torch_error_bound
 
@@ -60,6 +60,31 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+# The pytest-benchmark suites' selection (benchmarks/*.py). Here rather than in benchmarks/conftest.py so that
+# the modules import it by a name no other conftest.py (tests/ has one) can shadow.
+
+
+def bench_device() -> str:
+    """``QWEN3MOE_BENCH_DEVICE``, default cuda when available."""
+    return os.environ.get("QWEN3MOE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_tokens() -> list[int]:
+    """``QWEN3MOE_BENCH_TOKENS`` (comma-separated), default the device's decode and prefill counts."""
+    env = os.environ.get("QWEN3MOE_BENCH_TOKENS")
+    if env:
+        return [int(t) for t in env.split(",")]
+    return DEFAULT_TOKENS.get(torch.device(bench_device()).type, DEFAULT_TOKENS["cuda"])
+
+
+def bench_dtype() -> torch.dtype:
+    """``QWEN3MOE_BENCH_DTYPE`` (bf16, fp16, fp32), default bf16 on a GPU and :func:`cpu_bench_dtype` on a CPU."""
+    env = os.environ.get("QWEN3MOE_BENCH_DTYPE")
+    if env:
+        return DTYPES[env]
+    return cpu_bench_dtype()[0] if bench_device() == "cpu" else torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -137,31 +162,21 @@ def device_label(info: dict[str, Any]) -> str:
     return f"{info.get('cpu_model')} ({info.get('cpu_capability')}, {info.get('cpu_threads')} threads)"
 
 
-def device_peak(device: str | torch.device, dtype: torch.dtype) -> dict[str, float] | None:
-    """Measured peak TFLOP/s and GB/s of the device, from ``qwen3moe_kernels.roofline`` where that module exists.
+PEAK_NOTE = ("% peak: the larger of TFLOP/s / the measured bf16 matmul rate and GB/s / the measured copy bandwidth "
+             "(qwen3moe_kernels.roofline.device_peak); bf16/fp16 rows on a GPU only (no fp32 matmul rate is measured)")
 
-    Only GPUs get roofline fractions: a shared 2-core CPU's "peak" is not a stable number.
+
+def device_peak(device: str | torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    """The measured device peak a row's ``frac_peak`` is taken of, or None: then no fraction is reported.
+
+    GPU only (a shared 2-core CPU's "peak" is not a stable number). ``roofline.device_peak`` measures a bf16 matmul
+    rate and the copy bandwidth; dense fp16 runs at the bf16 rate on the GPUs this targets, so bf16 and fp16 rows
+    get a fraction. fp32 rows get none: no fp32 or tf32 matmul rate is measured, and against the bf16 rate an
+    fp32 GEMM would look 10-15x further from its limit than it is.
     """
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    try:
-        from . import roofline  # written separately; optional
-    except ImportError:
-        return None
-    for name in ("device_peak", "measured_peak", "peak"):
-        fn = getattr(roofline, name, None)
-        if callable(fn):
-            try:
-                got = fn(device, dtype)
-            except TypeError:
-                got = fn(device)
-            if isinstance(got, dict):
-                return got
-            tflops = getattr(got, "tflops", None)
-            gbps = getattr(got, "gbps", None) or getattr(got, "gb_per_s", None)
-            if tflops or gbps:
-                return {"tflops": tflops, "gbps": gbps}
-    return None
+    return roofline.device_peak(device)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -225,12 +240,14 @@ def time_interleaved(
     min_runs: int = 5,
     max_runs: int = 200,
     budget_s: float = 1.5,
+    inference: bool = True,
 ) -> dict[str, dict[str, float]]:
     """:func:`time_fn` for several implementations at once, their timed calls interleaved round by round.
 
     Each round calls every implementation that still wants calls (fewer than ``min_runs``, or under ``budget_s``
     of timed work and ``max_runs``) once on the same input set. On a shared machine a burst of load then hits all
-    implementations alike, instead of whichever happened to be timed during it.
+    implementations alike, instead of whichever happened to be timed during it. The calls run under
+    ``torch.inference_mode()``; ``inference=False`` leaves autograd on (a timed forward + backward).
     """
     device = torch.device(device)
     n_sets = len(arg_sets)
@@ -238,7 +255,7 @@ def time_interleaved(
         raise ValueError("time_interleaved needs at least one input set")
     times: dict[str, list[float]] = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for fn in fns.values():
             for i in range(warmup):
                 fn(*arg_sets[i % n_sets])
@@ -502,14 +519,18 @@ def make_moe_weights(
     }
 
 
-def moe_block_cost(T: int, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
-                   active_experts: int) -> tuple[float, float]:
-    """FLOPs and the minimum bytes moved by one sparse block call (router, gate_up, down; weights of the
-    experts actually hit read once, activations in and out once)."""
-    el = torch.finfo(dtype).bits // 8
-    flops = 2.0 * T * hidden * experts + 2.0 * T * top_k * (hidden * 2 * inter + inter * hidden)
-    nbytes = el * (experts * hidden + active_experts * 3 * hidden * inter + 2 * T * hidden)
-    return flops, nbytes
+def moe_block_cost(T: int, shapes: dict[str, int],
+                   dtype: torch.dtype) -> tuple[float | None, float | None, str | None]:
+    """(FLOPs, bytes, roofline model name) of one sparse block call, from ``roofline.op_cost("moe_block", ...)``:
+    the project's one cost model (router, top-k, permute, experts, combine; the experts hit in expectation under
+    uniform routing). Shapes that are no model of ``roofline.MODELS`` (``--quick``'s 16 experts) get None: no
+    rates, rather than a second cost model."""
+    want = (shapes["hidden"], shapes["moe_intermediate"], shapes["experts"], shapes["top_k"])
+    for name, m in roofline.MODELS.items():
+        if (m["hidden"], m["inter"], m["experts"], m["top_k"]) == want:
+            flops, nbytes = roofline.op_cost("moe_block", name, T, dtype_name(dtype))
+            return flops, nbytes, name
+    return None, None, None
 
 
 def transformers_block(weights: dict[str, torch.Tensor], top_k: int, experts_implementation: str):
@@ -640,13 +661,13 @@ def bench_moe_block(
             ids = reference.router_topk(torch.nn.functional.linear(xs[0], weights["router_weight"]), k, True)[1]
             tied = int(router_tied_tokens(xs[0], weights["router_weight"], k).sum())
         active = int(torch.unique(ids).numel())
-        flops, nbytes = moe_block_cost(T, H, I, E, k, dtype, active)
+        flops, nbytes, cost_model = moe_block_cost(T, shapes, dtype)
         rows: dict[str, dict[str, Any]] = {}
         for name, fn in fns.items():  # 1. check every implementation (a wrong one gets no number)
             row: dict[str, Any] = {"op": "moe_block", "impl": name, "tokens": T, "dtype": dtype_name(dtype),
                                    "shape": f"H={H} I={I} E={E} k={k}", "device": str(device),
-                                   "flops": flops, "bytes": nbytes, "active_experts": active,
-                                   "router_tied_tokens": tied}
+                                   "flops": flops, "bytes": nbytes, "cost_model": cost_model,
+                                   "active_experts": active, "router_tied_tokens": tied}
             rows[name] = row
             try:
                 dispatch.reset()

@@ -5,16 +5,20 @@
                                       the implementation that ran; exit status 1 if anything fails
     qwen3moe-kernels bench            the Qwen3-30B-A3B sparse MoE block (H=2048, I=768, E=128, top-8) for decode
                                       and prefill token counts, fused vs eager vs transformers' own block, plus each
-                                      op benchmark found in the repository's benchmarks/ folder; prints a table and
-                                      saves JSON and a PNG plot
+                                      op benchmark found in the repository's benchmarks/ folder (on a CPU at full
+                                      shapes without fused_moe's slow forward+backward; --ops all adds it and the
+                                      model benchmark); prints a table and saves JSON and a PNG plot; exit status
+                                      1 if any row has an error or a failed check
     qwen3moe-kernels compile-check    ahead-of-time compile of every shipped Triton kernel config for sm_90/sm_100
                                       (``qwen3moe_kernels.compile_check``)
 
 Op benchmarks live in ``benchmarks/bench_<stem>.py`` (pytest-benchmark suites, each with a plain
-``run(device, token_counts) -> list[dict]``). ``benchmarks/`` is not part of the installed package, so ``bench``
-loads those modules from the source checkout the package was installed from (an editable install, as the README
-does) or from ``./benchmarks`` in the current directory; from a plain wheel install only the MoE block, whose
-benchmark is in the package (:mod:`qwen3moe_kernels.bench`), runs and the rest is reported as not found.
+``run(device, token_counts, dtype=None) -> list[dict]`` of rows with op, impl and tokens; with --quick ``bench``
+also passes ``shapes``, ``budget_s`` and ``min_runs`` to a run() that takes them). ``benchmarks/`` is not part of
+the installed package, so ``bench`` loads those modules from the source checkout the package was installed from
+(an editable install, as the README does) or from ``./benchmarks`` in the current directory; from a plain wheel
+install only the MoE block, whose benchmark is in the package (:mod:`qwen3moe_kernels.bench`), runs and the rest
+is reported as not found.
 """
 
 from __future__ import annotations
@@ -333,10 +337,17 @@ def find_op_benchmarks() -> dict[str, Path]:
             if p.stem not in ("bench_moe_block", "bench_model")}
 
 
+def model_benchmark_path() -> Path | None:
+    root = benchmarks_dir()
+    path = root / "bench_model.py" if root is not None else None
+    return path if path is not None and path.exists() else None
+
+
 def load_benchmark(path: Path):
     name = f"qwen3moe_kernels_benchmarks_{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
+    cached = sys.modules.get(name)
+    if cached is not None and Path(cached.__file__).resolve() == Path(path).resolve():
+        return cached
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -352,11 +363,11 @@ def load_benchmark(path: Path):
     return mod
 
 
-def _call_run(run: Callable, device: str, tokens: list[int], dtype: torch.dtype | None) -> list[dict]:
+def _call_run(run: Callable, device: str, tokens: list[int], dtype: torch.dtype | None,
+              **extra: Any) -> list[dict]:
+    """``run(device, tokens, dtype=...)``, plus each of ``extra`` (not None) that the benchmark's run() takes."""
     params = inspect.signature(run).parameters
-    kwargs = {}
-    if dtype is not None and "dtype" in params:
-        kwargs["dtype"] = dtype
+    kwargs = {k: v for k, v in dict(dtype=dtype, **extra).items() if v is not None and k in params}
     return list(run(device, tokens, **kwargs))
 
 
@@ -395,24 +406,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tokens = [int(t) for t in args.tokens.split(",")]
     else:
         tokens = (bench.QUICK_TOKENS if args.quick else bench.DEFAULT_TOKENS).get(dev.type, bench.DEFAULT_TOKENS["cuda"])
-    op_paths = find_op_benchmarks()
-    if args.ops:
-        wanted = [o.strip() for o in args.ops.split(",") if o.strip()]
-        if wanted == ["all"]:
-            wanted = ["moe_block", *op_paths]
-    else:
-        wanted = ["moe_block", *op_paths]
     shapes = None
     if args.quick and not args.full_shapes:
         # --quick keeps the 30B-A3B layer widths but only 16 experts (top-4): a smoke run in seconds
         shapes = {"experts": 16, "top_k": 4}
+    op_paths = find_op_benchmarks()
+    wanted = ["moe_block", *op_paths]  # the default: the block and every op benchmark found
+    notes: list[str] = []
+    if not args.ops and dev.type == "cpu" and shapes is None and "fused_moe" in wanted:
+        wanted.remove("fused_moe")
+        notes.append("fused_moe (the block's forward + backward) is left out of the default CPU run: at these "
+                     "shapes the eager loops' backward takes seconds to minutes per call here (see "
+                     "benchmarks/bench_fused_moe.py); --ops fused_moe or --ops all runs it, --quick at 16 experts")
+    if args.ops:
+        asked = [o.strip() for o in args.ops.split(",") if o.strip()]
+        if asked != ["all"]:
+            wanted = asked
+        elif model_benchmark_path() is not None:
+            wanted.append("model")
+        else:  # a wheel install: everything there is, and say what is not
+            notes.append("model: no benchmarks/bench_model.py found (benchmarks/ is read from the source checkout)")
     print(f"qwen3moe-kernels bench on {bench.device_label(info)}")
     print(f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
           f"commit {info['git_commit']}")
     print(f"dtype {dtype_name(dtype)} ({why}); tokens {tokens}; ops {', '.join(wanted)}")
     t0 = time.perf_counter()
     results: list[dict] = []
-    notes: list[str] = []
     for op in wanted:
         if op == "moe_block":
             print("moe_block: " + ("Qwen3-30B-A3B shapes (H=2048, I=768, E=128, top-8)" if shapes is None
@@ -421,18 +440,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                              budget_s=0.3 if args.quick else args.budget,
                                              min_runs=3 if args.quick else 5)
             continue
-        if op == "model":
-            path = (benchmarks_dir() or Path("benchmarks")) / "bench_model.py"
-        else:
-            path = op_paths.get(op)
-        if path is None or not path.exists():
-            notes.append(f"{op}: no benchmarks/bench_{op}.py found (benchmarks/ is read from the source checkout)")
+        path = model_benchmark_path() if op == "model" else op_paths.get(op)
+        if path is None:
+            why = f"no benchmarks/bench_{op}.py found (benchmarks/ is read from the source checkout)"
+            notes.append(f"{op}: {why}")
+            results.append({"op": op, "impl": "-", "error": why})
             continue
         try:
             mod = load_benchmark(path)
             run = getattr(mod, "run")
             print(f"{op}: {path}")
-            got = [_normalise(r, op, device) for r in _call_run(run, device, tokens, dtype)]
+            # --quick: its shapes and a short timing, where the benchmark's run() takes them
+            quick = dict(shapes=shapes, budget_s=0.3, min_runs=3) if args.quick else {}
+            got = [_normalise(r, op, device) for r in _call_run(run, device, tokens, dtype, **quick)]
             bench.add_ratios(got)
             results += got
         except Exception as exc:  # one broken benchmark must not hide the others
@@ -442,6 +462,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench.bench_table(results))
     print("\nx eager / x transformers: the baseline's median over this row's (>1 = faster); the transformers "
           "baseline is its fastest mode in the same run.")
+    if any(r.get("frac_peak") is not None for r in results):
+        print(bench.PEAK_NOTE)
     for n in notes:
         print(f"note: {n}")
     out = Path(args.out) if args.out else _default_out(device, "json")
@@ -455,7 +477,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         got = bench.plot(results, png, title=f"qwen3moe-kernels bench: {bench.device_label(info)}")
         if got:
             print(f"saved {got}")
-    failed = [r for r in results if r.get("check") == "FAIL"]
+    failed = [r for r in results if r.get("error") or r.get("check") == "FAIL"]
+    if failed:
+        names = sorted({f"{r.get('op')}/{r.get('impl')}" for r in failed})
+        print(f"{len(failed)} row(s) failed: {', '.join(names)}")
     return 1 if failed else 0
 
 
@@ -494,11 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", choices=sorted(bench.DTYPES), help="default: bf16 on GPU; on CPU by capability")
     b.add_argument("--tokens", help="comma-separated token counts (default: decode and prefill counts per device)")
-    b.add_argument("--ops", help="comma-separated: moe_block, op stems, model, or 'all' (default: block + ops)")
+    b.add_argument("--ops", help="comma-separated: moe_block, op stems (benchmarks/bench_<stem>.py), model; or 'all' "
+                                 "(default: moe_block and every op benchmark, but on a CPU at full shapes not "
+                                 "fused_moe's slow forward+backward; 'all': all of those and the model benchmark)")
     b.add_argument("--out", help="JSON path (default benchmarks/results/bench_<device>_<utc time>.json)")
     b.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
     b.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
-    b.add_argument("--quick", action="store_true", help="few token counts, 16 experts, short timing: a smoke run")
+    b.add_argument("--quick", action="store_true",
+                   help="few token counts, 16 experts (no TFLOP/s for the block: not a roofline model), short timing")
     b.add_argument("--full-shapes", action="store_true", help="with --quick, keep all 128 experts")
     b.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per measurement (default 1.5)")
     b.set_defaults(func=cmd_bench)

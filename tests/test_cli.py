@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,7 +110,8 @@ def test_bench_quick_writes_json_and_table(capsys, tmp_path):
 
 
 def test_bench_loads_op_benchmarks_from_the_checkout(monkeypatch, tmp_path, capsys):
-    """An op benchmark module's run(device, token_counts) rows join the table (and a broken one is reported)."""
+    """An op benchmark module's run(device, token_counts) rows join the table; a broken or missing one is an
+    error row, and bench then exits 1."""
     root = tmp_path / "benchmarks"
     root.mkdir()
     (root / "bench_fake_op.py").write_text(
@@ -121,13 +123,81 @@ def test_bench_loads_op_benchmarks_from_the_checkout(monkeypatch, tmp_path, caps
     monkeypatch.setattr(cli, "benchmarks_dir", lambda: root)
     assert set(cli.find_op_benchmarks()) == {"fake_op", "broken"}
     out = tmp_path / "r.json"
-    rc = cli.main(["bench", "--ops", "fake_op,broken,missing", "--tokens", "2,8", "--out", str(out), "--no-plot"])
+    argv = ["--tokens", "2,8", "--out", str(out), "--no-plot"]
+    assert cli.main(["bench", "--ops", "fake_op", *argv]) == 0
+    rc = cli.main(["bench", "--ops", "fake_op,broken,missing", *argv])
     text = capsys.readouterr().out
-    assert rc == 0
+    assert rc == 1
     rows = json.loads(out.read_text())["results"]
     fused_rows = [r for r in rows if r.get("op") == "fake_op" and r["impl"] == "fused"]
     assert [r["vs_eager"] for r in fused_rows] == [2.0, 2.0]
-    assert "needs a GPU library" in text and "bench_missing.py" in text
+    assert {r["op"] for r in rows if r.get("error")} == {"broken", "missing"}
+    assert "needs a GPU library" in text and "bench_missing.py" in text and "2 row(s) failed" in text
+
+
+def test_bench_exits_1_on_an_error_row(monkeypatch, tmp_path, capsys):
+    """A benchmark whose run() works but reports an error in a row (a wrong or crashed implementation)."""
+    root = tmp_path / "benchmarks"
+    root.mkdir()
+    (root / "bench_half_broken.py").write_text(
+        "def run(device, token_counts, dtype=None):\n"
+        "    return [dict(op='x', impl='fused', tokens=1, median_ms=1.0),\n"
+        "            dict(op='x', impl='eager', tokens=1, error='wrong result: not timed')]\n"
+    )
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: root)
+    assert cli.main(["bench", "--ops", "half_broken", "--tokens", "1", "--out", str(tmp_path / "r.json"),
+                     "--no-plot"]) == 1
+    assert "wrong result" in capsys.readouterr().out
+
+
+def test_bench_ops_all_includes_the_model_benchmark(monkeypatch, tmp_path, capsys):
+    """--ops all = the default set plus the model benchmark (its help says so); the default leaves the model out,
+    and on a CPU at full shapes fused_moe's forward + backward too."""
+    root = tmp_path / "benchmarks"
+    root.mkdir()
+    for stem in ("fake_op", "fused_moe", "model"):
+        (root / f"bench_{stem}.py").write_text(
+            f"def run(device, token_counts, dtype=None):\n"
+            f"    return [dict(op='{stem}', impl='fused', tokens=t, median_ms=1.0) for t in token_counts]\n")
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: root)
+    calls = []
+    monkeypatch.setattr(bench, "bench_moe_block", lambda *a, **k: calls.append("moe_block") or [])
+
+    def ops_run(*flags):
+        assert cli.main(["bench", *flags, "--device", "cpu", "--tokens", "1", "--out", str(tmp_path / "r.json"),
+                         "--no-plot"]) == 0
+        return {r["op"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+
+    assert ops_run("--ops", "all") == {"fake_op", "fused_moe", "model"} and calls == ["moe_block"]
+    assert ops_run() == {"fake_op"}
+    assert ops_run("--quick") == {"fake_op", "fused_moe"}
+    assert "left out of the default CPU run" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "'all': all of those and the model benchmark" in help_text
+
+
+# Every benchmark module's run() at tiny sizes, so a benchmark that breaks (a signature cli.py cannot call, a
+# crash, a wrong implementation reported as an error row) fails here. bench_model.py has its own test below.
+BENCH_ROOT = cli.benchmarks_dir() or Path("-")
+BENCH_MODULES = sorted(p.stem for p in BENCH_ROOT.glob("bench_*.py") if p.stem != "bench_model")
+TINY = {"shapes": dict(hidden=64, moe_intermediate=32, experts=8, top_k=2), "hidden": 64, "budget_s": 0.01,
+        "min_runs": 2}
+
+
+@pytest.mark.parametrize("stem", BENCH_MODULES)
+def test_every_benchmark_runs_at_tiny_size(stem):
+    mod = cli.load_benchmark(cli.benchmarks_dir() / f"{stem}.py")
+    rows = cli._call_run(mod.run, "cpu", [1], torch.float32, **TINY)
+    assert rows, stem
+    for r in rows:
+        r = cli._normalise(r, stem, "cpu")
+        assert not r.get("error") and r.get("check") != "FAIL", r
+        assert r["op"] and r["impl"] and r["tokens"] == 1 and r["median_ms"] > 0, r
+    if stem == "bench_fused_moe":  # forward + backward of ours, the reference and both transformers modes
+        assert {r["impl"] for r in rows} == {"fused", "eager", "transformers-eager", "transformers-grouped_mm"}
+        assert {r["op"] for r in rows} == {"moe_block fwd+bwd"}
 
 
 def test_repo_benchmarks_folder_is_found():
@@ -209,6 +279,30 @@ def test_block_check_catches_a_wrong_block():
     assert not bench.check_moe_block(refb * 1.1, xb, wb, 2, refb)[2]
 
 
+def test_block_rates_use_the_roofline_cost_model_and_a_dtype_aware_peak(monkeypatch):
+    """One cost model (roofline.op_cost) for the block's TFLOP/s and GB/s, and a % of peak only where the
+    measured peak is of the row's dtype (the bf16 matmul rate: bf16/fp16 rows on a GPU)."""
+    from qwen3moe_kernels import roofline
+
+    for T in (1, 512):
+        flops, nbytes, model = bench.moe_block_cost(T, bench.QWEN3_30B_A3B, torch.bfloat16)
+        assert model == "Qwen3-30B-A3B"
+        assert (flops, nbytes) == roofline.op_cost("moe_block", "Qwen3-30B-A3B", T, "bf16")
+    assert bench.moe_block_cost(1, dict(bench.QWEN3_30B_A3B, experts=16, top_k=4), torch.bfloat16) == (None,) * 3
+    measured = {"tflops": 800.0, "gbps": 4000.0}
+    monkeypatch.setattr(roofline, "device_peak", lambda device, dtype=None: measured)
+    assert bench.device_peak("cuda", torch.bfloat16) == measured
+    assert bench.device_peak("cuda", torch.float16) == measured
+    assert bench.device_peak("cuda", torch.float32) is None  # no fp32/tf32 matmul rate measured: no fraction
+    assert bench.device_peak("cpu", torch.bfloat16) is None
+    row = {"median_ms": 1.0}
+    bench.add_rates(row, 400e9, 1e9, bench.device_peak("cuda", torch.bfloat16))
+    assert row["tflops"] == 400.0 and row["frac_peak"] == 50.0
+    row32 = {"median_ms": 1.0}
+    bench.add_rates(row32, 400e9, 1e9, bench.device_peak("cuda", torch.float32))
+    assert row32["tflops"] == 400.0 and "frac_peak" not in row32
+
+
 def test_add_ratios():
     rows = [dict(op="a", dtype="bf16", tokens=1, impl="eager", median_ms=4.0),
             dict(op="a", dtype="bf16", tokens=1, impl="fused", median_ms=1.0),
@@ -268,8 +362,10 @@ def test_model_benchmark_runs_on_a_tiny_model():
         assert pre["vs_eager"] > 0 and pre["vs_transformers_eager"] > 0 and pre["vs_transformers"] > 0
     assert by[("model-prefill", "qwen3moe_kernels-eager")]["vs_eager"] == 1.0  # x eager: vs the thin reference
     assert by[("model-prefill", "transformers")]["vs_transformers_eager"] == 1.0
-    for impl in ("transformers+qwen3moe_kernels", "qwen3moe_kernels-fused"):
-        assert "sparse_moe_block" in by[("model-decode", impl)]["ran"], impl
+    assert "sparse_moe_block" in by[("model-decode", "qwen3moe_kernels-fused")]["ran"]
+    # the patched transformers model: transformers' block calling our router top-k and experts
+    patched = by[("model-decode", "transformers+qwen3moe_kernels")]["ran"]
+    assert "router_topk=cpu" in patched and "moe_experts=cpu" in patched, patched
     assert "experts_implementation=qwen3moe_kernels." in by[("model-decode", "transformers-qwen3moe_kernels")]["ran"]
     assert "sparse_moe_block" not in by[("model-decode", "qwen3moe_kernels-eager")]["ran"]
     text = mod.table(rows)

@@ -8,7 +8,8 @@ Three ways in, from least to most invasive:
   transformers keeps its router. ``implementations()["experts_implementation"]`` names the function that ran
   (the reference, with a ``FallbackWarning``, where no experts entry point fits the inputs).
 * :func:`apply` patches an existing ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel`` in place and returns it: every
-  sparse MoE block runs ``qwen3moe_kernels.fused.sparse_moe_block`` (router + top-k + experts), every RMSNorm
+  MoE router runs its linear layer and ``qwen3moe::router_topk``, every experts module
+  ``qwen3moe_kernels.ops.fused_moe.moe_experts`` (together what ``fused.sparse_moe_block`` runs), every RMSNorm
   ``fused.rms_norm``, each attention's q_norm/k_norm + RoPE ``fused.qk_norm_rope`` and each decoder layer's
   residual add + post-attention norm ``fused.fused_add_rms_norm``.
 * :meth:`SparseMoeBlock.from_hf` builds our block module from theirs.
@@ -18,9 +19,20 @@ process are untouched) and reads the modules' own ``nn.Parameter`` objects on ev
 ``model.parameters()``, optimizers, ``state_dict`` and ``save_pretrained`` see the same tensors, and gradients
 flow to them. :func:`revert` undoes :func:`apply`.
 
-transformers records ``router_logits`` (for ``output_router_logits`` and the load-balancing loss) with forward
-hooks on the router module; the patched block does not call the router module, so it calls those hooks itself
-with the logits the fused block computed.
+Hooks: the sparse MoE block keeps transformers' own forward, which calls the router (``mlp.gate``) and the experts
+(``mlp.experts``) through ``nn.Module.__call__``; only their ``forward`` is ours. So forward pre-hooks and forward
+hooks on either module (transformers' ``router_logits`` recorder, a user's hook, accelerate's hooks) run as in the
+unpatched model, and what a hook returns is what the next step sees. Differences a hook can observe: the router
+returns int32 expert ids (transformers: int64), ties between equal probabilities go to the lowest expert id, and
+with a gradient needed the top-k runs in PyTorch (``reference.router_topk``: the router_topk op has no backward),
+as ``fused.sparse_moe_block`` does.
+
+Mixed precision: the fused kernels take one dtype per call. A model whose activations are bf16 but whose RMSNorm
+weights are fp32 (transformers accepts it and promotes the norm's output to fp32) runs those norms, the q/k-norm +
+RoPE and the fused residual add + norm on the pure-PyTorch reference instead: the same numbers as transformers, but
+not our kernels. The fallback is visible: a ``FallbackWarning`` (once per op and reason) and
+``qwen3moe_kernels.implementations()`` reading ``"reference (...)"`` for those ops. Cast the model to one dtype
+(``model.to(torch.bfloat16)``) to run every kernel. The experts likewise need weights in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -29,10 +41,12 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import fused, reference
 from ..dispatch import fallback, record
+from ..ops.router_topk import MAX_EXPERTS, router_topk
 
 EXPERTS_IMPLEMENTATION = "qwen3moe_kernels"
 _PATCHED = "_qwen3moe_kernels_patched"
@@ -138,28 +152,23 @@ def register(name: str = EXPERTS_IMPLEMENTATION) -> str:
 # --------------------------------------------------------------------------------------- patched forwards
 
 
-def _call_forward_hooks(module: nn.Module, args: tuple, output: Any) -> None:
-    """Run ``module``'s forward hooks as if it had been called (transformers' output recorders are hooks)."""
-    for hook_id, hook in list(module._forward_hooks.items()):
-        if hook_id in module._forward_hooks_with_kwargs:
-            result = hook(module, args, {}, output)
-        else:
-            result = hook(module, args, output)
-        if result is not None:
-            output = result
+def _router_forward(self, hidden_states: torch.Tensor):
+    """Qwen3MoeTopKRouter.forward: ``(logits [T, E], weights [T, k] in the logits' dtype, ids int32 [T, k])``.
 
-
-def _moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    shape = hidden_states.shape
-    x = hidden_states.reshape(-1, shape[-1])
-    gate, experts = self.gate, self.experts
-    out, router_logits = fused.sparse_moe_block(
-        x, gate.weight, experts.gate_up_proj, experts.down_proj, gate.top_k, gate.norm_topk_prob
-    )
-    if gate._forward_hooks:
-        # transformers' router returns (logits, scores, indices); recorders read the logits (index 0)
-        _call_forward_hooks(gate, (x,), (router_logits, None, None))
-    return out.reshape(shape)
+    The linear layer as transformers computes it, then the top-k with the ``router_topk`` op. With a gradient
+    needed the differentiable reference routing runs instead (the op has no backward), as ``fused_moe`` does.
+    """
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    logits = F.linear(x, self.weight)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        weights, ids = reference.router_topk(logits, self.top_k, self.norm_topk_prob)
+    elif logits.dtype in _EXPERTS_DTYPES and logits.shape[-1] <= MAX_EXPERTS:
+        weights, ids = router_topk(logits, self.top_k, self.norm_topk_prob)  # reports its own fallback off CPU/CUDA
+    else:
+        fallback("router_topk", f"the router_topk op takes fp32/fp16/bf16 logits with at most {MAX_EXPERTS} "
+                                f"experts, got {logits.dtype} with {logits.shape[-1]}")
+        weights, ids = reference.router_topk(logits, self.top_k, self.norm_topk_prob)
+    return logits, weights.to(logits.dtype), ids
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -247,13 +256,15 @@ def apply(model, *, moe: bool = True, rms_norm: bool = True, qk_norm_rope: bool 
           add_rms_norm: bool = True):
     """Patch a transformers Qwen3-MoE model in place to run the fused backend; returns the same model.
 
-    The switches leave a kind of module as transformers wrote it (for bisecting a difference). Raises
+    The switches leave a kind of module as transformers wrote it (for bisecting a difference); ``moe`` covers the
+    routers and the experts modules (the MoE block itself always keeps transformers' forward). Raises
     ``TypeError`` for a model that is not Qwen3-MoE. Calling it twice is harmless.
     """
     hf = _hf()
     _require_qwen3_moe(model)
     wanted = {
-        hf.Qwen3MoeSparseMoeBlock: (moe, _moe_block_forward),
+        hf.Qwen3MoeTopKRouter: (moe, _router_forward),
+        hf.Qwen3MoeExperts: (moe, experts_forward),
         hf.Qwen3MoeRMSNorm: (rms_norm, _rms_norm_forward),
         hf.Qwen3MoeAttention: (qk_norm_rope, _attention_forward),
         hf.Qwen3MoeDecoderLayer: (add_rms_norm, _decoder_layer_forward),
@@ -262,8 +273,8 @@ def apply(model, *, moe: bool = True, rms_norm: bool = True, qk_norm_rope: bool 
     for module in model.modules():
         for cls, (on, forward) in wanted.items():
             if on and type(module) is cls:
-                if cls is hf.Qwen3MoeSparseMoeBlock:
-                    _check_experts_layout(module.experts)
+                if cls is hf.Qwen3MoeExperts:
+                    _check_experts_layout(module)
                 module.forward = types.MethodType(forward, module)
                 setattr(module, _PATCHED, True)
                 counts[cls.__name__] += 1
