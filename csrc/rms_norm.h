@@ -7,16 +7,22 @@
 // the compiler can vectorise them: `omp simd reduction` allows the reordered fp32 sum (torch's own sum is
 // reordered too), and the hot row functions are compiled once per x86 level (target_clones) so AVX-512 and AVX2
 // machines get their vector width from one binary.
+//
+// Also here: once_differentiable, the double-backward guard shared by the C++ autograd Functions of both files.
 #pragma once
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define QWEN3MOE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -124,3 +130,28 @@ void dispatch_dtype(c10::ScalarType st, const char* op, F&& f) {
 }
 
 }  // namespace qwen3moe::norm
+
+namespace qwen3moe {
+
+// The backward ops (rms_norm_backward, qk_norm_rope_backward) have no autograd kernel of their own, so under
+// create_graph=True torch's not-implemented fallback would only warn and give zero second derivatives. Instead,
+// as torch.autograd.function.once_differentiable does: `backward` (returning the gradient list) runs with grad mode
+// off, and when grad mode is on (create_graph) and one of `inputs` (the incoming grads and the saved tensors)
+// requires grad, the gradients get an Error node as grad_fn, so differentiating them again raises
+// "<op>: double backward is not supported". First-order backward (grad mode off) returns the gradients as is.
+template <typename F>
+torch::autograd::variable_list once_differentiable(const char* op, const torch::autograd::variable_list& inputs,
+                                                   F&& backward) {
+  torch::autograd::variable_list grads;
+  {
+    at::NoGradGuard no_grad;
+    grads = backward();
+  }
+  if (!torch::autograd::compute_requires_grad(inputs)) return grads;
+  const std::string msg = std::string(op) + ": double backward is not supported";
+  return torch::autograd::wrap_outputs(inputs, std::move(grads), [&](torch::autograd::edge_list&& next) {
+    return c10::make_intrusive<torch::autograd::Error>(msg, std::move(next));
+  });
+}
+
+}  // namespace qwen3moe

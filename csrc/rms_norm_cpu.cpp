@@ -10,7 +10,9 @@
 //
 // Autograd is C++ (a torch::autograd::Function per op registered for the Autograd key), so a call that needs no
 // gradient costs one dispatcher hop, not a Python autograd wrapper. The backward calls qwen3moe::rms_norm_backward
-// through the dispatcher: this file's CPU kernel, or the Triton kernel that Python registers for CUDA.
+// through the dispatcher: this file's CPU kernel, or the Triton kernel that Python registers for CUDA. That op is not
+// differentiable: double backward (create_graph=True, then differentiating the gradients) raises (rms_norm.h
+// once_differentiable).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -209,8 +211,11 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto [dx, dw] = call_rms_norm_backward(grads[0], saved[0], saved[1], ctx->saved_data["eps"].toDouble());
-    return {dx, dw, at::Tensor()};
+    const double eps = ctx->saved_data["eps"].toDouble();
+    return once_differentiable("rms_norm", {grads[0], saved[0], saved[1]}, [&]() -> variable_list {
+      auto [dx, dw] = call_rms_norm_backward(grads[0], saved[0], saved[1], eps);
+      return {dx, dw, at::Tensor()};
+    });
   }
 };
 
@@ -230,9 +235,12 @@ class FusedAddRmsNormFn : public torch::autograd::Function<FusedAddRmsNormFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto [dx, dw] = call_rms_norm_backward(grads[0], saved[0], saved[1], ctx->saved_data["eps"].toDouble());
-    at::Tensor d = dx.add(grads[1]);  // new_residual = residual + x: both inputs get the same gradient
-    return {d, d, dw, at::Tensor()};
+    const double eps = ctx->saved_data["eps"].toDouble();
+    return once_differentiable("fused_add_rms_norm", {grads[0], grads[1], saved[0], saved[1]}, [&]() -> variable_list {
+      auto [dx, dw] = call_rms_norm_backward(grads[0], saved[0], saved[1], eps);
+      at::Tensor d = dx.add(grads[1]);  // new_residual = residual + x: both inputs get the same gradient
+      return {d, d, dw, at::Tensor()};
+    });
   }
 };
 

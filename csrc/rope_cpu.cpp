@@ -372,7 +372,8 @@ std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::o
 
 // One autograd Function for the four forward ops: `fwd` runs the op below autograd; the backward is
 // qwen3moe::qk_norm_rope_backward (norm and table/positions given as optionals). Gradients for cos, sin,
-// position_ids and inv_freq are not computed: asking for them is an error, never a silent zero.
+// position_ids and inv_freq are not computed: asking for them is an error, never a silent zero. So is double
+// backward (the backward op is not differentiable; rms_norm.h once_differentiable).
 class RopeFn : public torch::autograd::Function<RopeFn> {
  public:
   template <typename F>
@@ -397,11 +398,14 @@ class RopeFn : public torch::autograd::Function<RopeFn> {
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, const OptT&,
                 const OptT&, const OptT&, const OptT&, const OptT&, double)>();
     auto s = ctx->get_saved_variables();
-    auto [dq, dk, dqw, dkw] = op.call(grads[0], grads[1], s[0], s[1], opt(s[2]), opt(s[3]), opt(s[4]), opt(s[5]),
-                                      opt(s[6]), opt(s[7]), ctx->saved_data["eps"].toDouble());
-    // inputs: fwd, q, k, qw, kw, cos, sin, pos, inv_freq, eps
-    return {at::Tensor(), dq, dk, s[2].defined() ? dqw : at::Tensor(), s[3].defined() ? dkw : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const double eps = ctx->saved_data["eps"].toDouble();
+    return once_differentiable("rope", {grads[0], grads[1], s[0], s[1], s[2], s[3]}, [&]() -> variable_list {
+      auto [dq, dk, dqw, dkw] = op.call(grads[0], grads[1], s[0], s[1], opt(s[2]), opt(s[3]), opt(s[4]), opt(s[5]),
+                                        opt(s[6]), opt(s[7]), eps);
+      // inputs: fwd, q, k, qw, kw, cos, sin, pos, inv_freq, eps
+      return {at::Tensor(), dq, dk, s[2].defined() ? dqw : at::Tensor(), s[3].defined() ? dkw : at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    });
   }
 };
 

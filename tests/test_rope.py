@@ -1,17 +1,19 @@
 """qwen3moe::rope / rope_positions / qk_norm_rope / qk_norm_rope_positions (and their backward) against the
-reference: the C++ CPU path (forward bit-exact where the arithmetic is the same; autograd against autograd of the
-reference), opcheck, torch.compile(fullgraph=True), bad input, and the Triton kernels under the interpreter (in a
-subprocess so TRITON_INTERPRET is set before triton loads), outputs poisoned beforehand."""
+reference and transformers' apply_rotary_pos_emb: the C++ CPU path (forward bit-exact where the arithmetic is the
+same; autograd against autograd of the reference; double backward refused), opcheck, torch.compile(fullgraph=True),
+bad input, the Triton kernels under the interpreter (in a subprocess so TRITON_INTERPRET is set before triton
+loads) and on a GPU when there is one, outputs poisoned beforehand."""
 
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 
-from qwen3moe_kernels import reference
+from qwen3moe_kernels import dispatch, reference
 from qwen3moe_kernels.ops.rope import (qk_norm_rope, qk_norm_rope_by_positions, rope, rope_by_positions,
                                        rope_inv_freq)
 from tests.tolerances import assert_within_twice_torch_error, tol
@@ -23,21 +25,24 @@ EPS = 1e-6
 SHAPES = [(1, 1, 32, 4, 128), (1, 3, 64, 4, 128), (2, 5, 3, 1, 10), (3, 7, 5, 3, 16), (2, 0, 4, 2, 128)]
 
 
-def _inputs(B, S, Hq, Hk, D, dtype, seed=0, strided=True):
-    """q, k as views of one fused qkv projection (strided like the attention's), weights, positions, table."""
+def _inputs(B, S, Hq, Hk, D, dtype, seed=0, strided=True, device="cpu"):
+    """q, k as views of one fused qkv projection (strided like the attention's), weights, positions, table.
+
+    Random values are drawn on the CPU and moved to ``device`` before q and k are sliced out (``.to(device)`` of a
+    strided view would copy it to a contiguous tensor)."""
     g = torch.Generator().manual_seed(seed)
     if strided:
-        qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+        qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, generator=g).to(dtype).to(device)
         q = qkv[..., : Hq * D].view(B, S, Hq, D)
         k = qkv[..., Hq * D : (Hq + Hk) * D].view(B, S, Hk, D)
     else:
-        q = torch.randn(B, S, Hq, D, generator=g).to(dtype)
-        k = torch.randn(B, S, Hk, D, generator=g).to(dtype)
+        q = torch.randn(B, S, Hq, D, generator=g).to(dtype).to(device)
+        k = torch.randn(B, S, Hk, D, generator=g).to(dtype).to(device)
     qw = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype)
     kw = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype)
     pos = torch.randint(0, 40000, (B, S), generator=g)  # arbitrary (decode / padded) positions, not 0..S-1
     cos, sin = reference.rope_cos_sin(pos, D, THETA, dtype)
-    return q, k, qw, kw, pos, cos, sin
+    return (q, k) + tuple(t.to(device) for t in (qw, kw, pos, cos, sin))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,8 +91,14 @@ def test_inv_freq_is_transformers():
         torch.testing.assert_close(got, ref, **tol("elementwise", torch.bfloat16))
 
 
+def _leaf(t):
+    """A leaf copy of ``t`` with its strides (``clone()`` would make a strided q/k view contiguous)."""
+    leaf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+    return leaf.requires_grad_()
+
+
 def _grads(fn, tensors, gq, gk):
-    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    ts = [_leaf(t.detach()) for t in tensors]
     oq, ok = fn(*ts)
     ((oq.float() * gq.float()).sum() + (ok.float() * gk.float()).sum()).backward()
     return [t.grad for t in ts]
@@ -145,6 +156,70 @@ def test_weight_grad_is_deterministic():
     for _ in range(2):
         for a, b in zip(first, _grads(fn, (q, k, qw, kw), gq, gk)):
             assert torch.equal(a, b)
+
+
+def _four_ops(cos, sin, pos):
+    """(ours, reference, uses the norm weights) for rope, rope_positions, qk_norm_rope, qk_norm_rope_positions;
+    the reference of the positions variants takes the table ``cos, sin`` of ``pos``."""
+    return [
+        (lambda a, b: rope(a, b, cos, sin), lambda a, b: reference.rope(a, b, cos, sin), False),
+        (lambda a, b: rope_by_positions(a, b, pos, THETA), lambda a, b: reference.rope(a, b, cos, sin), False),
+        (lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS),
+         lambda a, b, c, d: reference.qk_norm_rope(a, b, c, d, cos, sin, EPS), True),
+        (lambda a, b, c, d: qk_norm_rope_by_positions(a, b, c, d, pos, THETA, EPS),
+         lambda a, b, c, d: reference.qk_norm_rope(a, b, c, d, cos, sin, EPS), True),
+    ]
+
+
+def test_double_backward_is_an_error():
+    """qk_norm_rope_backward is not differentiable: for all four ops, differentiating the gradients of a
+    create_graph=True backward raises (torch's autograd fallback used to warn and return zeros), while the
+    first-order gradients themselves are right and no fallback warning is emitted."""
+    q, k, qw, kw, pos, cos, sin = _inputs(1, 3, 2, 1, 16, torch.float32, seed=4)
+    for ours, ref, norm in _four_ops(cos, sin, pos):
+        ts = [_leaf(t) for t in ((q, k, qw, kw) if norm else (q, k))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            grads = torch.autograd.grad(sum((o**3).sum() for o in ours(*ts)), ts, create_graph=True)
+        want = torch.autograd.grad(sum((o**3).sum() for o in ref(*ts)), ts)
+        for g, e in zip(grads, want):
+            torch.testing.assert_close(g.detach(), e, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            torch.autograd.grad(sum(g.sum() for g in grads), ts)
+
+
+def test_matches_transformers():
+    """Against transformers itself: Qwen3MoeRotaryEmbedding's table, apply_rotary_pos_emb in its own layout
+    ([B, H, S, D], unsqueeze_dim=1) and, for qk_norm_rope, the attention's Qwen3MoeRMSNorm on [B, S, H, D] first."""
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import (Qwen3MoeRMSNorm, Qwen3MoeRotaryEmbedding,
+                                                                  apply_rotary_pos_emb)
+
+    D = 64
+    cfg = Qwen3MoeConfig(hidden_size=256, num_attention_heads=4, head_dim=D, rope_theta=THETA)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, qw, kw, _, _, _ = _inputs(2, 5, 4, 2, D, dtype, seed=21)
+        pos = torch.tensor([[0, 1, 17, 4095, 32767], [3, 9, 100, 20000, 39999]])
+        cos, sin = Qwen3MoeRotaryEmbedding(cfg)(q, pos)
+        assert cos.dtype == dtype
+
+        def hf_rope(a, b):
+            qe, ke = apply_rotary_pos_emb(a.transpose(1, 2), b.transpose(1, 2), cos, sin)
+            return qe.transpose(1, 2), ke.transpose(1, 2)
+
+        for got, want in zip(rope(q, k, cos, sin), hf_rope(q, k)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same arithmetic: bit-identical
+        for got, want in zip(rope_by_positions(q, k, pos, THETA), hf_rope(q, k)):
+            torch.testing.assert_close(got, want, **tol("elementwise", dtype))  # cos/sin by another libm
+        q_norm, k_norm = Qwen3MoeRMSNorm(D, eps=EPS).to(dtype), Qwen3MoeRMSNorm(D, eps=EPS).to(dtype)
+        with torch.no_grad():
+            q_norm.weight.copy_(qw)
+            k_norm.weight.copy_(kw)
+            want = hf_rope(q_norm(q), k_norm(k))
+        for got, w in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), want):
+            torch.testing.assert_close(got, w, **tol("norm", dtype))
+        for got, w in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS), want):
+            torch.testing.assert_close(got, w, **tol("norm", dtype))
 
 
 def test_table_gradient_is_refused():
@@ -283,6 +358,24 @@ _INTERP = textwrap.dedent(
     cpu = torch.ops.qwen3moe.qk_norm_rope_backward(gq, gk, q, k, qw, kw, cos, sin, None, None, EPS)
     for a, b in zip(ops_rope._qk_norm_rope_backward_cuda(gq, gk, q, k, qw, kw, cos, sin, None, None, EPS), cpu):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # output grads are checked as on CPU
+    for bad_q, bad_k, name in ((gq[:, :2], gk, "grad_q"), (gq, gk.half(), "grad_k")):
+        try:
+            ops_rope._qk_norm_rope_backward_cuda(bad_q, bad_k, q, k, qw, kw, cos, sin, None, None, EPS)
+            raise AssertionError("bad " + name + " accepted")
+        except RuntimeError as err:
+            assert name + " must match" in str(err), err
+    # no q heads / no k heads: the other tensor still right, weight grads as on CPU
+    for hq, hk in ((0, 2), (3, 0)):
+        q0, k0 = torch.randn(3, 4, hq, 16), torch.randn(3, 4, hk, 16)
+        want = reference.qk_norm_rope(q0, k0, qw, kw, cos, sin, EPS)
+        for a, b in zip(ops_rope._qk_norm_rope_cuda(q0, k0, qw, kw, cos, sin, EPS), want):
+            torch.testing.assert_close(a, b, **e)
+        g0q, g0k = torch.randn(q0.shape), torch.randn(k0.shape)
+        cpu = torch.ops.qwen3moe.qk_norm_rope_backward(g0q, g0k, q0, k0, qw, kw, cos, sin, None, None, EPS)
+        got = ops_rope._qk_norm_rope_backward_cuda(g0q, g0k, q0, k0, qw, kw, cos, sin, None, None, EPS)
+        for a, b in zip(got, cpu):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     print("OK")
     """
 )
@@ -295,21 +388,104 @@ def test_triton_kernels_interpreter():
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# ---------------------------------------------------------------------------------- GPU (skipped without one)
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# (B, S, Hq, Hk, D): Qwen3-30B-A3B and Qwen3-235B-A22B attention heads; q/k strided views of a qkv projection
+GPU_SHAPES = [(2, 33, 32, 4, 128), (1, 17, 64, 4, 128)]
+
+
+def _kernel_table(pos, D, dtype):
+    """The table the kernels build from ``pos``: ``f = float(pos) * inv_freq`` in fp32, cos/sin of it to the last
+    fp32 bit (taken here from fp64), then rounded to ``dtype``. The GPU tests of the positions variants compare with
+    it: torch's fp32 cos/sin (a few ulps on a GPU) can round to another fp16/bf16 value now and then."""
+    f = pos.cpu()[..., None].float() * rope_inv_freq(D, THETA)
+    emb = torch.cat((f, f), dim=-1).double()
+    return emb.cos().float().to(dtype).to(pos.device), emb.sin().float().to(dtype).to(pos.device)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_reference(dtype):
-    q, k, qw, kw, pos, cos, sin = (t.cuda() for t in _inputs(2, 33, 32, 4, 128, dtype))
-    rq, rk = reference.rope(q, k, cos, sin)
-    for got, ref in zip(rope(q, k, cos, sin), (rq, rk)):
-        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
-    for got, ref in zip(rope_by_positions(q, k, pos, THETA), (rq, rk)):
-        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
-    nq, nk = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
-    for got, ref in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), (nq, nk)):
-        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
-    for got, ref in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS), (nq, nk)):
-        torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
-    gq, gk = torch.randn_like(q), torch.randn_like(k)
+def test_cuda_forward_matches_reference(shape, dtype):
+    q, k, qw, kw, pos, cos, sin = _inputs(*shape, dtype, device="cuda")
+    assert not q.is_contiguous() and q.is_cuda
+    kcos, ksin = _kernel_table(pos, shape[-1], dtype)
+    # rope: each product rounded to the dtype, then the sum (in fp32 contracted into an FMA): "elementwise". With
+    # the norm, rstd by another summation order and the approximate rsqrt can move normed by an ulp: "norm".
+    e, n = tol("elementwise", dtype), tol("norm", dtype)
+    for got, want in zip(rope(q, k, cos, sin), reference.rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, **e)
+    for got, want in zip(rope_by_positions(q, k, pos, THETA), reference.rope(q, k, kcos, ksin)):
+        torch.testing.assert_close(got, want, **e)
+    for got, want in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS),
+                         reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)):
+        torch.testing.assert_close(got, want, **n)
+    for got, want in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS),
+                         reference.qk_norm_rope(q, k, qw, kw, kcos, ksin, EPS)):
+        torch.testing.assert_close(got, want, **n)
+    assert dispatch.implementations() == {"rope": "triton", "qk_norm_rope": "triton"}
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_backward_matches_reference(shape, dtype):
+    """All four ops' Triton backward (through the C++ autograd kernel) by the rules of the CPU backward test, and
+    bit-identical when run twice (fixed-order weight-gradient reduction)."""
+    q, k, qw, kw, pos, cos, sin = _inputs(*shape, dtype, seed=7, device="cuda")
+    kcos, ksin = _kernel_table(pos, shape[-1], dtype)
+    g = torch.Generator().manual_seed(8)
+    gq = torch.randn(q.shape, generator=g).to(dtype).cuda()
+    gk = torch.randn(k.shape, generator=g).to(dtype).cuda()
     norm_ref = lambda c, s: lambda a, b, wq, wk: reference.qk_norm_rope(a, b, wq, wk, c, s, EPS)  # noqa: E731
-    _check_backward(lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS), norm_ref, (q, k, qw, kw), gq, gk,
-                    dtype, (cos, sin))
+    rope_ref = lambda c, s: lambda a, b: reference.rope(a, b, c, s)  # noqa: E731
+    cases = [
+        (lambda a, b: rope(a, b, cos, sin), rope_ref, (q, k), (cos, sin)),
+        (lambda a, b: rope_by_positions(a, b, pos, THETA), rope_ref, (q, k), (kcos, ksin)),
+        (lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS), norm_ref, (q, k, qw, kw), (cos, sin)),
+        (lambda a, b, c, d: qk_norm_rope_by_positions(a, b, c, d, pos, THETA, EPS), norm_ref, (q, k, qw, kw),
+         (kcos, ksin)),
+    ]
+    for ours, ref, tensors, table in cases:
+        _check_backward(ours, ref, tensors, gq, gk, dtype, table)
+        first, again = _grads(ours, tensors, gq, gk), _grads(ours, tensors, gq, gk)
+        assert all(a.is_cuda and torch.equal(a, b) for a, b in zip(first, again))
+    assert dispatch.implementations() == {"rope": "triton", "qk_norm_rope": "triton"}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_write_every_output(dtype):
+    """The launchers on NaN-poisoned outputs, for every (norm, table source) variant: bit-identical to the op's
+    result (the same launch; the op is checked against the reference above), so every element was written."""
+    from qwen3moe_kernels.kernels.rope import qk_norm_rope_bwd, qk_norm_rope_fwd
+
+    B, S, Hq, Hk, D = GPU_SHAPES[1]
+    q, k, qw, kw, pos, cos, sin = _inputs(B, S, Hq, Hk, D, dtype, seed=5, device="cuda")
+    inv = rope_inv_freq(D, THETA, "cuda")
+    gq = torch.randn(q.shape, dtype=dtype, device="cuda")  # output grads: contiguous, as autograd passes them
+    gk = torch.randn(k.shape, dtype=dtype, device="cuda")
+    ops = torch.ops.qwen3moe
+
+    def poisoned(like):
+        return torch.full(like.shape, float("nan"), dtype=dtype, device="cuda")
+
+    for norm in (False, True):
+        w = (qw, kw) if norm else (None, None)
+        for src in ((cos, sin, None, None), (None, None, pos, inv)):
+            qo, ko = poisoned(q), poisoned(k)
+            qk_norm_rope_fwd(q, k, *w, *src, EPS, qo, ko)
+            if norm:
+                want = (ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS) if src[2] is None
+                        else ops.qk_norm_rope_positions(q, k, qw, kw, pos, inv, EPS))
+            else:
+                want = ops.rope(q, k, cos, sin) if src[2] is None else ops.rope_positions(q, k, pos, inv)
+            assert torch.equal(qo, want[0]) and torch.equal(ko, want[1])
+            dq, dk = poisoned(q), poisoned(k)
+            dw = (poisoned(qw), poisoned(kw)) if norm else (None, None)
+            qk_norm_rope_bwd(gq, gk, q, k, *w, *src, EPS, dq, dk, *dw)
+            want = ops.qk_norm_rope_backward(gq, gk, q, k, *w, *src, EPS)
+            assert torch.equal(dq, want[0]) and torch.equal(dk, want[1])
+            if norm:
+                assert torch.equal(dw[0], want[2]) and torch.equal(dw[1], want[3])

@@ -2,7 +2,9 @@
 
 Forward: one program per row; the whole row (padded to BLOCK_H, a power of two >= H, masked) is loaded,
 sum of squares accumulated in fp32, ``normed = x * rsqrt(mean + eps)`` rounded to the input dtype, then
-multiplied by ``weight`` in the input dtype, exactly as Hugging Face's Qwen3MoeRMSNorm computes it.
+multiplied by ``weight`` in the input dtype: the rounding steps of Hugging Face's Qwen3MoeRMSNorm. Not bit-exact:
+the sum of squares runs in another order than torch's and ``tl.rsqrt`` is the GPU's approximate rsqrt, so rstd
+may differ by an fp32 ulp or two, which in fp16/bf16 can move an output by up to 2 ulps (the "norm" tolerance).
 Layout: x/residual/out rows may be strided (row stride given), the last dim must be contiguous.
 
 Backward (``rms_norm_bwd_kernel``): a fixed number of programs (``BWD_PROGRAMS``, independent of the device, so
@@ -113,7 +115,8 @@ def col_sum(partials, out):
     p, n = partials.shape
     if n == 0:
         return
-    col_sum_kernel[(triton.cdiv(n, COL_SUM_BLOCK),)](partials, out, p, n, BLOCK_N=COL_SUM_BLOCK, num_warps=4)
+    col_sum_kernel[(triton.cdiv(n, COL_SUM_BLOCK),)](partials, out, p, n, BLOCK_N=COL_SUM_BLOCK, num_warps=4,
+                                                     num_stages=1)
 
 
 def rms_norm_bwd(dy2d, x2d, weight, eps, dx, dw):
@@ -128,7 +131,7 @@ def rms_norm_bwd(dy2d, x2d, weight, eps, dx, dw):
     progs = triton.cdiv(rows, per)
     part = torch.empty((progs, h), dtype=torch.float32, device=x2d.device)
     rms_norm_bwd_kernel[(progs,)](dy2d, x2d, weight, dx, part, x2d.stride(0), rows, per, h, eps,
-                                  BLOCK_H=block_h, num_warps=_num_warps(block_h))
+                                  BLOCK_H=block_h, num_warps=_num_warps(block_h), num_stages=1)
     col_sum(part, dw)
 
 
@@ -156,6 +159,7 @@ def rms_norm_fwd(x2d, residual2d, weight, eps, out, new_residual):
         BLOCK_H=block_h,
         HAS_RESIDUAL=has_res,
         num_warps=_num_warps(block_h),
+        num_stages=1,  # what compile_specs() compiles (Triton's default would be 3)
     )
 
 

@@ -2,9 +2,18 @@
 
 Computes, per token (b, s) and head h of q [B, S, Hq, D] and k [B, S, Hk, D]:
 ``y = weight * round(x * rsqrt(mean(x^2) + eps))`` (only with HAS_NORM; else ``y = x``), then
-``out[:D/2] = y1*cos1 - y2*sin1``, ``out[D/2:] = y2*cos2 + y1*sin2`` with every product and sum rounded to the
-input dtype, exactly as transformers' ``apply_rotary_pos_emb`` (rotate_half) computes it in that dtype. The
-table is either given (cos, sin [B or 1, S, D] in q's dtype) or built in the kernel from FROM_POS
+``out[:D/2] = y1*cos1 - y2*sin1``, ``out[D/2:] = y2*cos2 + y1*sin2`` with the rounding steps of transformers'
+``apply_rotary_pos_emb`` (rotate_half) in the input dtype.
+
+* fp16/bf16: every product is rounded to the dtype before the sum (an explicit cast, which no compiler fuses
+  across), so the rotation is eager torch's arithmetic.
+* fp32: those casts are no-ops, and the kernels launch with Triton's default fp fusion (the variant compile-check
+  compiles), so on a GPU ``y1*c1 - y2*s1`` is contracted into one FMA (the sm_90 PTX has them): fp32 outputs are
+  within the "elementwise" tolerance of eager torch, not bit-identical. (The interpreter does not fuse.)
+* the norm: the fp32 sum of squares runs in another order than torch's and ``tl.rsqrt`` is the GPU's approximate
+  rsqrt, so rstd may differ by an fp32 ulp or two (the "norm" tolerance).
+
+The table is either given (cos, sin [B or 1, S, D] in q's dtype) or built in the kernel from FROM_POS
 ``position_ids`` (int64) and ``inv_freq`` fp32 [D/2] as Qwen3MoeRotaryEmbedding does: ``f = float(pos) *
 inv_freq`` in fp32, cos/sin accurate to the last fp32 bit (``_cos_sin``), rounded to the input dtype.
 
@@ -262,7 +271,7 @@ def qk_norm_rope_fwd(q, k, qw, kw, cos, sin, pos, inv_freq, eps, qo, ko):
     qk_norm_rope_fwd_kernel[(ntok, nblocks[0] + nblocks[1])](
         q, k, qw if has_norm else q, kw if has_norm else k, cos if pos is None else q, sin if pos is None else q,
         pos if pos is not None else q, inv_freq if pos is not None else q, qo, ko, S, Hq, Hk, *strides, eps,
-        HAS_NORM=has_norm, num_warps=NUM_WARPS, **meta)
+        HAS_NORM=has_norm, num_warps=NUM_WARPS, num_stages=1, **meta)
 
 
 def qk_norm_rope_bwd(gq, gk, q, k, qw, kw, cos, sin, pos, inv_freq, eps, dq, dk, dqw, dkw):
@@ -283,7 +292,7 @@ def qk_norm_rope_bwd(gq, gk, q, k, qw, kw, cos, sin, pos, inv_freq, eps, dq, dk,
         gq, gk, q, k, qw if has_norm else q, kw if has_norm else k, cos if pos is None else q,
         sin if pos is None else q, pos if pos is not None else q, inv_freq if pos is not None else q, dq, dk,
         pq if has_norm else dq, pk if has_norm else dk, ntok, per, S, Hq, Hk, *strides, eps,
-        HAS_NORM=has_norm, num_warps=NUM_WARPS, **meta)
+        HAS_NORM=has_norm, num_warps=NUM_WARPS, num_stages=1, **meta)
     if has_norm:
         col_sum(pq, dqw)
         col_sum(pk, dkw)

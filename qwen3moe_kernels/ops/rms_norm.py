@@ -10,7 +10,8 @@ Where each piece lives:
 
 * schemas: ``csrc/ops.cpp`` (C++ ``TORCH_LIBRARY``), so a call costs one dispatcher hop and no Python;
 * CPU kernels and the autograd kernels: ``csrc/rms_norm_cpu.cpp`` (one pass per row, at::parallel_for; the
-  backward calls ``qwen3moe::rms_norm_backward`` through the dispatcher);
+  backward calls ``qwen3moe::rms_norm_backward`` through the dispatcher; that op is not differentiable, so double
+  backward, ``create_graph=True`` then differentiating the gradients, raises);
 * CUDA kernels: the Triton kernels of ``kernels/rms_norm.py``, registered below for the CUDA key (forward,
   and a backward with a deterministic two-stage dweight reduction);
 * fake (meta) implementations: below.
@@ -51,6 +52,12 @@ def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
     torch._check(residual.device == x.device, lambda: "fused_add_rms_norm: residual must be on the device of x")
 
 
+def _check_grad_out(grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    torch._check(grad_out.shape == x.shape and grad_out.dtype == x.dtype,
+                 lambda: f"rms_norm_backward: grad_out must match x in shape and dtype, got {list(grad_out.shape)} "
+                         f"{grad_out.dtype}")
+
+
 def _empty(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
@@ -79,14 +86,18 @@ if _ext.AVAILABLE:
     @torch.library.register_fake("qwen3moe::rms_norm_backward")
     def _rms_norm_backward_fake(grad_out, x, weight, eps):
         _check(x, weight, eps, "rms_norm_backward")
+        _check_grad_out(grad_out, x)
         return _empty(x), torch.empty_like(weight)
 
-    # CUDA: the Triton kernels (imported on first use, so importing this module does not import triton)
+    # CUDA: the Triton kernels (imported on first use, so importing this module does not import triton). An empty
+    # x (no rows, or H = 0) launches nothing, as on CPU (and out.view(-1, 0) would be ambiguous).
     def _rms_norm_cuda(x, weight, eps):
         from ..kernels import rms_norm as _k
 
         _check(x, weight, eps)
         out = _empty(x)
+        if x.numel() == 0:
+            return out
         _k.rms_norm_fwd(_as_rows(x), None, weight.contiguous(), eps, out.view(-1, x.shape[-1]), None)
         return out
 
@@ -95,8 +106,10 @@ if _ext.AVAILABLE:
 
         _check(x, weight, eps, "fused_add_rms_norm")
         _check_residual(x, residual)
-        h = x.shape[-1]
         out, new_res = _empty(x), _empty(x)
+        if x.numel() == 0:
+            return out, new_res
+        h = x.shape[-1]
         _k.rms_norm_fwd(_as_rows(x), _as_rows(residual), weight.contiguous(), eps, out.view(-1, h),
                         new_res.view(-1, h))
         return out, new_res
@@ -105,9 +118,13 @@ if _ext.AVAILABLE:
         from ..kernels import rms_norm as _k
 
         _check(x, weight, eps, "rms_norm_backward")
-        h = x.shape[-1]
-        dx, dw = _empty(x), torch.empty_like(weight)
-        _k.rms_norm_bwd(_as_rows(grad_out).contiguous(), _as_rows(x), weight.contiguous(), eps, dx.view(-1, h), dw)
+        _check_grad_out(grad_out, x)
+        dx = _empty(x)
+        if x.numel() == 0:
+            return dx, torch.zeros_like(weight)
+        dw = torch.empty_like(weight)
+        _k.rms_norm_bwd(_as_rows(grad_out).contiguous(), _as_rows(x), weight.contiguous(), eps,
+                        dx.view(-1, x.shape[-1]), dw)
         return dx, dw
 
     torch.library.register_kernel("qwen3moe::rms_norm", "cuda", _rms_norm_cuda)

@@ -15,8 +15,11 @@ fused qkv projection: no copy is made); only a non-contiguous last dim is copied
 
 Where each piece lives: schemas in ``csrc/ops.cpp``; CPU kernels and the autograd kernels (C++, so no Python on
 the call path) in ``csrc/rope_cpu.cpp``; CUDA kernels: the Triton kernels of ``kernels/rope.py``, registered
-below; fakes below. Backward: ``qwen3moe::qk_norm_rope_backward`` (input grads of q/k, weight grads with a
+below (in fp32 the GPU contracts the rotation's multiply and add into an FMA: within tolerance of eager torch, not
+bit-identical); fakes below. Backward: ``qwen3moe::qk_norm_rope_backward`` (input grads of q/k, weight grads with a
 deterministic two-stage reduction). Gradients for cos/sin/inv_freq are not computed; requesting them is an error.
+The backward op is not differentiable: double backward (``create_graph=True``, then differentiating the gradients)
+raises.
 """
 
 from __future__ import annotations
@@ -72,6 +75,15 @@ def _check(op, q, k, qw=None, kw=None, cos=None, sin=None, pos=None, inv_freq=No
         torch._check(inv_freq.device == q.device, lambda: f"{op}: inv_freq must be on the device of q")
 
 
+def _check_grads(grad_q, grad_k, q, k):
+    """The backward's extra checks (as csrc/rope_cpu.cpp): output grads shaped and typed like q / k."""
+    op = "qk_norm_rope_backward"
+    torch._check(grad_q.shape == q.shape and grad_q.dtype == q.dtype,
+                 lambda: f"{op}: grad_q must match q in shape and dtype")
+    torch._check(grad_k.shape == k.shape and grad_k.dtype == k.dtype,
+                 lambda: f"{op}: grad_k must match k in shape and dtype")
+
+
 def _outs(q, k):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device))
@@ -106,6 +118,7 @@ if _ext.AVAILABLE:
     @torch.library.register_fake("qwen3moe::qk_norm_rope_backward")
     def _qk_norm_rope_backward_fake(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq, eps):
         _check("qk_norm_rope_backward", q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq, eps)
+        _check_grads(grad_q, grad_k, q, k)
         dq, dk = _outs(q, k)
         dqw = torch.empty_like(q_weight) if q_weight is not None else q.new_empty((0,))
         dkw = torch.empty_like(k_weight) if k_weight is not None else q.new_empty((0,))
@@ -141,6 +154,7 @@ if _ext.AVAILABLE:
         from ..kernels import rope as _k
 
         _check("qk_norm_rope_backward", q, k, q_weight, k_weight, cos, sin, position_ids, inv_freq, eps)
+        _check_grads(grad_q, grad_k, q, k)
         dq, dk = _outs(q, k)
         dqw = torch.empty_like(q_weight) if q_weight is not None else q.new_empty((0,))
         dkw = torch.empty_like(k_weight) if k_weight is not None else q.new_empty((0,))
