@@ -489,3 +489,18 @@ def test_cuda_kernels_write_every_output(dtype):
             assert torch.equal(dq, want[0]) and torch.equal(dk, want[1])
             if norm:
                 assert torch.equal(dw[0], want[2]) and torch.equal(dw[1], want[3])
+
+
+def test_training_after_inference_mode_first_use():
+    """The cached inv_freq is made outside inference mode: inference first, then training, must work (it once
+    failed with "Inference tensors cannot be saved for backward")."""
+    from qwen3moe_kernels.ops import rope as rope_ops
+
+    rope_ops._inv_freq_cached.cache_clear()
+    q, k, qw, kw, pos, _, _ = _inputs(1, 5, 4, 2, 64, torch.float32, seed=3)
+    with torch.inference_mode():
+        qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS)
+    q = q.detach().requires_grad_()
+    oq, ok = qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS)
+    (oq.sum() + ok.sum()).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

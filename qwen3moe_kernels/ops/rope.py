@@ -189,7 +189,10 @@ def _record(op: str, impl: str) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _inv_freq_cached(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    return _inv_freq(head_dim, theta, device)
+    # a normal tensor even when first asked for under torch.inference_mode(): an inference tensor in this cache
+    # would make every later autograd use of the op fail ("Inference tensors cannot be saved for backward")
+    with torch.inference_mode(False):
+        return _inv_freq(head_dim, theta, device)
 
 
 def _inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
