@@ -3,25 +3,33 @@
 
     python python/gpu_run.py [--budget 570] [--no-build] [--out-dir benchmarks/results] [--copy-to DIR]
 
-Steps, each in a subprocess with its own time limit cut to what is left of the overall budget (a step that runs
-out is recorded as timed out and the run goes on, so the JSON is always written):
+Steps, each in a subprocess (its own process group) with its own time limit cut to what is left of the overall
+budget. A step that runs out is killed with everything it started (the whole process group: pip's ninja and
+nvcc, pytest's workers), recorded as timed out, and the run goes on, so the JSON is always written:
 
-1. environment: GPU name, capability, SM count, memory, driver (nvidia-smi), torch/triton/CUDA/nvcc versions,
-   git commit and whether the tree is dirty;
-2. build the extension for this GPU's arch (``pip install --no-build-isolation --no-deps -e .`` with
+1. environment: GPU name, capability, SM count, memory, driver (nvidia-smi), python/torch/triton/CUDA/nvcc
+   versions, git commit and whether the tree is dirty; a warning (recorded, and the run goes on) where python,
+   torch or triton differ from what the repository is tested with (``PINNED``: e.g. the tests' bf16 interpreter
+   shim relies on Triton 3.8 internals);
+2. build the extension for this GPU's arch only (``pip install --no-build-isolation --no-deps -e .`` with
    ``TORCH_CUDA_ARCH_LIST`` set to e.g. ``9.0a``; ``MAX_JOBS`` = CPU count), then check that its CUDA kernels load;
-3. ``qwen3moe-kernels compile-check`` against the freshly built library (sm_90a/sm_100a device code);
-4. the test suite (``pytest tests``: every CUDA and Triton test runs for real on the GPU), as JUnit XML;
+3. ``qwen3moe-kernels compile-check --arch <this GPU's>`` against the freshly built library, with
+   ``QWEN3MOE_REQUIRE_CUDA_BUILD=1`` (skipped on a GPU other than sm_90 / sm_100, which it does not target);
+4. the test suite (``pytest -v tests``: every CUDA and Triton test runs for real on the GPU), as JUnit XML, less
+   the CPU-only compile-check tests (``CPU_ONLY_TESTS``: they repeat step 3 for both archs and take minutes). If
+   pytest stops before writing its JUnit XML (killed on its limit, or crashed), the per-test lines it printed are
+   recorded instead (``partial: true``);
 5. the device limits: bf16 matmul rate and copy bandwidth (:func:`qwen3moe_kernels.roofline.measure_peaks`);
 6. ``qwen3moe-kernels check --device cuda`` and ``qwen3moe-kernels bench --device cuda`` (which reports each
    result as a fraction of the measured limits).
 
-Writes ``benchmarks/results/gpu_<device>_<UTC date-time>.json`` holding every step's status, time and output
-tail, the test counts and failures, the measured peaks, the roofline floors at those peaks and the bench rows
-(the bench's own JSON is saved beside it). ``--copy-to`` copies the files there too (for a machine that is given
-back after the run). Exit status: 0 when every step passed.
+Writes ``benchmarks/results/gpu_<device>_<UTC date-time>.json`` holding the warnings, every step's status, time
+and output tail, the test counts and failures, the measured peaks, the roofline floors at those peaks and the
+bench rows (the bench's own JSON is saved beside it). ``--copy-to`` copies the files there too (for a machine
+that is given back after the run). Exit status: 0 when every step passed.
 
-Budget on one H100 (16 CPUs): build ~3 min, tests ~2-3 min, peaks ~10 s, check + bench ~2 min.
+Budget (570 s, inside 10 minutes) on one H100 or H200 (16 CPUs): build ~3 min, tests ~2-3 min, peaks ~10 s,
+check + bench ~2 min.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,43 +49,94 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
+# What CI tests with: .ci/run installs torch==2.14.1 (which brings triton 3.8) on Python 3.11. Versions are
+# compared by prefix ("2.14.1+cu130" matches "2.14.1").
+PINNED = {"python": "3.11", "torch": "2.14.1", "triton": "3.8"}
+
+# CPU-only tests that compile every kernel for sm_90 and sm_100 (minutes): step 3 already does it for this GPU.
+CPU_ONLY_TESTS = (
+    "tests/test_compile_check.py::test_compile_check_all_shipped_kernels",
+    "tests/test_compile_check.py::test_compile_check_json_is_current",
+    "tests/test_compile_check.py::test_main_leaves_the_interpreter",
+)
+
+
+NO_TIME = "no time left in the budget"
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads (it was started with start_new_session=True)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
 
 class Runner:
     def __init__(self, budget_s: float):
         self.t0 = time.monotonic()
         self.budget = budget_s
         self.steps: list[dict] = []
+        self.outputs: dict[str, str] = {}  # step name -> its whole output (stdout and stderr interleaved)
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
 
+    def skip(self, name: str, reason: str) -> dict:
+        step = {"step": name, "status": "skipped", "reason": reason}
+        print(f"[gpu_run] {name}: skipped ({reason})", flush=True)
+        self.steps.append(step)
+        return step
+
     def run(self, name: str, cmd: list[str], limit_s: float, env: dict | None = None, reserve_s: float = 0.0) -> dict:
-        """Run one step with limit min(limit_s, time left - reserve_s); record rc, seconds and the output tail."""
+        """Run one step with limit min(limit_s, time left - reserve_s); record rc, seconds and the output tail.
+
+        The step runs in its own session (process group); on its time limit the whole group is killed, so a
+        grandchild (ninja, nvcc, a test's worker) can neither outlive it nor hold its output pipe open."""
         limit = min(limit_s, self.left() - reserve_s)
-        step = {"step": name, "cmd": " ".join(cmd), "limit_s": round(limit, 1)}
         if limit < 5:
-            step.update(status="skipped", reason="no time left in the budget")
-            print(f"[gpu_run] {name}: skipped (no time left)", flush=True)
-            self.steps.append(step)
-            return step
+            return self.skip(name, NO_TIME)
+        step = {"step": name, "cmd": " ".join(cmd), "limit_s": round(limit, 1)}
         print(f"[gpu_run] {name}: {step['cmd']} (limit {limit:.0f} s)", flush=True)
         t = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         try:
-            p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                               timeout=limit)
-            out, rc = p.stdout + p.stderr, p.returncode
+            out, _ = proc.communicate(timeout=limit)
+            rc = proc.returncode
             step["status"] = "ok" if rc == 0 else "failed"
-        except subprocess.TimeoutExpired as exc:
-            out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            out += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            try:
+                out, _ = proc.communicate(timeout=10)  # what it printed before the kill
+            except subprocess.TimeoutExpired as exc:  # a process that left the group still holds the pipe
+                proc.stdout.close()
+                out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
             rc = None
             step["status"] = "timed out"
+        out = out or ""
+        self.outputs[name] = out
         step.update(rc=rc, seconds=round(time.monotonic() - t, 1), output_tail=out[-4000:])
         print(f"[gpu_run] {name}: {step['status']} in {step['seconds']} s", flush=True)
         if step["status"] != "ok":
             print(out[-2000:], flush=True)
         self.steps.append(step)
         return step
+
+
+COMPILE_CHECK_ARCHS = (90, 100)
+
+
+def compile_check_cmd(arch: int) -> list[str]:
+    """compile-check for this GPU's arch alone: the library was built for it only, and a check of the other arch
+    would fail on the device code the build left out."""
+    return [PY, "-m", "qwen3moe_kernels.compile_check", "--no-json", "--jobs", "8", "--arch", str(arch)]
+
+
+def pytest_cmd(junit: Path, extra: list[str]) -> list[str]:
+    """The test suite less CPU_ONLY_TESTS, one line per test (-v: what pytest_progress reads after a timeout)."""
+    deselect = [f"--deselect={t}" for t in CPU_ONLY_TESTS]
+    return [PY, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests", f"--junitxml={junit}", *deselect, *extra]
 
 
 def _sh(cmd: list[str]) -> str | None:
@@ -120,10 +180,53 @@ def environment() -> dict:
     return env
 
 
+def version_warnings(env: dict) -> list[str]:
+    """One line per python/torch/triton version that differs from PINNED (the run goes on regardless)."""
+    out = []
+    for name, want in PINNED.items():
+        got = env.get(name)
+        if not str(got or "").startswith(want):
+            out.append(f"{name} {got} here, the repository is tested with {want}: failures may come from the "
+                       f"version (e.g. the interpreter bf16 shim in tests/triton_interp.py relies on Triton 3.8 "
+                       f"internals), not from the code")
+    return out
+
+
+def cuda_arch(capability: str | None) -> int | None:
+    """"9.0" -> 90."""
+    if not capability:
+        return None
+    major, minor = capability.split(".")
+    return int(major) * 10 + int(minor)
+
+
+_PYTEST_LINE = re.compile(r"^(\S+::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?:\s|$)", re.M)
+_RANK = {"PASSED": 0, "XFAIL": 0, "XPASS": 0, "SKIPPED": 1, "FAILED": 2, "ERROR": 3}
+
+
+def pytest_progress(text: str) -> dict:
+    """Test results from ``pytest -v`` output, as far as it got (a run killed on its time limit, or crashed,
+    writes no JUnit XML): the same keys as :func:`junit_summary`, plus ``partial``. A test listed twice (a
+    teardown error after a pass) keeps its worse outcome."""
+    outcome: dict[str, str] = {}
+    for node, what in _PYTEST_LINE.findall(text):
+        if node not in outcome or _RANK[what] > _RANK[outcome[node]]:
+            outcome[node] = what
+    vals = list(outcome.values())
+    return {"tests": len(vals), "failures": vals.count("FAILED"), "errors": vals.count("ERROR"),
+            "skipped": vals.count("SKIPPED"),
+            "failed": [n for n, w in outcome.items() if w in ("FAILED", "ERROR")][:100],
+            "skipped_names": [n for n, w in outcome.items() if w == "SKIPPED"][:100],
+            "partial": True, "source": "pytest -v lines printed before pytest stopped (timed out or crashed: "
+                                        "no JUnit XML)"}
+
+
 def junit_summary(path: Path) -> dict:
-    if not path.exists():
+    """Counts and failed/skipped test names from pytest's JUnit XML ({} if missing or unreadable)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
         return {}
-    root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root)
     s = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors", "skipped")}
     s["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
@@ -149,8 +252,12 @@ def main(argv=None) -> int:
         return 2
     r = Runner(a.budget)
     env = environment()
-    print(f"[gpu_run] {env.get('gpu')} (sm {env.get('capability')}), driver {env.get('driver')}, torch "
-          f"{env['torch']}, triton {env['triton']}, commit {env['git_commit']}", flush=True)
+    print(f"[gpu_run] {env.get('gpu')} (sm {env.get('capability')}), driver {env.get('driver')}, python "
+          f"{env['python']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}", flush=True)
+    warnings = version_warnings(env)
+    for w in warnings:
+        print(f"[gpu_run] WARNING: {w}", flush=True)
+    arch = cuda_arch(env.get("capability"))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dev = re.sub(r"[^A-Za-z0-9]+", "_", env.get("gpu") or "gpu").strip("_")
     out_dir = Path(a.out_dir)
@@ -159,19 +266,23 @@ def main(argv=None) -> int:
     bench_path = out_dir / f"bench_{dev}_{stamp}.json"
     junit = out_dir / f".gpu_run_junit_{stamp}.xml"
 
-    if not a.no_build:
-        arch = env["capability"] + ("a" if env["capability"] in ("9.0", "10.0") else "")
+    if not a.no_build:  # this GPU's arch only ("9.0a": wgmma needs the arch-specific target)
+        arch_list = env["capability"] + ("a" if arch in (90, 100) else "")
         r.run("build", [PY, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."], 300,
-              env={"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4),
+              env={"TORCH_CUDA_ARCH_LIST": arch_list, "MAX_JOBS": str(os.cpu_count() or 4),
                    "NVCC_THREADS": "2"}, reserve_s=240)
     r.run("extension loads with CUDA kernels",
           [PY, "-c", "from qwen3moe_kernels import _ext; import sys; print('available', _ext.AVAILABLE, "
                      "'with_cuda', _ext.WITH_CUDA, _ext.IMPORT_ERROR); sys.exit(0 if _ext.WITH_CUDA else 1)"], 60)
-    r.run("compile-check", [PY, "-m", "qwen3moe_kernels.compile_check", "--no-json", "--jobs", "8"], 120,
-          reserve_s=200)
-    r.run("pytest", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
-                     f"--junitxml={junit}", *a.pytest_args.split()], 240, reserve_s=150)
+    if arch in COMPILE_CHECK_ARCHS:
+        r.run("compile-check", compile_check_cmd(arch), 120, env={"QWEN3MOE_REQUIRE_CUDA_BUILD": "1"},
+              reserve_s=200)
+    else:
+        r.skip("compile-check", f"sm_{arch} is not a compile-check target (sm_90, sm_100)")
+    step = r.run("pytest", pytest_cmd(junit, a.pytest_args.split()), 240, reserve_s=150)
     tests = junit_summary(junit)
+    if not tests and step.get("status") != "skipped":
+        tests = pytest_progress(r.outputs.get("pytest", ""))
     junit.unlink(missing_ok=True)
 
     peaks = None
@@ -198,7 +309,8 @@ def main(argv=None) -> int:
         "environment": env,
         "budget_s": a.budget,
         "total_s": round(time.monotonic() - r.t0, 1),
-        "ok": all(s["status"] == "ok" for s in r.steps),
+        "ok": all(s["status"] == "ok" or (s["status"] == "skipped" and s["reason"] != NO_TIME) for s in r.steps),
+        "warnings": warnings,
         "steps": r.steps,
         "tests": tests,
         "measured_peaks": peaks,
@@ -218,7 +330,10 @@ def main(argv=None) -> int:
     for s in r.steps:
         print(f"{s['step']:36} {s['status']:10} {s.get('seconds', '-'):>8}")
     if tests:
-        print(f"tests: {tests['tests']} run, {tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped")
+        print(f"tests: {tests['tests']} run, {tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped"
+              + (" (partial: pytest stopped before writing its JUnit XML)" if tests.get("partial") else ""))
+    for w in warnings:
+        print(f"WARNING: {w}")
     if peaks:
         print(f"measured limits: {peaks['tflops']:.0f} TFLOP/s bf16, {peaks['gbps']:.0f} GB/s")
     print(f"total {report['total_s']} s of {a.budget:.0f} s budget; {'OK' if report['ok'] else 'FAILED'}")

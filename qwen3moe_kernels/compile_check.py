@@ -14,10 +14,16 @@ What it proves without a GPU, per Triton kernel x shipped launch config x dtype 
   with the per-SM limits below.
 
 A config fails on a compile error, any local memory or stack frame (a spill in a shipped config), shared memory
-above the per-block limit, or a kernel marked ``gemm=True`` that has no tensor-core instruction.
+above the per-block limit, a kernel marked ``gemm=True`` that has no tensor-core instruction, or a GEMM whose
+tile is wide enough for the arch's own instructions (``CompileSpec.requires_native_mma()``: BLOCK_M >= 64 unless
+the spec says otherwise) that has no ``wgmma`` on sm_90 / no ``tcgen05`` on sm_100. Narrower (decode) tiles may
+use ``mma.sync``; the table marks them "(narrow tile)".
 
 The CUDA C++ kernels of the extension (``qwen3moe_kernels/_C*.so``) get the same resource report per kernel and
-arch from the library's embedded device code (sm_90a and sm_100a; a CPU-only build is reported as such).
+arch from the library's embedded device code; their occupancy uses the threads per block each is launched with
+(``CUDA_BLOCK_THREADS``, read off ``csrc/*.cu``; a kernel missing there fails). A CPU-only build (no device code)
+is a note, or a failure when the environment sets ``QWEN3MOE_REQUIRE_CUDA_BUILD=1`` (as CI does, since it builds
+the CUDA kernels).
 
 ``main(argv)`` prints the table, writes ``benchmarks/results/compile_check.json`` (sorted and free of timestamps
 so that a review diff shows only real changes) and returns 1 if anything failed. ``qwen3moe-kernels
@@ -49,6 +55,8 @@ KERNELS_PACKAGE = "qwen3moe_kernels.kernels"
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = PACKAGE_DIR.parent / "benchmarks" / "results" / "compile_check.json"
 ARCHS = (90, 100)
+NATIVE_TC = {90: "wgmma", 100: "tcgen05"}  # each arch's own tensor-core instruction family
+REQUIRE_CUDA_ENV = "QWEN3MOE_REQUIRE_CUDA_BUILD"  # "1": an extension without CUDA device code is a failure
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,19 @@ OTHER_LIMITS = {80: SMLimits("sm_80 (A100)", smem_per_sm=164 * 1024, smem_per_bl
 # in the table, arch). A waiver that no longer matches a problem is reported as a note so it gets removed.
 WAIVERS: dict[tuple[str, str], str] = {
     # (empty: the router_topk<Half|BFloat16, 8, 2> sm_100a 8 B stack frame was fixed in csrc/router_topk.cu)
+}
+
+# Threads per block each CUDA kernel of csrc/*.cu is launched with (the cubin does not record it), by kernel name
+# without template arguments. Occupancy is estimated at these; a kernel missing here fails, so the table stays
+# complete (tests/test_compile_check.py checks it against the __global__ kernels and __launch_bounds__ in csrc).
+CUDA_BLOCK_THREADS = {
+    "router_topk_kernel": 128,  # router_topk.cu: kWarpsPerBlock * 32
+    "sort_hist_kernel": 128,  # moe_permute.cu: kSortWarps * 32
+    "sort_scan_kernel": 512,  # moe_permute.cu: kMaxE
+    "sort_scatter_kernel": 128,  # moe_permute.cu: kSortWarps * 32
+    "block_expert_kernel": 256,  # moe_permute.cu: threads = 256
+    "permute_kernel": 128,  # moe_permute.cu
+    "unpermute_kernel": 256,  # moe_permute.cu
 }
 
 TMEM_COLUMNS = 512  # sm_100 tensor memory: 128 lanes x 512 columns of 32 bits per SM
@@ -326,6 +347,7 @@ class Row:
     limiter: str | None = None
     tensor_cores: dict = field(default_factory=dict)
     gemm: bool = False
+    tc_rule: str | None = None  # GEMMs: "wgmma" / "tcgen05" (the arch's own family required) or "narrow tile"
     ok: bool = True
     problems: list = field(default_factory=list)
     source: str = "triton"  # "triton" or "cuda"
@@ -344,6 +366,10 @@ def check_row(row: Row, limits: SMLimits) -> Row:
         row.problems.append(f"tensor memory {row.tmem_cols} columns > {TMEM_COLUMNS} per SM (sm_100)")
     if row.gemm and not any(row.tensor_cores.values()):
         row.problems.append("GEMM without tensor-core instructions (no wgmma / tcgen05 / mma.sync in the PTX)")
+    elif row.tc_rule in TC_PATTERNS and not row.tensor_cores.get(row.tc_rule):
+        found = ", ".join(f"{k} x{v}" for k, v in row.tensor_cores.items() if v)
+        row.problems.append(f"GEMM needs {row.arch}'s own tensor-core instructions ({row.tc_rule}: a tile of "
+                            f"BLOCK_M >= 64, or native_mma=True) but compiled without them (found {found})")
     waiver = WAIVERS.get((row.kernel, row.arch))
     if waiver and row.problems and all("spill" in p for p in row.problems):
         row.waived = f"{'; '.join(row.problems)} -- waived: {waiver}"
@@ -361,11 +387,13 @@ def compile_spec(spec, arch: int) -> Row:
     limits = LIMITS[arch]
     row = Row(kernel=spec.kernel, config=spec.label, arch=f"sm_{arch}", num_warps=spec.num_warps,
               num_stages=spec.num_stages, gemm=bool(spec.gemm))
+    if row.gemm:
+        row.tc_rule = NATIVE_TC[arch] if spec.requires_native_mma() else "narrow tile"
     t0 = time.perf_counter()
     try:
         fn = unwrap_jit(spec.fn)
-        attrs = spec.divisibility_attrs(list(fn.arg_names)) if hasattr(spec, "divisibility_attrs") else None
-        src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)
+        signature, constexprs = spec.jit_signature()  # the variant the JIT launches (see kernels/spec.py)
+        src = ASTSource(fn, signature, constexprs, spec.divisibility_attrs(list(fn.arg_names)))
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as exc:
@@ -455,34 +483,58 @@ def extension_library() -> str | None:
     return str(libs[0]) if libs else None
 
 
+def cuda_build_required() -> bool:
+    """Whether the environment asks for CUDA device code in the extension (``QWEN3MOE_REQUIRE_CUDA_BUILD=1``)."""
+    return os.environ.get(REQUIRE_CUDA_ENV, "0") == "1"
+
+
+def _no_device_code(message: str) -> tuple[list[Row], list[str]]:
+    """A missing CUDA build: a note, or a failed row when ``QWEN3MOE_REQUIRE_CUDA_BUILD=1``."""
+    if cuda_build_required():
+        return [Row(kernel="(extension)", config="CUDA device code", arch="-", source="cuda", ok=False,
+                    problems=[f"{message}; {REQUIRE_CUDA_ENV}=1 requires CUDA kernels (build with nvcc and "
+                              f"TORCH_CUDA_ARCH_LIST='9.0a;10.0a')"])], []
+    return [], [message]
+
+
+def cuda_row(r: dict, demangled: str) -> Row:
+    """The checked row of one CUDA kernel x arch (``r``: one :func:`parse_resource_usage` entry)."""
+    archnum = int(re.sub(r"\D", "", r["arch"] or "0") or 0)
+    limits = LIMITS.get(archnum) or OTHER_LIMITS.get(archnum) or LIMITS[90]
+    name = short_cuda_name(demangled)
+    base = name.split("<")[0]
+    row = Row(kernel=name, config=demangled, arch=r["arch"] or "?", registers=r["reg"],
+              spill_bytes=r["stack"] + r["local"], shared_bytes=r["shared"], source="cuda")
+    threads = CUDA_BLOCK_THREADS.get(base)
+    if threads is None:
+        row.problems.append(f"no block size for {base} in compile_check.CUDA_BLOCK_THREADS: add the threads per "
+                            f"block csrc/ launches it with")
+    else:
+        row.num_warps = threads // 32
+        occ = estimate_occupancy(r["reg"], r["shared"], row.num_warps, limits)
+        row.occupancy, row.limiter = round(occ["occupancy"], 4), occ["limiter"]
+    return check_row(row, limits)
+
+
 def cuda_report(lib: str | None = None, archs=ARCHS) -> tuple[list[Row], list[str]]:
     """Rows for every CUDA kernel in the extension's device code, and notes.
 
-    A CPU-only build (no device code) gives no rows and a note. A library with device code must hold
-    sm_90a and sm_100a code (what CI and setup.py's default build); a missing arch is a failed row.
+    A CPU-only build (no device code) gives no rows and a note (a failed row with QWEN3MOE_REQUIRE_CUDA_BUILD=1).
+    A library with device code must hold sm_<arch>a code for every arch in ``archs``; a missing arch is a failed
+    row. Occupancy is estimated at the kernel's block size from ``CUDA_BLOCK_THREADS``.
     """
     lib = lib or extension_library()
-    if lib is None:
-        return [], ["no built extension (qwen3moe_kernels/_C*.so): build it first to report the CUDA kernels"]
+    if lib is None or not os.path.exists(lib):
+        return _no_device_code(f"no built extension ({lib or 'qwen3moe_kernels/_C*.so'}): build it first to report "
+                               f"the CUDA kernels")
     res, text = cuobjdump_resources(lib)
     if not res:
         if "does not contain device code" in text or not text.strip():
-            return [], [f"{os.path.basename(lib)} holds no CUDA device code (a CPU-only build)"]
-        return [], [f"cuobjdump on {os.path.basename(lib)}: {text.strip()[:300]}"]
+            return _no_device_code(f"{os.path.basename(lib)} holds no CUDA device code (a CPU-only build)")
+        return _no_device_code(f"cuobjdump on {os.path.basename(lib)}: {text.strip()[:300]}")
     names = demangle(sorted({r["function"] for r in res}))
-    rows = []
-    for r in res:
-        archnum = int(re.sub(r"\D", "", r["arch"] or "0") or 0)
-        limits = LIMITS.get(archnum) or OTHER_LIMITS.get(archnum) or LIMITS[90]
-        row = Row(kernel=short_cuda_name(names[r["function"]]), config=names[r["function"]], arch=r["arch"] or "?",
-                  registers=r["reg"], spill_bytes=r["stack"] + r["local"], shared_bytes=r["shared"], source="cuda")
-        # Block size is a launch argument, not in the cubin: occupancy here is the register limit alone at a
-        # 256-thread block (what our CUDA launchers use), shared memory counted once per block.
-        occ = estimate_occupancy(r["reg"], r["shared"], 8, limits)
-        row.occupancy, row.limiter = round(occ["occupancy"], 4), occ["limiter"]
-        rows.append(check_row(row, limits))
+    rows = [cuda_row(r, names[r["function"]]) for r in res]
     present = {r["arch"] for r in res}
-    notes = []
     for a in archs:
         want = f"sm_{a}a"
         if want not in present:
@@ -490,7 +542,7 @@ def cuda_report(lib: str | None = None, archs=ARCHS) -> tuple[list[Row], list[st
                             ok=False, problems=[f"{os.path.basename(lib)} has no {want} device code "
                                                 f"(has {', '.join(sorted(present))}); build with "
                                                 f"TORCH_CUDA_ARCH_LIST='9.0a;10.0a'"]))
-    return rows, notes
+    return rows, []
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -498,7 +550,8 @@ def cuda_report(lib: str | None = None, archs=ARCHS) -> tuple[list[Row], list[st
 
 def _tc(row: Row) -> str:
     used = [f"{k}x{v}" for k, v in row.tensor_cores.items() if v]
-    return ",".join(used) if used else ("NONE" if row.gemm else "-")
+    text = ",".join(used) if used else ("NONE" if row.gemm else "-")
+    return f"{text} (narrow tile)" if row.tc_rule == "narrow tile" else text
 
 
 def format_table(rows: list[Row]) -> str:
@@ -523,19 +576,40 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def _versions() -> dict:
-    v = {}
+def _tool_release(path: str | None) -> str | None:
+    """``release 13.1`` from a CUDA tool's ``--version``, as "13.1" (None if the tool is missing)."""
+    if not path:
+        return None
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"release ([\d.]+)", r.stdout)
+    return m.group(1) if m else None
+
+
+def nvcc_path() -> str | None:
+    """The nvcc a build of the extension uses: $CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc (setup.py's
+    choice), else the one on PATH."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def tool_versions() -> dict:
+    """What the table depends on: Triton, its ptxas builds (compile the Triton kernels) and cuobjdump (reads them),
+    and the nvcc that builds the CUDA kernels. Recorded in the JSON; the staleness test compares them."""
     try:
         import triton
 
-        v["triton"] = triton.__version__
+        v = {"triton": triton.__version__}
     except ImportError:
-        v["triton"] = None
-    tool = triton_bin("cuobjdump")
-    if tool:
-        r = subprocess.run([tool, "--version"], capture_output=True, text=True)
-        m = re.search(r"release ([\d.]+)", r.stdout)
-        v["cuobjdump"] = m.group(1) if m else None
+        v = {"triton": None}
+    v["ptxas"] = _tool_release(triton_bin("ptxas"))  # sm_90
+    v["ptxas-blackwell"] = _tool_release(triton_bin("ptxas-blackwell"))  # sm_100 (Triton >= 3.5 ships a second one)
+    v["cuobjdump"] = _tool_release(triton_bin("cuobjdump"))
+    v["nvcc"] = _tool_release(nvcc_path())
     return v
 
 
@@ -558,7 +632,7 @@ def run(archs=ARCHS, jobs: int = 2, include_cuda: bool = True, modules: list[str
         notes.insert(0, f"no Triton kernels with compile specs in {KERNELS_PACKAGE} "
                         f"({len(d.modules)} module(s) scanned): nothing to compile")
     return {"triton_rows": rows, "cuda_rows": cuda_rows, "failures": failures, "notes": notes,
-            "modules": d.modules, "archs": [f"sm_{a}" for a in archs], "versions": _versions()}
+            "modules": d.modules, "archs": [f"sm_{a}" for a in archs], "versions": tool_versions()}
 
 
 def to_json(report: dict) -> dict:
@@ -579,6 +653,29 @@ def to_json(report: dict) -> dict:
         "triton": [clean(r) for r in report["triton_rows"]],
         "cuda": [clean(r) for r in report["cuda_rows"]],
     }
+
+
+def table_diff(old: dict, new: dict, parts=("archs", "modules", "triton", "cuda")) -> list[str]:
+    """What differs between two compile-check JSONs in ``parts``, one line per item: a row (by kernel, config,
+    arch) added, removed or changed (with the changed fields), or a whole non-row part."""
+    out = []
+    for part in parts:
+        a, b = old.get(part), new.get(part)
+        if not (isinstance(a, list) and isinstance(b, list) and all(isinstance(r, dict) for r in a + b)):
+            if a != b:
+                out.append(f"{part}: {a!r} -> {b!r}")
+            continue
+        key = lambda r: (r.get("kernel"), r.get("config"), r.get("arch"))  # noqa: E731
+        ra, rb = {key(r): r for r in a}, {key(r): r for r in b}
+        for k in sorted(set(ra) | set(rb), key=str):
+            if k not in rb:
+                out.append(f"{part}: removed {k}")
+            elif k not in ra:
+                out.append(f"{part}: added {k}")
+            elif ra[k] != rb[k]:
+                fields = sorted(f for f in set(ra[k]) | set(rb[k]) if ra[k].get(f) != rb[k].get(f))
+                out.append(f"{part}: {k}: " + ", ".join(f"{f} {ra[k].get(f)!r} -> {rb[k].get(f)!r}" for f in fields))
+    return out
 
 
 def interpreter_on() -> bool:

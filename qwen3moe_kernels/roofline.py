@@ -14,6 +14,10 @@ The device peaks below are of two kinds, labelled as such everywhere they are pr
   stores them with its results. The H100/H200 "measured" defaults below were read by this workplace's device
   notes on its own machines (torch matmul and copy), not by this project's GPU run; B200 has none yet.
 
+Token counts: decode T = 1, 8, 64; prefill T = 512, 2048, 4096, 8192, 16384 (the CUDA bench's and issue 4's).
+The MoE ops and the MoE block also have a backward cost (``op_cost(..., backward=True)``); the table gives the
+block forward and forward + backward. A benchmark row's floor comes from :func:`row_floor`.
+
 Run ``python -m qwen3moe_kernels.roofline [--device H100] [--dtype bf16]`` for the table.
 """
 
@@ -28,8 +32,12 @@ MODELS = {
     "Qwen3-30B-A3B": dict(hidden=2048, inter=768, experts=128, top_k=8, head_dim=128, q_heads=32, kv_heads=4),
     "Qwen3-235B-A22B": dict(hidden=4096, inter=1536, experts=128, top_k=8, head_dim=128, q_heads=64, kv_heads=4),
 }
+# Token counts T: the union of the CUDA bench's (1, 8, 64, 512, 2048, 8192; qwen3moe_kernels/bench.py
+# DEFAULT_TOKENS) and issue 4's (1, 8, 64, 512, 4096, 16384).
 DECODE_TOKENS = (1, 8, 64)
-PREFILL_TOKENS = (512, 4096)
+PREFILL_TOKENS = (512, 2048, 4096, 8192, 16384)
+# The MoE ops, in forward order; each has a backward cost too (op_cost(..., backward=True)).
+MOE_OPS = ("router_linear", "router_topk", "moe_permute", "grouped_swiglu", "moe_unpermute")
 
 # TFLOP/s dense bf16 and GB/s. "measured" is None where nobody measured it yet.
 PEAKS = {
@@ -55,19 +63,55 @@ def active_experts(T: int, E: int, k: int) -> float:
     return E * (1.0 - (1.0 - k / E) ** T)
 
 
-def op_cost(op: str, model: str, T: int, dtype: str = "bf16") -> tuple[float, float]:
-    """(FLOPs, minimum bytes) of one call of ``op`` on T tokens of ``model``.
+def model_dims(model) -> dict:
+    """A model's dims: a name in MODELS, or a dict of the MODELS keys (hidden, inter, experts, top_k, and for
+    qk_norm_rope head_dim, q_heads, kv_heads); keys it leaves out come from Qwen3-30B-A3B."""
+    if isinstance(model, str):
+        return MODELS[model]
+    return {**MODELS["Qwen3-30B-A3B"], **model}
+
+
+def op_cost(op: str, model, T: int, dtype: str = "bf16", backward: bool = False,
+            active: float | None = None) -> tuple[float, float]:
+    """(FLOPs, minimum bytes) of one call of ``op`` on T tokens of ``model`` (a name or dims, see model_dims).
 
     Ops: router_linear (x @ Wr^T), router_topk (softmax + top-k of fp32 logits), moe_permute (gather tokens into
     expert order), grouped_swiglu (gate_up GEMM, SwiGLU, down GEMM over the routed rows), moe_unpermute (weighted
     combine back to tokens), rms_norm, qk_norm_rope (per-head RMSNorm + RoPE of q and k), moe_block (the sum of the
     MoE ops, intermediates kept in memory between them as the unfused pipeline does).
+
+    ``backward=True``: the backward pass alone, for the MoE ops and moe_block (the gradients of x, the routing
+    weights and every weight; a forward + backward floor is the sum of both). Its FLOPs are twice the forward
+    GEMMs' (the input and the weight gradient) plus the elementwise work; its bytes read the output gradient,
+    the forward inputs and the weights once and write each gradient once, the weight gradients as the dense
+    [E, ...] tensors autograd returns (all E experts, zeros for those no token hit). Intermediates the forward
+    could keep or recompute (gate/up, softmax) are not counted: the floor is a limit.
+
+    ``active``: the number of distinct experts hit (default: the expectation under uniform routing).
     """
-    m = MODELS[model]
+    m = model_dims(model)
     H, I, E, k = m["hidden"], m["inter"], m["experts"], m["top_k"]
-    D, Hq, Hk = m["head_dim"], m["q_heads"], m["kv_heads"]
     b = _BYTES[dtype]
     R = T * k  # routed rows
+    hit = active_experts(T, E, k) if active is None else float(active)
+    if op == "moe_block":
+        costs = [op_cost(p, m, T, dtype, backward, active) for p in MOE_OPS]
+        return sum(c[0] for c in costs), sum(c[1] for c in costs)
+    if backward:
+        if op == "router_linear":  # dx = dlogits @ Wr, dWr = dlogits^T @ x
+            return 4.0 * T * H * E, 4.0 * T * E + b * (T * H + E * H) + b * (T * H + E * H)
+        if op == "router_topk":  # d(routing weights) [T, k] -> dlogits [T, E] through the softmax
+            return 4.0 * T * E, 8.0 * R + 4.0 * T * E + 4.0 * T * E
+        if op == "moe_permute":  # scatter-add the k routed rows of each token back: dx
+            return 1.0 * R * H, b * (R * H + T * H) + 4.0 * R
+        if op == "grouped_swiglu":  # d(rows in) and dW of both GEMMs; SwiGLU backward ~8 per [R, I] element
+            flops = 2 * (2.0 * R * H * 2 * I + 2.0 * R * I * H) + 8.0 * R * I
+            reads = b * (R * H + R * H) + hit * 3 * H * I * b  # d(rows out), rows in, the hit experts' weights
+            writes = b * R * H + E * 3 * H * I * b  # d(rows in), dense weight gradients
+            return flops, reads + writes
+        if op == "moe_unpermute":  # d(rows out) = w * dy, d(routing weights) = <dy, rows out>
+            return 3.0 * R * H, b * (T * H + R * H + R * H) + 4.0 * R + 4.0 * R
+        raise ValueError(f"no backward cost for {op!r}: backward is counted for {MOE_OPS + ('moe_block',)}")
     if op == "router_linear":
         return 2.0 * T * H * E, b * (T * H + E * H) + 4.0 * T * E
     if op == "router_topk":  # fp32 logits in; fp32 weights and int32 ids out; exp + compare per logit
@@ -76,24 +120,21 @@ def op_cost(op: str, model: str, T: int, dtype: str = "bf16") -> tuple[float, fl
         return 0.0, b * (T * H + R * H) + 4.0 * R * 2
     if op == "grouped_swiglu":
         flops = 2.0 * R * H * 2 * I + 2.0 * R * I * H + 4.0 * R * I
-        weights = active_experts(T, E, k) * 3 * H * I * b
+        weights = hit * 3 * H * I * b
         return flops, weights + b * (R * H + R * H)
     if op == "moe_unpermute":
         return 2.0 * R * H, b * (R * H + T * H) + 8.0 * R
     if op == "rms_norm":
         return 4.0 * T * H, b * (2 * T * H + H)
     if op == "qk_norm_rope":
+        D, Hq, Hk = m["head_dim"], m["q_heads"], m["kv_heads"]
         n = T * (Hq + Hk) * D
         return 10.0 * n, b * (2 * n + 2 * D) + b * 2 * T * D
-    if op == "moe_block":
-        parts = ("router_linear", "router_topk", "moe_permute", "grouped_swiglu", "moe_unpermute")
-        costs = [op_cost(p, model, T, dtype) for p in parts]
-        return sum(c[0] for c in costs), sum(c[1] for c in costs)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
-OPS = ("router_linear", "router_topk", "moe_permute", "grouped_swiglu", "moe_unpermute", "rms_norm",
-       "qk_norm_rope", "moe_block")
+OPS = MOE_OPS + ("rms_norm", "qk_norm_rope", "moe_block")
+DIRECTIONS = ("fwd", "fwd+bwd")
 
 
 def limit_time(flops: float, nbytes: float, peak: dict) -> dict:
@@ -112,30 +153,52 @@ def peak_for(device: str, kind: str = "measured") -> tuple[dict, str]:
     return entry["nominal"], f"{device} NOMINAL limit (datasheet; not measured)"
 
 
+def row_floor(op: str, tokens: int, model="Qwen3-30B-A3B", dtype: str = "bf16", direction: str = "fwd",
+              peak: dict | None = None, device: str = "H100", active: float | None = None) -> dict:
+    """The roofline floor of one benchmark row: what the bench calls for each (op, T) it times.
+
+    ``direction``: "fwd" or "fwd+bwd" (forward plus backward; MoE ops and moe_block only). ``peak``: {"tflops",
+    "gbps"} (e.g. :func:`device_peak` on the GPU being benchmarked); without it ``device``'s table entry
+    (measured where there is one, else nominal, labelled so). ``active``: distinct experts actually hit.
+    Returns flops, bytes, compute_us, memory_us, floor_us, bound ("compute" / "memory"), limit (where the peak
+    came from), peak_tflops and peak_gbps. A measured time's fraction of the limit is floor_us / measured_us.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    f, nb = op_cost(op, model, tokens, dtype, active=active)
+    if direction == "fwd+bwd":
+        fb, nbb = op_cost(op, model, tokens, dtype, backward=True, active=active)
+        f, nb = f + fb, nb + nbb
+    if peak is None:
+        peak, label = peak_for(device)
+    else:
+        label = peak.get("label") or f"limit measured on {peak.get('device', 'this GPU')}"
+    return dict(flops=f, bytes=nb, limit=label, peak_tflops=peak.get("tflops"), peak_gbps=peak.get("gbps"),
+                **limit_time(f, nb, peak))
+
+
 def floors(device: str = "H100", dtype: str = "bf16", kind: str = "measured", peak: dict | None = None,
            label: str | None = None) -> list[dict]:
-    """One row per (model, phase, T, op): FLOPs, bytes and the limit times. ``peak`` overrides the table's."""
-    label = label or (f"limit measured on {peak.get('device', 'this GPU')}" if peak else "")
+    """One row per (model, phase, T, op, pass): FLOPs, bytes and the limit times. ``peak`` overrides the
+    table's. Every op forward; moe_block also forward + backward."""
     if peak is None:
         peak, label = peak_for(device, kind)
+    peak = {**peak, "label": label or f"limit measured on {peak.get('device', 'this GPU')}"}
     rows = []
     for model in MODELS:
         for phase, Ts in (("decode", DECODE_TOKENS), ("prefill", PREFILL_TOKENS)):
             for T in Ts:
-                for op in OPS:
-                    f, nb = op_cost(op, model, T, dtype)
-                    rows.append(dict(model=model, phase=phase, tokens=T, op=op, dtype=dtype, flops=f, bytes=nb,
-                                     limit=label, peak_tflops=peak.get("tflops"), peak_gbps=peak.get("gbps"),
-                                     **limit_time(f, nb, peak)))
+                for op, direction in [(op, "fwd") for op in OPS] + [("moe_block", "fwd+bwd")]:
+                    r = row_floor(op, T, model, dtype, direction, peak)
+                    rows.append(dict(model=model, phase=phase, tokens=T, op=op, direction=direction, dtype=dtype,
+                                     **r))
     return rows
 
 
 def fraction_of_limit(measured_us: float, model: str, op: str, T: int, dtype: str = "bf16",
-                      peak: dict | None = None, device: str = "H100") -> float:
+                      peak: dict | None = None, device: str = "H100", direction: str = "fwd") -> float:
     """floor / measured: 1.0 means the op ran at the device limit."""
-    f, nb = op_cost(op, model, T, dtype)
-    peak = peak or peak_for(device)[0]
-    return limit_time(f, nb, peak)["floor_us"] / measured_us
+    return row_floor(op, T, model, dtype, direction, peak, device)["floor_us"] / measured_us
 
 
 # ------------------------------------------------------------------------------------- measuring (GPU)
@@ -201,10 +264,11 @@ def device_peak(device="cuda", dtype=None) -> dict | None:
 
 
 def format_floors(rows: list[dict]) -> str:
-    out = [f"{'model':16} {'phase':8} {'T':>5} {'op':15} {'GFLOP':>10} {'MB':>10} {'compute us':>11} "
+    out = [f"{'model':16} {'phase':8} {'T':>5} {'op':15} {'pass':8} {'GFLOP':>10} {'MB':>10} {'compute us':>11} "
            f"{'memory us':>10} {'FLOOR us':>9} bound"]
     for r in rows:
-        out.append(f"{r['model']:16} {r['phase']:8} {r['tokens']:>5} {r['op']:15} {r['flops'] / 1e9:>10.3f} "
+        out.append(f"{r['model']:16} {r['phase']:8} {r['tokens']:>5} {r['op']:15} {r.get('direction', 'fwd'):8} "
+                   f"{r['flops'] / 1e9:>10.3f} "
                    f"{r['bytes'] / 1e6:>10.3f} {r['compute_us']:>11.2f} {r['memory_us']:>10.2f} "
                    f"{r['floor_us']:>9.2f} {r['bound']}")
     return "\n".join(out)

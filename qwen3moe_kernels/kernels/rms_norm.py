@@ -14,11 +14,13 @@ the result is too), each over a contiguous run of rows: it recomputes rstd, writ
 order: a deterministic two-stage reduction for dweight (no atomics).
 """
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
-from .spec import CompileSpec
+from .spec import CompileSpec, jit_int_specialization
 
 
 @triton.jit
@@ -163,9 +165,50 @@ def rms_norm_fwd(x2d, residual2d, weight, eps, out, new_residual):
     )
 
 
+_MODELS = (("30B-A3B", 2048), ("235B-A22B", 4096))  # (model, hidden size)
+_PHASES = (("decode", 1), ("decode", 8), ("prefill", 4096))  # (phase, rows) the backward specs cover
+
+
+def _jit_variant(spec: CompileSpec) -> tuple:
+    """What Triton's JIT compiles a spec's launch to (its cache key, less the source): every argument's type,
+    constexpr value and divisibility, and the options. Two specs with the same variant compile to the same code."""
+    sig, consts = spec.jit_signature()
+    divisible = frozenset(n for n, ty in spec.signature.items()
+                          if ty.startswith("*") or (n in spec.ints and jit_int_specialization(spec.ints[n])[2]))
+    return spec.kernel, spec.num_warps, spec.num_stages, tuple(sorted(sig.items())), tuple(sorted(consts.items())), \
+        divisible
+
+
+def _one_per_variant(candidates, template: str) -> list[CompileSpec]:
+    """One spec per JIT variant of ``candidates`` [(spec, label fields)], in order: specs that compile to the same
+    variant (e.g. the two models' shapes, when their ints fall in the same classes) become the first of them,
+    labelled ``template`` with each field's distinct values joined by " + "."""
+    groups = {}
+    for spec, fields in candidates:
+        _, merged = groups.setdefault(_jit_variant(spec), (spec, {k: [] for k in fields}))
+        for k, v in fields.items():
+            if v not in merged[k]:
+                merged[k].append(v)
+    return [replace(spec, label=template.format(**{k: " + ".join(v) for k, v in merged.items()}))
+            for spec, merged in groups.values()]
+
+
+def _bwd_programs(rows: int) -> tuple[int, int]:
+    """(programs, rows per program) of rms_norm_bwd's launch over ``rows`` rows."""
+    per = triton.cdiv(rows, min(rows, BWD_PROGRAMS))
+    return triton.cdiv(rows, per), per
+
+
 def compile_specs() -> list[CompileSpec]:
+    """Both models' hidden sizes x dtype, at decode (T = 1 and 8 rows) and prefill (4096 rows).
+
+    The forward's launch does not depend on the row count (one program per row). The backward's does: ``rows``
+    and ``rows_per_prog`` are 1 (constexprs) at T = 1, ``rows_per_prog`` is 1 up to 512 rows; and col_sum's ``P``
+    (the backward's programs) is 1, 8 or 512. col_sum's ``N`` (the hidden size, or rope's head_dim 128) is a
+    multiple of 16 at every shape, so one col_sum spec per (dtype, P) covers both models and rope's dqw/dkw sums.
+    """
     specs = []
-    for model, h in (("30B-A3B", 2048), ("235B-A22B", 4096)):
+    for model, h in _MODELS:
         for dt in ("bf16", "fp16", "fp32"):
             for has_res in (False, True):
                 block_h = triton.next_power_of_2(h)
@@ -181,24 +224,26 @@ def compile_specs() -> list[CompileSpec]:
                     num_warps=_num_warps(block_h), num_stages=1,
                     ints={"stride_x": h, "stride_r": h if has_res else 0, "H": h},
                 ))
-    for model, h in (("30B-A3B", 2048), ("235B-A22B", 4096)):
+    col_sums = []
+    for model, h in _MODELS:
         for dt in ("bf16", "fp16", "fp32"):
             block_h = triton.next_power_of_2(h)
             sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "part_ptr": "*fp32",
                    "stride_x": "i64", "rows": "i32", "rows_per_prog": "i32", "H": "i32", "eps": "fp32",
                    "BLOCK_H": "constexpr"}
-            for phase, rows in (("decode", 8), ("prefill", 4096)):
-                per = triton.cdiv(rows, min(rows, BWD_PROGRAMS))
+            for phase, rows in _PHASES:
+                progs, per = _bwd_programs(rows)
                 specs.append(CompileSpec(
                     kernel="rms_norm_bwd_kernel", fn=rms_norm_bwd_kernel, signature=sig,
                     constexprs={"BLOCK_H": block_h}, label=f"{model} hidden={h} {dt} {phase} rows={rows}",
                     num_warps=_num_warps(block_h), num_stages=1,
                     ints={"stride_x": h, "rows": rows, "rows_per_prog": per, "H": h},
                 ))
-            specs.append(CompileSpec(
-                kernel="col_sum_kernel", fn=col_sum_kernel,
-                signature={"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32", "N": "i32", "BLOCK_N": "constexpr"},
-                constexprs={"BLOCK_N": COL_SUM_BLOCK}, label=f"{model} dweight [{h}] {dt} (512 partials)",
-                num_warps=4, num_stages=1, ints={"P": BWD_PROGRAMS, "N": h},
-            ))
-    return specs
+                col_sums.append((CompileSpec(
+                    kernel="col_sum_kernel", fn=col_sum_kernel,
+                    signature={"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32", "N": "i32",
+                               "BLOCK_N": "constexpr"},
+                    constexprs={"BLOCK_N": COL_SUM_BLOCK}, label="", num_warps=4, num_stages=1,
+                    ints={"P": progs, "N": h},
+                ), {"dt": dt, "P": str(progs), "N": str(h), "phase": f"{phase} T={rows}"}))
+    return specs + _one_per_variant(col_sums, "{dt} P={P} partials N={N} (dweight, {phase})")

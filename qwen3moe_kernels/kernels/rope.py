@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import col_sum, col_sum_kernel  # noqa: F401  (col_sum_kernel is specced in rms_norm.py)
+from .rms_norm import _one_per_variant, col_sum, col_sum_kernel  # noqa: F401  (col_sum_kernel: specced there)
 from .spec import CompileSpec
 
 BLOCK_HEADS = 4
@@ -300,52 +300,69 @@ def qk_norm_rope_bwd(gq, gk, q, k, qw, kw, cos, sin, pos, inv_freq, eps, dq, dk,
 
 _MODELS = (("30B-A3B", 2048, 32, 4), ("235B-A22B", 4096, 64, 4))
 _D = 128
+# (phase, B, S) the specs cover: decode at T = 1 and T = 8 tokens (one new token per sequence), prefill of 4096
+_PHASES = (("decode T=1", 1, 1), ("decode T=8", 8, 1), ("prefill T=4096", 1, 4096))
+
+
+def _launch_ints(hq: int, hk: int, B: int, S: int, from_pos: bool) -> dict:
+    """The integer arguments _common() passes for q [B, S, hq, D] and k [B, S, hk, D] (views of the q and k
+    projections [B, S, H*D]: token stride H*D, head stride D) with cos/sin [B, S, D] (batch stride 0 at B = 1) or
+    position_ids [B, S] (the layouts transformers passes)."""
+    ints = {"S": S, "Hq": hq, "Hk": hk, "sqb": S * hq * _D, "sqs": hq * _D, "sqh": _D,
+            "skb": S * hk * _D, "sks": hk * _D, "skh": _D}
+    bstride = lambda n: 0 if B == 1 else n  # noqa: E731  (_common: a batch of 1 is broadcast, stride 0)
+    if from_pos:
+        ints.update(scb=0, scs=0, ssb=0, sss=0, spb=bstride(S), sps=1)
+    else:
+        ints.update(scb=bstride(S * _D), scs=_D, ssb=bstride(S * _D), sss=_D, spb=0, sps=0)
+    return ints
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every (norm, table source) variant x dtype at both models' attention shapes (head_dim 128).
+    """Every (norm, table source) variant x dtype x phase at both models' attention shapes (head_dim 128).
 
-    q/k are views of the q and k projections ``[B, S, H*D]``: token stride H*D, head stride D. The launch is the
-    same for decode and prefill (one program per token and head block), so one spec per model covers both; the
-    backward's tokens-per-program differs (decode: 1 token, prefill 4096 tokens over 128 programs).
+    Decode (S = 1) makes ``S`` a constexpr, and from positions at B > 1 the positions' batch stride too (it is
+    S = 1); the backward's ``ntok`` and ``tok_per_prog`` are 1 at T = 1, ``tok_per_prog`` is 1 up to 128 tokens.
+    An absent tensor's pointer is another tensor of q's dtype (see the launchers), so it is typed so here: the
+    positions / inv_freq without FROM_POS, the fp32 partials without HAS_NORM. The two models' head counts are
+    multiples of 16 (Hq) and the same (Hk), so their launches are the same variants: one spec covers both.
     """
-    specs = []
+    fwd, bwd = [], []
     for model, _hidden, hq, hk in _MODELS:
         for dt in ("bf16", "fp16", "fp32"):
             for has_norm in (True, False):
                 for from_pos in (False, True):
                     what = f"{'qk_norm_rope' if has_norm else 'rope'}{'_positions' if from_pos else ''}"
                     ptrs = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr")}
-                    tail = {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32"}
+                    tail = {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32"} if from_pos else \
+                        {"pos_ptr": f"*{dt}", "inv_freq_ptr": f"*{dt}"}  # the launchers pass q
+                    partials = {"pq_ptr": "*fp32", "pk_ptr": "*fp32"} if has_norm else \
+                        {"pq_ptr": f"*{dt}", "pk_ptr": f"*{dt}"}  # the launcher passes dq, dk
                     strides = {"sqb": "i64", "sqs": "i64", "sqh": "i64", "skb": "i64", "sks": "i64", "skh": "i64",
                                "scb": "i64", "scs": "i64", "ssb": "i64", "sss": "i64", "spb": "i64", "sps": "i64",
                                "eps": "fp32"}
                     consts = {"HALF": _D // 2, "BLOCK_HALF": _D // 2, "BLOCK_HEADS": BLOCK_HEADS,
                               "HAS_NORM": has_norm, "FROM_POS": from_pos}
                     cs = {k: "constexpr" for k in consts}
-                    S = 4096
-                    ints = {"S": S, "Hq": hq, "Hk": hk, "sqb": S * hq * _D, "sqs": hq * _D, "sqh": _D,
-                            "skb": S * hk * _D, "sks": hk * _D, "skh": _D, "scb": S * _D, "scs": _D,
-                            "ssb": S * _D, "sss": _D, "spb": S, "sps": 1}
-                    if from_pos:
-                        ints.update(scb=0, scs=0, ssb=0, sss=0)
-                    else:
-                        ints.update(spb=0, sps=0)
                     fsig = {**ptrs, **tail, "qo_ptr": f"*{dt}", "ko_ptr": f"*{dt}", "S": "i32", "Hq": "i32",
                             "Hk": "i32", **strides, **cs}
-                    specs.append(CompileSpec(
-                        kernel="qk_norm_rope_fwd_kernel", fn=qk_norm_rope_fwd_kernel, signature=fsig,
-                        constexprs=consts, label=f"{model} {what} {dt} Hq={hq} Hk={hk} D={_D} (decode and prefill)",
-                        num_warps=NUM_WARPS, num_stages=1, ints=ints,
-                    ))
                     bsig = {"gq_ptr": f"*{dt}", "gk_ptr": f"*{dt}", **ptrs, **tail, "dq_ptr": f"*{dt}",
-                            "dk_ptr": f"*{dt}", "pq_ptr": "*fp32", "pk_ptr": "*fp32", "ntok": "i32",
-                            "tok_per_prog": "i32", "S": "i32", "Hq": "i32", "Hk": "i32", **strides, **cs}
-                    for phase, ntok in (("decode", 8), ("prefill", 4096)):
+                            "dk_ptr": f"*{dt}", **partials, "ntok": "i32", "tok_per_prog": "i32", "S": "i32",
+                            "Hq": "i32", "Hk": "i32", **strides, **cs}
+                    for phase, B, S in _PHASES:
+                        ints = _launch_ints(hq, hk, B, S, from_pos)
+                        fields = {"what": what, "dt": dt, "phase": f"{phase} (B={B} S={S})",
+                                  "model": f"{model} Hq={hq} Hk={hk}"}
+                        fwd.append((CompileSpec(
+                            kernel="qk_norm_rope_fwd_kernel", fn=qk_norm_rope_fwd_kernel, signature=fsig,
+                            constexprs=consts, label="", num_warps=NUM_WARPS, num_stages=1, ints=ints,
+                        ), fields))
+                        ntok = B * S
                         per = triton.cdiv(ntok, min(ntok, BWD_PROGRAMS))
-                        specs.append(CompileSpec(
+                        bwd.append((CompileSpec(
                             kernel="qk_norm_rope_bwd_kernel", fn=qk_norm_rope_bwd_kernel, signature=bsig,
-                            constexprs=consts, label=f"{model} {what} backward {dt} {phase} tokens={ntok}",
-                            num_warps=NUM_WARPS, num_stages=1, ints={**ints, "ntok": ntok, "tok_per_prog": per},
-                        ))
-    return specs
+                            constexprs=consts, label="", num_warps=NUM_WARPS, num_stages=1,
+                            ints={**ints, "ntok": ntok, "tok_per_prog": per},
+                        ), fields))
+    template = f"{{what}} {{dt}} {{phase}} ({{model}}; D={_D})"
+    return _one_per_variant(fwd, template) + _one_per_variant(bwd, template)
