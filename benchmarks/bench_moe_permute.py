@@ -123,16 +123,7 @@ def test_moe_permute_ops(benchmark, op, impl, tokens):
     fn = ours if impl == "ours" else ref
     with torch.inference_mode():
         check(fn(*arg_sets[0]), ref(*arg_sets[0]), kind, dtype)
-    it = iter(range(10**9))
-
-    def call():
-        with torch.inference_mode():
-            out = fn(*arg_sets[next(it) % len(arg_sets)])
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.group = f"{op} T={tokens}"
-    benchmark.extra_info.update(op=op, impl=impl if impl == "eager" else impl_name(device), tokens=tokens,
-                                dtype=bench.dtype_name(dtype), bytes=nbytes)
-    benchmark.pedantic(call, rounds=5 if tokens >= 4096 else 20, warmup_rounds=2, iterations=1)
+    bench.pedantic_rotating(benchmark, fn, arg_sets, device, group=f"{op} T={tokens}",
+                            rounds=5 if tokens >= 4096 else 20, op=op,
+                            impl=impl if impl == "eager" else impl_name(device), tokens=tokens,
+                            dtype=bench.dtype_name(dtype), bytes=nbytes)

@@ -98,19 +98,9 @@ def test_rms_norm(benchmark, op, dtype, impl, tokens):
     fn = impls[impl]
     with torch.inference_mode():
         torch.testing.assert_close(fn(*sets[0]), impls["eager"](*sets[0]), **tol("norm", dtype))
-    it = iter(range(10**9))
-
-    def call():
-        with torch.inference_mode():
-            out = fn(*sets[next(it) % len(sets)])
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.group = f"{op} {bench.dtype_name(dtype)} T={tokens}"
-    benchmark.extra_info.update(op=op, impl=impl_name(dev) if impl == "ours" else impl, tokens=tokens,
-                                dtype=bench.dtype_name(dtype))
-    benchmark.pedantic(call, rounds=20, warmup_rounds=2, iterations=1)
+    bench.pedantic_rotating(benchmark, fn, sets, dev, group=f"{op} {bench.dtype_name(dtype)} T={tokens}",
+                            op=op, impl=impl_name(dev) if impl == "ours" else impl, tokens=tokens,
+                            dtype=bench.dtype_name(dtype))
 
 
 if __name__ == "__main__":

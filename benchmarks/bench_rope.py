@@ -135,19 +135,9 @@ def test_rope(benchmark, op, impl, tokens):
     sets = [_inputs(tokens, hq, hk, d, dtype, dev, seed) for seed in range(3)]
     with torch.inference_mode():
         check(op, fn(*sets[0]), impls["eager"](*sets[0]), dtype)
-    it = iter(range(10**9))
-
-    def call():
-        with torch.inference_mode():
-            out = fn(*sets[next(it) % len(sets)])
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.group = f"{op} T={tokens}"
-    benchmark.extra_info.update(op=op, impl=impl_name(dev) + impl[4:] if impl.startswith("ours") else impl,
-                                tokens=tokens, dtype=bench.dtype_name(dtype))
-    benchmark.pedantic(call, rounds=20, warmup_rounds=2, iterations=1)
+    bench.pedantic_rotating(benchmark, fn, sets, dev, group=f"{op} T={tokens}", op=op,
+                            impl=impl_name(dev) + impl[4:] if impl.startswith("ours") else impl, tokens=tokens,
+                            dtype=bench.dtype_name(dtype))
 
 
 if __name__ == "__main__":

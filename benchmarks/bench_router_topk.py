@@ -93,16 +93,6 @@ def test_router_topk(benchmark, impl, tokens):
     fn = IMPLS[impl]
     with torch.inference_mode():
         check(fn(*arg_sets[0]), arg_sets[0][0])
-    it = iter(range(10**9))
-
-    def call():
-        with torch.inference_mode():
-            out = fn(*arg_sets[next(it) % len(arg_sets)])
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.group = f"router_topk T={tokens}"
-    benchmark.extra_info.update(impl=impl_name(device) if impl == "ours" else impl, tokens=tokens,
-                                dtype=bench.dtype_name(dtype))
-    benchmark.pedantic(call, rounds=5 if tokens >= 4096 else 20, warmup_rounds=2, iterations=1)
+    bench.pedantic_rotating(benchmark, fn, arg_sets, device, group=f"router_topk T={tokens}",
+                            rounds=5 if tokens >= 4096 else 20, impl=impl_name(device) if impl == "ours" else impl,
+                            tokens=tokens, dtype=bench.dtype_name(dtype))

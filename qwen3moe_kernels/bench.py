@@ -284,6 +284,24 @@ def time_interleaved(
     return {name: summarize(t) for name, t in times.items()}
 
 
+def pedantic_rotating(benchmark, fn: Callable, arg_sets: Sequence[tuple], device: str, *, group: str,
+                      rounds: int = 20, **extra_info: Any) -> None:
+    """Time ``fn`` with pytest-benchmark (the op suites under benchmarks/), one call per round, rotating over
+    ``arg_sets`` so caches do not flatter, in inference mode, the device synchronised before each call ends."""
+    it = iter(range(10**9))
+
+    def call():
+        with torch.inference_mode():
+            out = fn(*arg_sets[next(it) % len(arg_sets)])
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = group
+    benchmark.extra_info.update(extra_info)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+
+
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:
     s = sorted(times_ms)
 
