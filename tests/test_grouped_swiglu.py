@@ -235,10 +235,10 @@ def test_tuned_table_exact_shape_nearest_slots(table_dir):
                  (8, "gate_up", "bf16", dev, None), (8, "gate_up", "bf16", None, s30)):
         assert dc(*args) == dc(args[0], args[1], args[2]), args
     # compile_specs() compiles every config of every table in configs/
-    keys = {grouped_swiglu._compile_key(s) for s in grouped_swiglu.compile_specs()}
+    keys = {s.jit_variant() for s in grouped_swiglu.compile_specs()}
     for e in table["entries"]:
         for spec in grouped_swiglu.kernel_specs("gate_up", "bf16", *s30, e["slots"], e["config"], "t"):
-            assert grouped_swiglu._compile_key(spec) in keys, e
+            assert spec.jit_variant() in keys, e
     assert any(s.label.startswith("tuned Fake_GPU_80GB") for s in grouped_swiglu.compile_specs())
 
 
@@ -313,10 +313,10 @@ def test_tuner_tiny_interpret_writes_a_table_the_loader_uses(table_dir):
     assert any(s.extra["config"] == alt and s.extra["H"] == 64 for s in grouped_swiglu.compile_specs())
 
 
-def test_triton_combine_is_fixed_order_fp32():
+def testsum_slots_is_fixed_order_fp32():
     """The k-slot combine after the down and dx kernels: fp32 accumulation in the order j = 0..k-1, one rounding
     (an exact match with that loop; a bf16 accumulation or another order would differ)."""
-    from qwen3moe_kernels.ops.grouped_swiglu import _triton_combine
+    from qwen3moe_kernels.ops.grouped_swiglu import sum_slots
 
     T, k, H = 37, 8, 96
     g = torch.Generator().manual_seed(0)
@@ -326,7 +326,7 @@ def test_triton_combine_is_fixed_order_fp32():
         want = ys.view(T, k, H)[:, 0].float()
         for j in range(1, k):
             want = want + ys.view(T, k, H)[:, j].float()
-        got = _triton_combine(ys, T, k)
+        got = sum_slots(ys, T, k)
         assert got.dtype == dtype and torch.equal(got, want.to(dtype)), dtype
     rev = base.view(T, k, H).flip(1).reshape(T * k, H)
-    assert not torch.equal(_triton_combine(rev, T, k), _triton_combine(base, T, k))  # the order shows in fp32
+    assert not torch.equal(sum_slots(rev, T, k), sum_slots(base, T, k))  # the order shows in fp32

@@ -484,7 +484,7 @@ def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, 
 
 def down(h, w_down, routing_weights, padded_slots, block_expert, config: dict):
     """Kernel 2. ``routing_weights`` is [T, k] fp32; returns the weighted per-slot y [T*k, H] in h's dtype (the
-    caller sums each token's k rows in fp32: ``ops.grouped_swiglu._triton_combine``)."""
+    caller sums each token's k rows in fp32: ``ops.grouped_swiglu.sum_slots``)."""
     import torch
 
     S, I = h.shape
@@ -619,14 +619,6 @@ def kernel_specs(kernel: str, dtype: str, H: int, I: int, E: int, slots: int, co
     return specs
 
 
-def _compile_key(spec: CompileSpec) -> tuple:
-    """Two specs with equal keys build the same binary: the JIT specialises an int only on whether it is 1, a
-    multiple of 16, or beyond int32 (kernels/spec.py)."""
-    div = tuple(sorted((k, v == 1, v % 16 == 0, v >= 2**31) for k, v in spec.ints.items()))
-    return (spec.kernel, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())),
-            spec.num_warps, spec.num_stages, div)
-
-
 def compile_specs() -> list[CompileSpec]:
     """The heuristic's configs at both model shapes for every phase and dtype, then every entry of every tuned
     table in ``configs/`` (skipping a compile that is already in the list: same kernel, dtypes, constexprs,
@@ -638,7 +630,7 @@ def compile_specs() -> list[CompileSpec]:
                 for kernel in KERNELS:
                     specs += kernel_specs(kernel, dt, H, I, E, slots, default_config(slots, kernel, dt),
                                           f"{model} {phase} {dt}")
-    seen = {_compile_key(s) for s in specs}
+    seen = {s.jit_variant() for s in specs}
     for path in shipped_tables():
         device = path.stem[len("grouped_swiglu_"):]
         for e in json.loads(path.read_text()).get("entries", []):
@@ -646,7 +638,8 @@ def compile_specs() -> list[CompileSpec]:
             for spec in kernel_specs(e["kernel"], e["dtype"], H, I, E, slots, e["config"],
                                      f"tuned {device} H={H} I={I} E={E} slots={slots} {e['dtype']}",
                                      int(e.get("top_k", TOP_K))):
-                if _compile_key(spec) not in seen:
-                    seen.add(_compile_key(spec))
+                variant = spec.jit_variant()
+                if variant not in seen:
+                    seen.add(variant)
                     specs.append(spec)
     return specs

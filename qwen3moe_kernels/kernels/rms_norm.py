@@ -14,13 +14,11 @@ the result is too), each over a contiguous run of rows: it recomputes rstd, writ
 order: a deterministic two-stage reduction for dweight (no atomics).
 """
 
-from dataclasses import replace
-
 import torch
 import triton
 import triton.language as tl
 
-from .spec import CompileSpec, jit_int_specialization
+from .spec import CompileSpec, one_per_variant
 
 
 @triton.jit
@@ -169,30 +167,6 @@ _MODELS = (("30B-A3B", 2048), ("235B-A22B", 4096))  # (model, hidden size)
 _PHASES = (("decode", 1), ("decode", 8), ("prefill", 4096))  # (phase, rows) the backward specs cover
 
 
-def _jit_variant(spec: CompileSpec) -> tuple:
-    """What Triton's JIT compiles a spec's launch to (its cache key, less the source): every argument's type,
-    constexpr value and divisibility, and the options. Two specs with the same variant compile to the same code."""
-    sig, consts = spec.jit_signature()
-    divisible = frozenset(n for n, ty in spec.signature.items()
-                          if ty.startswith("*") or (n in spec.ints and jit_int_specialization(spec.ints[n])[2]))
-    return spec.kernel, spec.num_warps, spec.num_stages, tuple(sorted(sig.items())), tuple(sorted(consts.items())), \
-        divisible
-
-
-def _one_per_variant(candidates, template: str) -> list[CompileSpec]:
-    """One spec per JIT variant of ``candidates`` [(spec, label fields)], in order: specs that compile to the same
-    variant (e.g. the two models' shapes, when their ints fall in the same classes) become the first of them,
-    labelled ``template`` with each field's distinct values joined by " + "."""
-    groups = {}
-    for spec, fields in candidates:
-        _, merged = groups.setdefault(_jit_variant(spec), (spec, {k: [] for k in fields}))
-        for k, v in fields.items():
-            if v not in merged[k]:
-                merged[k].append(v)
-    return [replace(spec, label=template.format(**{k: " + ".join(v) for k, v in merged.items()}))
-            for spec, merged in groups.values()]
-
-
 def _bwd_programs(rows: int) -> tuple[int, int]:
     """(programs, rows per program) of rms_norm_bwd's launch over ``rows`` rows."""
     per = triton.cdiv(rows, min(rows, BWD_PROGRAMS))
@@ -246,4 +220,4 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs={"BLOCK_N": COL_SUM_BLOCK}, label="", num_warps=4, num_stages=1,
                     ints={"P": progs, "N": h},
                 ), {"dt": dt, "P": str(progs), "N": str(h), "phase": f"{phase} T={rows}"}))
-    return specs + _one_per_variant(col_sums, "{dt} P={P} partials N={N} (dweight, {phase})")
+    return specs + one_per_variant(col_sums, "{dt} P={P} partials N={N} (dweight, {phase})")

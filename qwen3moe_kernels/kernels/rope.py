@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import _one_per_variant, col_sum, col_sum_kernel  # noqa: F401  (col_sum_kernel: specced there)
-from .spec import CompileSpec
+from .rms_norm import col_sum, col_sum_kernel  # noqa: F401  (col_sum_kernel is specced in rms_norm.py)
+from .spec import CompileSpec, one_per_variant
 
 BLOCK_HEADS = 4
 BWD_PROGRAMS = 128  # fixed: the weight-gradient summation order never depends on the device
@@ -365,4 +365,4 @@ def compile_specs() -> list[CompileSpec]:
                             ints={**ints, "ntok": ntok, "tok_per_prog": per},
                         ), fields))
     template = f"{{what}} {{dt}} {{phase}} ({{model}}; D={_D})"
-    return _one_per_variant(fwd, template) + _one_per_variant(bwd, template)
+    return one_per_variant(fwd, template) + one_per_variant(bwd, template)

@@ -31,7 +31,7 @@ instructions work on 64-row tiles; Triton takes them for such tiles), a narrower
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 NATIVE_MMA_MIN_BLOCK_M = 64  # wgmma works on 64-row warpgroup tiles; tcgen05's smallest M is 64 as well
 
@@ -85,12 +85,33 @@ class CompileSpec:
                 consts[name] = const
         return sig, consts
 
+    def _divisible(self, name: str) -> bool:
+        """Whether the JIT marks argument ``name`` divisible by 16: every pointer, and the ints that are."""
+        return self.signature.get(name, "").startswith("*") or (
+            name in self.ints and jit_int_specialization(self.ints[name])[2])
+
     def divisibility_attrs(self, arg_names: list[str]) -> dict:
         """``attrs`` for ``ASTSource``: the arguments the JIT would mark divisible by 16 at this shape."""
-        attrs = {}
-        for i, name in enumerate(arg_names):
-            ty = self.signature.get(name, "")
-            divisible = name in self.ints and jit_int_specialization(self.ints[name])[2]
-            if ty.startswith("*") or divisible:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        return attrs
+        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names) if self._divisible(name)}
+
+    def jit_variant(self) -> tuple:
+        """What Triton's JIT compiles this spec's launch to (its cache key, less the source): every argument's
+        type, constexpr value and divisibility, and the options. Specs with equal variants build the same code."""
+        sig, consts = self.jit_signature()
+        divisible = frozenset(n for n in self.signature if self._divisible(n))
+        return (self.kernel, self.num_warps, self.num_stages, tuple(sorted(sig.items())),
+                tuple(sorted(consts.items())), divisible)
+
+
+def one_per_variant(candidates, template: str) -> list[CompileSpec]:
+    """One spec per JIT variant of ``candidates`` [(spec, label fields)], in order: specs that compile to the same
+    variant (e.g. the two models' shapes, when their ints fall in the same classes) become the first of them,
+    labelled ``template`` with each field's distinct values joined by " + "."""
+    groups = {}
+    for spec, fields in candidates:
+        _, merged = groups.setdefault(spec.jit_variant(), (spec, {k: [] for k in fields}))
+        for k, v in fields.items():
+            if v not in merged[k]:
+                merged[k].append(v)
+    return [replace(spec, label=template.format(**{k: " + ".join(v) for k, v in merged.items()}))
+            for spec, merged in groups.values()]

@@ -29,8 +29,8 @@ kernels without a GPU) launch the Triton kernels of ``kernels/grouped_swiglu.py`
 registered permutation ops around them: ``moe_sort`` groups the slots, ``moe_permute`` gathers the rows into
 expert order once (and back to slot order by ``inv``), ``moe_unpermute`` does the down op's fp32 combine (and
 dx's sum over the k slots) straight from expert order; bf16 computes in fp32 on CPUs without native bf16 dot
-products (``cpu.native_bf16``). The same torch code serves a GPU where triton is missing, recorded as a fallback. Importing this module does not import
-triton (the kernels module is imported on the first Triton launch).
+products (``cpu.native_bf16``). The same torch code serves a GPU where triton is missing, recorded as a fallback.
+Importing this module does not import triton (the kernels module is imported on the first Triton launch).
 Autograd for the whole expert computation is in ``ops/fused_moe.py`` (``moe_experts``), which composes these ops.
 """
 
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import dispatch
+from .moe_permute import moe_align_block, moe_permute, moe_sort, moe_unpermute
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -151,25 +152,17 @@ class _Order:
     """
 
     def __init__(self, ids: torch.Tensor, E: int):
-        from .moe_permute import moe_sort
-
         self.k = ids.shape[1]
         self.sorted, self.inv, offsets = moe_sort(ids.contiguous(), E)
         self.counts = offsets.diff().tolist()
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        from .moe_permute import moe_permute
-
         return moe_permute(_rows_contiguous(x), self.sorted, self.k)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        from .moe_permute import moe_permute
-
         return moe_permute(_rows_contiguous(t), self.sorted, 1)
 
     def back(self, ts: torch.Tensor) -> torch.Tensor:
-        from .moe_permute import moe_permute
-
         return moe_permute(_rows_contiguous(ts), self.inv, 1)
 
     def chunks(self):
@@ -215,13 +208,7 @@ def _cpu_down(h, w_down, ids, weights):
         torch.mm(hs[sl].to(cdt), w_down[e].to(cdt).t(), out=ys[sl])
     # moe_unpermute: the k rows of each token straight from expert order, weighted and summed in fp32 in the
     # order j = 0..k-1 (as the Triton path); one rounding to h's dtype at the end
-    return _unpermute(ys, weights, order.inv).to(h.dtype)
-
-
-def _unpermute(ys, weights, inv):
-    from .moe_permute import moe_unpermute
-
-    return moe_unpermute(ys, weights.float().contiguous(), inv)
+    return moe_unpermute(ys, weights, order.inv).to(h.dtype)
 
 
 def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
@@ -262,17 +249,26 @@ def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
         torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
         if need_w:
             dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
-    # dx[t] = sum_j dxs[inv[t*k+j]]: moe_unpermute with unit weights (fp32, fixed order)
-    ones = torch.ones((T, k), dtype=torch.float32, device=x.device)
-    return _unpermute(dxs, ones, order.inv).to(x.dtype), dwgu
+    return sum_slots(dxs, T, k, order.inv).to(x.dtype), dwgu
+
+
+def sum_slots(ys: torch.Tensor, T: int, k: int, inv: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j ys[inv[t*k + j]]`` ([T, H] in ys's dtype; ``inv=None``: ys is in slot order, row t*k + j).
+
+    ``moe_unpermute`` with unit weights: one thread per output element accumulates the k rows in fp32 in the
+    order j = 0..k-1 (``1.0 * v`` and the fp32 add are exact), then rounds once, so the sum is deterministic and
+    independent of tiling; the CPU dx and the Triton down / dx combines share it. Not ``ys.view(T, k, H).sum(1)``:
+    torch's CUDA reduction order (split accumulators) and accumulation dtype are implementation details, and
+    ``sum(dtype=float32)`` would add an fp32 [T, H] round trip."""
+    if inv is None:
+        inv = torch.arange(T * k, dtype=torch.int32, device=ys.device)
+    return moe_unpermute(ys, torch.ones((T, k), dtype=torch.float32, device=ys.device), inv)
 
 
 # ------------------------------------------------------------------------------------------ Triton path
 
 
 def _align(ids, E, cfg):
-    from .moe_permute import moe_align_block
-
     padded, block_expert, _ = moe_align_block(ids, E, cfg["BLOCK_M"])
     return padded, block_expert
 
@@ -284,21 +280,6 @@ def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device, shap
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return kern.default_config(slots, kernel, kern.dtype_name(dtype), name, shape)
-
-
-def _triton_combine(ys: torch.Tensor, T: int, k: int) -> torch.Tensor:
-    """``out[t] = sum_j ys[t*k + j]`` for the per-slot rows of the down and dx kernels, [T, H] in ys's dtype.
-
-    ``moe_unpermute`` with unit weights and the identity order: one thread per output element accumulates the k
-    rows in fp32 in the order j = 0..k-1 (``1.0 * v`` and the fp32 add are exact), then rounds once, so the sum
-    is deterministic and independent of tiling, as the CPU path's combine. Not ``ys.view(T, k, H).sum(1)``:
-    torch's CUDA reduction order (split accumulators) and accumulation dtype are implementation details, and
-    ``sum(dtype=float32)`` would add an fp32 [T, H] round trip."""
-    from .moe_permute import moe_unpermute
-
-    ones = torch.ones((T, k), dtype=torch.float32, device=ys.device)
-    identity = torch.arange(T * k, dtype=torch.int32, device=ys.device)
-    return moe_unpermute(ys, ones, identity)
 
 
 def _triton_gate_up(x, w_gate_up, ids, save):
@@ -321,12 +302,11 @@ def _triton_down(h, w_down, ids, weights):
     cfg = _cfg("down", T * k, h.dtype, h.device, (H, I, E))
     padded, be = _align(ids, E, cfg)
     y = kern.down(h.contiguous(), w_down.contiguous(), weights, padded, be, cfg)  # [T*k, H] in h's dtype, weighted
-    return _triton_combine(y, T, k)
+    return sum_slots(y, T, k)
 
 
 def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     from ..kernels import grouped_swiglu as kern
-    from .moe_permute import moe_sort
 
     E, H, I = w_down.shape
     T, k = weights.shape
@@ -344,7 +324,6 @@ def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
 
 def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     from ..kernels import grouped_swiglu as kern
-    from .moe_permute import moe_sort
 
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
@@ -353,7 +332,7 @@ def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     cfg = _cfg("dx", T * k, x.dtype, x.device, (H, I2 // 2, E))
     padded, be = _align(ids, E, cfg)
     dxs = kern.dx(d_gate_up, w_gate_up, padded, be, cfg)  # [T*k, H] in x's dtype
-    dx = _triton_combine(dxs, T, k)
+    dx = sum_slots(dxs, T, k)
     if not need_w:
         return dx, w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
     sorted_slots, _, offsets = moe_sort(ids, E)
