@@ -185,16 +185,10 @@ def test_fused_moe_fwd_bwd(benchmark, weights, impl, tokens):
     for what, got, low, ref in (("output", out, eager_out, ref_out), ("dx", dx, eager_dx, ref_dx)):
         err, bound = bench.max_abs_err(got, ref), 2 * bench.max_abs_err(low, ref) + 1e-3 * ref.abs().max().item()
         assert err <= bound, f"{impl} T={tokens}: {what} error {err:.3e} > allowed {bound:.3e}"
-    it = iter(range(10**9))
-
-    def step():
-        call(fn, params, xs[next(it) % len(xs)], True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    benchmark.group = f"moe_block fwd+bwd T={tokens}"
-    benchmark.extra_info.update(impl=impl, tokens=tokens, dtype=bench.dtype_name(dtype))
-    benchmark.pedantic(step, rounds=3 if tokens >= 512 else 10, warmup_rounds=1, iterations=1)
+    bench.pedantic_rotating(benchmark, lambda x: call(fn, params, x, True), [(x,) for x in xs], device,
+                            group=f"moe_block fwd+bwd T={tokens}", rounds=3 if tokens >= 512 else 10,
+                            warmup_rounds=1, inference=False, impl=impl, tokens=tokens,
+                            dtype=bench.dtype_name(dtype))
 
 
 if __name__ == "__main__":

@@ -284,14 +284,16 @@ def time_interleaved(
     return {name: summarize(t) for name, t in times.items()}
 
 
-def pedantic_rotating(benchmark, fn: Callable, arg_sets: Sequence[tuple], device: str, *, group: str,
-                      rounds: int = 20, **extra_info: Any) -> None:
-    """Time ``fn`` with pytest-benchmark (the op suites under benchmarks/), one call per round, rotating over
-    ``arg_sets`` so caches do not flatter, in inference mode, the device synchronised before each call ends."""
+def pedantic_rotating(benchmark, fn: Callable, arg_sets: Sequence[tuple], device: str | torch.device, *,
+                      group: str, rounds: int = 20, warmup_rounds: int = 2, inference: bool = True,
+                      **extra_info: Any) -> None:
+    """Time ``fn`` with pytest-benchmark (the suites under benchmarks/), one call per round, rotating over
+    ``arg_sets`` so caches do not flatter, the device synchronised before each call ends. The calls run under
+    ``torch.inference_mode()``; ``inference=False`` leaves autograd on (a timed forward + backward)."""
     it = iter(range(10**9))
 
     def call():
-        with torch.inference_mode():
+        with torch.inference_mode(inference):
             out = fn(*arg_sets[next(it) % len(arg_sets)])
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
@@ -299,7 +301,7 @@ def pedantic_rotating(benchmark, fn: Callable, arg_sets: Sequence[tuple], device
 
     benchmark.group = group
     benchmark.extra_info.update(extra_info)
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
 
 
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:
