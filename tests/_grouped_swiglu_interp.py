@@ -3,8 +3,9 @@
 With the interpreter on, the ``qwen3moe::grouped_swiglu_*`` ops run their Triton kernels on CPU tensors, so this
 checks the whole Triton path (alignment, gather GEMMs, SwiGLU epilogues, backward kernels, fixed-order sums)
 forward and backward against autograd of ``reference.moe_experts`` in float64, with small tiles, the shipped
-heuristic, and its prefill tiles forced at a small shape; then the inference path (gate_up with STORE_GU=False)
-and the per-slot buffers' dtype. Every ``torch.empty`` is poisoned (NaN / -7) so any output element a kernel
+heuristic, and its prefill tiles forced at a small shape; then the inference path (gate_up with STORE_GU=False),
+the whole-forward op against the two GEMM ops, the sum kernel against moe_unpermute, what the no-grad forward
+launches, and the per-slot buffers' dtype. Every ``torch.empty`` is poisoned (NaN / -7) so any output element a kernel
 fails to write shows up.
 
 Usage: python _grouped_swiglu_interp.py fp32 fp16 [bf16]   (bf16 needs the tests/triton_interp.py shim: pass
@@ -161,6 +162,72 @@ def inference(dtype):
     print(f"ok inference {dtype}")
 
 
+def composite(dtype):
+    """grouped_swiglu (the whole forward over one alignment) gives, bit for bit, what gate_up then down give, with
+    and without saving the activations; the routing weights are rounded to x's dtype inside the kernels (fp32
+    weights that bf16/fp16 cannot represent give the same result as the pre-rounded ones)."""
+    x, ids, w, wgu, wd, dout = inputs(19, 72, 40, 7, 3, dtype, "topk", seed=8)
+    w = w + 1e-3  # not representable in fp16/bf16
+    ops = torch.ops.qwen3moe
+    h, gu = ops.grouped_swiglu_gate_up(x, wgu, ids, True)
+    want = ops.grouped_swiglu_down(h, wd, ids, w.to(dtype).float())
+    out, h2, gu2 = ops.grouped_swiglu(x, wgu, wd, ids, w, True)
+    assert torch.equal(out, want) and torch.equal(h2, h) and torch.equal(gu2, gu), "grouped_swiglu != gate_up + down"
+    out3, h3, gu3 = ops.grouped_swiglu(x, wgu, wd, ids, w, False)
+    assert torch.equal(out3, want) and h3.shape == (0, 40) and gu3.shape == (0, 80)
+    assert torch.equal(ops.grouped_swiglu_down(h, wd, ids, w), want)  # down rounds the weights itself
+    print(f"ok grouped_swiglu {dtype}")
+
+
+def sum_slots_kernel(dtype):
+    """The sum_slots kernel is moe_unpermute with unit weights and the identity order, bit for bit: fp32, j = 0..k-1
+    (values over six decades, so another order or accumulation dtype would differ); H not a multiple of its block."""
+    from qwen3moe_kernels.ops.moe_permute import moe_unpermute
+
+    T, k, H = 13, 8, 1100
+    g = torch.Generator().manual_seed(3)
+    y = (torch.randn(T * k, H, generator=g) * torch.logspace(-3, 3, T * k)[:, None]).to(dtype)
+    want = moe_unpermute(y, torch.ones(T, k), torch.arange(T * k, dtype=torch.int32))
+    got = kern.sum_slots(y, k)
+    assert got.dtype == dtype and torch.equal(got, want), "sum_slots kernel != moe_unpermute"
+
+
+def launches(dtype):
+    """What the no-grad forward launches (the decode path on CUDA, where every launch counts against ~20 us of
+    weight reads): one moe_align_block shared by both GEMMs, gate_up, down, the sum kernel; no moe_unpermute
+    (its unit weights and identity order cost two more launches) and no second alignment."""
+    from qwen3moe_kernels.ops import grouped_swiglu as gs
+
+    calls = []
+
+    def spy(mod, name):
+        fn = getattr(mod, name)
+
+        def wrapped(*a, **kw):
+            calls.append(name)
+            return fn(*a, **kw)
+        return fn, wrapped
+
+    patched = [(gs, n) for n in ("moe_align_block", "moe_sort", "moe_permute", "moe_unpermute")]
+    patched += [(kern, n) for n in ("gate_up", "down", "sum_slots", "down_bwd", "dx", "wgrad")]
+    originals = []
+    for mod, name in patched:
+        fn, wrapped = spy(mod, name)
+        originals.append((mod, name, fn))
+        setattr(mod, name, wrapped)
+    try:
+        for T in (1, 5):
+            x, ids, w, wgu, wd, dout = inputs(T, 64, 48, 6, 2, dtype, "topk", seed=9)
+            calls.clear()
+            with torch.no_grad():
+                moe_experts(x, ids, w, wgu, wd)
+            assert calls == ["moe_align_block", "gate_up", "down", "sum_slots"], (T, calls)
+    finally:
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
+    print(f"ok launches {dtype}")
+
+
 def per_slot_buffers(dtype):
     """The down and dx kernels store their per-slot rows in the activations' dtype (fp32 only for fp32 inputs):
     half the bytes of an fp32 buffer for 16-bit models."""
@@ -202,6 +269,9 @@ if __name__ == "__main__":
         determinism(dtype)
         frozen_experts(dtype)
         inference(dtype)
+        composite(dtype)
+        sum_slots_kernel(dtype)
+        launches(dtype)
         per_slot_buffers(dtype)
     print("OK")
     sys.exit(0)

@@ -5,7 +5,7 @@ Forward, for every token-slot ``s = t*k + j`` routed to expert ``e = ids[t, j]``
     gu[s] = x[t] @ w_gate_up[e].T                 gate = gu[:, :I], up = gu[:, I:]   (w_gate_up[e] = [2I, H])
     h[s]  = silu(gate) * up                                                    (kernel ``gate_up``)
     y[s]  = rw[s] * (h[s] @ w_down[e].T)                                       (kernel ``down``; w_down[e] = [H, I])
-    out[t] = sum_j y[t*k + j]        (``moe_unpermute``: fp32, fixed order j = 0..k-1: deterministic)
+    out[t] = sum_j y[t*k + j]        (kernel ``sum_slots``: fp32, fixed order j = 0..k-1: deterministic)
 
 Backward, given ``dout [T, H]``:
 
@@ -38,8 +38,9 @@ and are masked.
 
 Per-slot outputs in the activations' dtype: ``down`` and ``dx`` round each slot's fp32 accumulator once (``down``
 after applying the routing weight) and store it in x's dtype (fp32 inputs keep fp32); the ops then sum each
-token's k rows with ``moe_unpermute`` (unit weights, identity order): fp32 accumulation in the order j = 0..k-1,
-one thread per output element, one rounding to x's dtype. The extra per-slot rounding stays within the tests'
+token's k rows with the ``sum_slots`` kernel (what ``moe_unpermute`` computes with unit weights and the identity
+order, bit for bit, in one launch and without those two tensors): fp32 accumulation in the order j = 0..k-1, one
+rounding to x's dtype. The extra per-slot rounding stays within the tests'
 tolerances (tests/_grouped_swiglu_interp.py, bf16 / fp16 within twice PyTorch's own error). Expected effect, NOT
 yet measured on a GPU: at T = 16384, k = 8, H = 2048 (Qwen3-30B-A3B) in bf16 the per-slot buffer shrinks from
 1 GiB fp32 to 512 MiB, and the combine no longer goes through an fp32 [T, H] intermediate and a cast; bytes
@@ -59,7 +60,7 @@ from pathlib import Path
 import triton
 import triton.language as tl
 
-from .spec import CompileSpec
+from .spec import CompileSpec, one_per_variant
 
 
 @triton.jit
@@ -164,9 +165,10 @@ def grouped_swiglu_down_kernel(
         a = tl.load(h_ptr + rows[:, None] * I + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + offs_n[None, :].to(tl.int64) * I + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
-    # weight applied to the fp32 accumulator, then one rounding to the output dtype (16-bit: half the bytes of
-    # an fp32 per-slot buffer; the k slots of a token are summed in fp32 afterwards)
+    # the routing weight rounded to the activations' dtype (as transformers multiplies in it), applied to the fp32
+    # accumulator, then one rounding to the output dtype (16-bit: half the bytes of an fp32 per-slot buffer; the
+    # k slots of a token are summed in fp32 afterwards)
+    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
     acc = acc * rw[:, None]
     tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -229,7 +231,7 @@ def grouped_swiglu_down_bwd_kernel(
     h = tl.load(h_ptr + rows[:, None] * I + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     part = tl.sum(tl.where(mask, acc * h, 0.0), axis=1)
     tl.store(drw_ptr + pid_n.to(tl.int64) * num_slots + rows, part, mask=row_ok)
-    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
+    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(h_ptr.dtype.element_ty).to(tl.float32)  # as the forward
     dh = acc * rw[:, None]
     dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
     dup = dh * silu
@@ -317,13 +319,32 @@ def grouped_swiglu_wgrad_kernel(
         # A^T tile [BLOCK_M, BLOCK_K]: column r is row ra[r] of A (contiguous along m)
         a = tl.load(a_ptr + ra[None, :] * M + offs_m[:, None], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         if SCALE_A:
-            rw = tl.load(rw_ptr + slot, mask=r_ok, other=0.0)
+            rw = tl.load(rw_ptr + slot, mask=r_ok, other=0.0).to(a_ptr.dtype.element_ty).to(tl.float32)
             a = (a.to(tl.float32) * rw[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + rb[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c = c_ptr + e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+
+
+@triton.jit
+def grouped_swiglu_sum_slots_kernel(
+    y_ptr,  # [T*k, H] per-slot rows in slot order (token t's rows are t*k .. t*k + k - 1)
+    out_ptr,  # [T, H] output in y's dtype
+    H,
+    TOP_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum_j y[t*k + j]: fp32 accumulation in the order j = 0..k-1, one rounding (what moe_unpermute
+    computes with unit weights and the identity order, bit for bit, without those two tensors)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 # ------------------------------------------------------------------------------------------------- configs
 #
@@ -530,6 +551,22 @@ def dx(dgu, w_gate_up, padded_slots, block_expert, config: dict):
     return dxs
 
 
+SUM_BLOCK_H = 1024  # columns per sum_slots program: 8 16-bit elements per thread at 4 warps (16-byte loads)
+
+
+def sum_slots(y, top_k: int):
+    """``out [T, H]`` in y's dtype: ``out[t] = sum_j y[t*k + j]`` (kernel ``sum_slots``)."""
+    import torch
+
+    S, H = y.shape
+    T = S // top_k
+    out = torch.empty((T, H), dtype=y.dtype, device=y.device)
+    block_h = min(SUM_BLOCK_H, triton.next_power_of_2(H))
+    grouped_swiglu_sum_slots_kernel[(T, triton.cdiv(H, block_h))](y, out, H, TOP_K=top_k, BLOCK_H=block_h,
+                                                                  num_warps=4, num_stages=1)
+    return out
+
+
 def wgrad(a, b, routing_weights, sorted_slots, offsets, num_experts: int, a_div: int, b_div: int, config: dict):
     """``c [E, M, N]`` in a's dtype: ``c[e] = sum_{s in e} (rw[s] *) a[s // a_div]^T b[s // b_div]``.
 
@@ -630,6 +667,16 @@ def compile_specs() -> list[CompileSpec]:
                 for kernel in KERNELS:
                     specs += kernel_specs(kernel, dt, H, I, E, slots, default_config(slots, kernel, dt),
                                           f"{model} {phase} {dt}")
+    sums = []
+    for model, (H, I, E) in MODEL_SHAPES.items():
+        for dt, p in _DT.items():
+            sums.append((CompileSpec(
+                kernel="grouped_swiglu_sum_slots_kernel", fn=grouped_swiglu_sum_slots_kernel,
+                signature={"y_ptr": p, "out_ptr": p, "H": "i32", "TOP_K": "constexpr", "BLOCK_H": "constexpr"},
+                constexprs={"TOP_K": TOP_K, "BLOCK_H": min(SUM_BLOCK_H, triton.next_power_of_2(H))}, label="",
+                num_warps=4, num_stages=1, ints={"H": H}, extra={"kernel": "sum_slots", "dtype": dt}),
+                {"model": model, "dt": dt, "H": str(H)}))
+    specs += one_per_variant(sums, "{model} {dt} H={H} k=8 (forward combine and dx, every T)")
     seen = {s.jit_variant() for s in specs}
     for path in shipped_tables():
         device = path.stem[len("grouped_swiglu_"):]

@@ -5,12 +5,13 @@
     weights, ids = router_topk(logits, top_k, renormalize)
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))   with e = ids[t, j]
 
-``moe_experts(x, ids, weights, w_gate_up, w_down)`` computes the last line with the registered grouped-GEMM
-ops of ``ops/grouped_swiglu.py`` (``qwen3moe::grouped_swiglu_gate_up`` then ``qwen3moe::grouped_swiglu_down``):
-on CUDA the Triton kernels (x gathered inside the gate/up GEMM, the routing weight applied in the down GEMM's
-epilogue to the fp32 accumulator, each slot's row stored in x's dtype, the k slots of a token summed in a fixed
-order in fp32: deterministic); on CPU one torch matrix product per expert over its rows. As in
-``reference.moe_experts`` (and transformers), the routing weights are rounded to x's dtype before use.
+``moe_experts(x, ids, weights, w_gate_up, w_down)`` computes the last line with the registered op
+``qwen3moe::grouped_swiglu`` of ``ops/grouped_swiglu.py`` (the gate/up GEMM, then the down GEMM and the combine,
+over one grouping of the slots): on CUDA the Triton kernels (x gathered inside the gate/up GEMM, the routing
+weight applied in the down GEMM's epilogue to the fp32 accumulator, each slot's row stored in x's dtype, the k
+slots of a token summed in a fixed order in fp32: deterministic); on CPU one torch matrix product per expert
+over its rows. As in ``reference.moe_experts`` (and transformers), the routing weights are rounded to x's dtype
+before use (inside the ops; with a gradient also in autograd, so the weights' gradient is that of the rounding).
 
 Autograd: ``moe_experts`` is differentiable in x, weights, w_gate_up and w_down. With a gradient needed the
 forward also keeps the gate/up pre-activations; the backward runs ``qwen3moe::grouped_swiglu_down_backward``
@@ -103,8 +104,7 @@ class _MoeExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ids, weights, w_gate_up, w_down):
-        h, gu = torch.ops.qwen3moe.grouped_swiglu_gate_up(x, w_gate_up, ids, True)
-        out = torch.ops.qwen3moe.grouped_swiglu_down(h, w_down, ids, weights)
+        out, h, gu = torch.ops.qwen3moe.grouped_swiglu(x, w_gate_up, w_down, ids, weights, True)
         ctx.save_for_backward(x, ids, weights, w_gate_up, w_down, h, gu)
         return out
 
@@ -132,13 +132,14 @@ def moe_experts(
     first, as transformers does); w_gate_up [E, 2I, H]; w_down [E, H, I], both in x's dtype, on x's device.
     """
     T, H, E, I = _check_experts(x, ids, weights, w_gate_up, w_down)
-    weights = weights.to(x.dtype).float()
     if not torch.compiler.is_compiling():
         dispatch.record("moe_experts", "triton" if x.device.type == "cuda" else x.device.type)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down)):
-        return _MoeExperts.apply(x, ids, weights, w_gate_up, w_down)
-    h, _ = torch.ops.qwen3moe.grouped_swiglu_gate_up(x, w_gate_up, ids, False)
-    return torch.ops.qwen3moe.grouped_swiglu_down(h, w_down, ids, weights)
+        # the rounding in autograd too: the weights' gradient is the rounding's (as in the reference)
+        return _MoeExperts.apply(x, ids, weights.to(x.dtype).float(), w_gate_up, w_down)
+    # no gradient: the op rounds the fp32 router weights itself (in the down kernel on CUDA: no cast launches)
+    weights = weights if weights.dtype == torch.float32 else weights.float()  # exact from fp16/bf16
+    return torch.ops.qwen3moe.grouped_swiglu(x, w_gate_up, w_down, ids, weights, False)[0]
 
 
 def fused_moe(

@@ -1,5 +1,5 @@
-"""The grouped-GEMM SwiGLU experts as torch.library ops: ``torch.ops.qwen3moe.grouped_swiglu_{gate_up, down,
-down_backward, gate_up_backward}``.
+"""The grouped-GEMM SwiGLU experts as torch.library ops: ``torch.ops.qwen3moe.grouped_swiglu`` (the whole expert
+forward) and ``torch.ops.qwen3moe.grouped_swiglu_{gate_up, down, down_backward, gate_up_backward}``.
 
 Slot ``s = t*k + j`` is token t's j-th expert choice ``e = ids[t, j]`` (see ``reference``). Every op takes the
 routing as ``ids [T, k]`` (int32/int64) and groups the slots by expert itself, so its meaning does not depend on
@@ -10,8 +10,15 @@ any tile size.
   is ``[T*k, 2I]`` when ``save_gate_up`` (the backward needs the pre-activations), else an empty ``[0, 2I]``.
 * ``grouped_swiglu_down(h [T*k, I], w_down [E, H, I], ids, weights fp32 [T, k]) -> out [T, H]``:
   ``out[t] = sum_j weights[t, j] * (h[t*k+j] @ w_down[e].T)``, each product accumulated in fp32, the sum over j
-  in fp32 in the order j = 0..k-1 (deterministic), cast to h's dtype. For fp16/bf16 the Triton path rounds each
-  weighted product to h's dtype before that sum (half the per-slot bytes; within the tests' tolerances).
+  in fp32 in the order j = 0..k-1 (deterministic), cast to h's dtype. The weights are first rounded to h's dtype
+  (as transformers multiplies by them in the activations' dtype; every op that takes them does so). For fp16/bf16
+  the Triton path rounds each weighted product to h's dtype before that sum (half the per-slot bytes; within the
+  tests' tolerances).
+* ``grouped_swiglu(x, w_gate_up, w_down, ids, weights, save_activations) -> (out [T, H], h, gate_up)``: gate_up
+  then down, bit for bit what the two ops give, over one grouping of the slots (on CUDA one ``moe_align_block``
+  when both configs share BLOCK_M, instead of one per op; on CPU one ``moe_sort``, and h stays in expert order
+  between the GEMMs). ``h`` and ``gate_up`` (slot order) are returned when ``save_activations`` (the backward's
+  inputs), else empty ``[0, ...]`` tensors. ``moe_experts`` calls it, with and without a gradient.
 * ``grouped_swiglu_down_backward(dout [T, H], h, gate_up, w_down, ids, weights, need_weight_grad) ->
   (d_gate_up [T*k, 2I], d_w_down [E, H, I], d_weights fp32 [T, k])``: the gradients of ``down(swiglu(gate_up))`` (SwiGLU backward
   included): ``g = dout[t] @ w_down[e]``, ``d_weights[t, j] = <g, h[s]>``, ``dh = weights * g``,
@@ -178,37 +185,59 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) else t.contiguous()
 
 
-def _cpu_gate_up(x, w_gate_up, ids, save):
+def _rounded(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 routing weights rounded to the activations' dtype (and back to fp32), as the kernels use them."""
+    return weights if dtype == torch.float32 else weights.to(dtype).float()
+
+
+def _cpu_gate_up_sorted(x, w_gate_up, order, save):
     # Per expert: one GEMM over its contiguous (expert-ordered) rows, SwiGLU on that chunk while it is in cache
-    # (fp32, one rounding, as the Triton epilogue), one gather back to slot order at the end.
-    T, H = x.shape
-    E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
+    # (fp32, one rounding, as the Triton epilogue). Returns h (and gate_up when save) in expert order.
+    I2 = w_gate_up.shape[1]
     I = I2 // 2
     cdt = _cdt(x.dtype)
-    order = _Order(ids, E)
     xs = order.tokens(x)
-    hs = x.new_empty((T * order.k, I))
-    gus = x.new_empty((T * order.k, I2)) if save else None
+    hs = x.new_empty((xs.shape[0], I))
+    gus = x.new_empty((xs.shape[0], I2)) if save else None
     for e, sl in order.chunks():
         gu = torch.mm(xs[sl].to(cdt), w_gate_up[e].to(cdt).t())
         hs[sl] = F.silu(gu[:, :I].float()) * gu[:, I:].float()
         if save:
             gus[sl] = gu
-    return order.back(hs), (order.back(gus) if save else x.new_empty((0, I2)))
+    return hs, gus
+
+
+def _cpu_gate_up(x, w_gate_up, ids, save):
+    order = _Order(ids, w_gate_up.shape[0])
+    hs, gus = _cpu_gate_up_sorted(x, w_gate_up, order, save)
+    return order.back(hs), (order.back(gus) if save else x.new_empty((0, w_gate_up.shape[1])))
+
+
+def _cpu_down_sorted(hs, w_down, order, weights):
+    # hs: h in expert order. One GEMM per expert, then moe_unpermute: the k rows of each token straight from
+    # expert order, weighted and summed in fp32 in the order j = 0..k-1 (as the Triton path); one rounding to h's
+    # dtype at the end
+    cdt = _cdt(hs.dtype)
+    ys = hs.new_empty((hs.shape[0], w_down.shape[1]), dtype=cdt)
+    for e, sl in order.chunks():
+        torch.mm(hs[sl].to(cdt), w_down[e].to(cdt).t(), out=ys[sl])
+    return moe_unpermute(ys, _rounded(weights, hs.dtype), order.inv).to(hs.dtype)
 
 
 def _cpu_down(h, w_down, ids, weights):
-    E, H, I = w_down.shape
-    T, k = weights.shape
-    cdt = _cdt(h.dtype)
-    order = _Order(ids, E)
-    hs = order.rows(h)
-    ys = h.new_empty((T * k, H), dtype=cdt)
-    for e, sl in order.chunks():
-        torch.mm(hs[sl].to(cdt), w_down[e].to(cdt).t(), out=ys[sl])
-    # moe_unpermute: the k rows of each token straight from expert order, weighted and summed in fp32 in the
-    # order j = 0..k-1 (as the Triton path); one rounding to h's dtype at the end
-    return moe_unpermute(ys, weights, order.inv).to(h.dtype)
+    order = _Order(ids, w_down.shape[0])
+    return _cpu_down_sorted(order.rows(h), w_down, order, weights)
+
+
+def _cpu_experts(x, w_gate_up, w_down, ids, weights, save):
+    # one grouping of the slots for both GEMMs, and h stays in expert order between them (slot order only for
+    # the backward)
+    order = _Order(ids, w_gate_up.shape[0])
+    hs, gus = _cpu_gate_up_sorted(x, w_gate_up, order, save)
+    out = _cpu_down_sorted(hs, w_down, order, weights)
+    if not save:
+        return out, x.new_empty((0, hs.shape[1])), x.new_empty((0, w_gate_up.shape[1]))
+    return out, order.back(hs), order.back(gus)
 
 
 def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
@@ -216,7 +245,7 @@ def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     T, k = weights.shape
     cdt = _cdt(h.dtype)
     order = _Order(ids, E)
-    rw = weights.reshape(-1)[order.sorted.long()]  # [T*k] in expert order
+    rw = _rounded(weights, h.dtype).reshape(-1)[order.sorted.long()]  # [T*k] in expert order
     douts = order.tokens(dout).to(cdt)
     hs = order.rows(h)
     g = h.new_empty((T * k, I), dtype=cdt)
@@ -252,25 +281,26 @@ def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     return sum_slots(dxs, T, k, order.inv).to(x.dtype), dwgu
 
 
-def sum_slots(ys: torch.Tensor, T: int, k: int, inv: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[t] = sum_j ys[inv[t*k + j]]`` ([T, H] in ys's dtype; ``inv=None``: ys is in slot order, row t*k + j).
+def sum_slots(ys: torch.Tensor, T: int, k: int, inv: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j ys[inv[t*k + j]]`` ([T, H] in ys's dtype), for the CPU dx (ys in expert order).
 
-    ``moe_unpermute`` with unit weights: one thread per output element accumulates the k rows in fp32 in the
-    order j = 0..k-1 (``1.0 * v`` and the fp32 add are exact), then rounds once, so the sum is deterministic and
-    independent of tiling; the CPU dx and the Triton down / dx combines share it. Not ``ys.view(T, k, H).sum(1)``:
-    torch's CUDA reduction order (split accumulators) and accumulation dtype are implementation details, and
-    ``sum(dtype=float32)`` would add an fp32 [T, H] round trip."""
-    if inv is None:
-        inv = torch.arange(T * k, dtype=torch.int32, device=ys.device)
+    ``moe_unpermute`` with unit weights: the k rows accumulated in fp32 in the order j = 0..k-1 (``1.0 * v`` and
+    the fp32 add are exact), then one rounding, so the sum is deterministic and independent of tiling; the Triton
+    path's ``sum_slots`` kernel computes the same sum, bit for bit, over slot-ordered rows. Not
+    ``ys.view(T, k, H).sum(1)``: torch's reduction order and accumulation dtype are implementation details."""
     return moe_unpermute(ys, torch.ones((T, k), dtype=torch.float32, device=ys.device), inv)
 
 
 # ------------------------------------------------------------------------------------------ Triton path
 
 
-def _align(ids, E, cfg):
+def _align(ids, E, cfg, reuse=None):
+    """``(padded_slots, block_expert, BLOCK_M)`` of ``ids`` for ``cfg``'s BLOCK_M: ``reuse`` (an earlier alignment
+    of the same ids, from this module) when it has that block size, else a new ``moe_align_block``."""
+    if reuse is not None and reuse[2] == cfg["BLOCK_M"]:
+        return reuse
     padded, block_expert, _ = moe_align_block(ids, E, cfg["BLOCK_M"])
-    return padded, block_expert
+    return padded, block_expert, cfg["BLOCK_M"]
 
 
 def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device, shape: tuple) -> dict:
@@ -283,26 +313,35 @@ def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device, shap
 
 
 def _triton_gate_up(x, w_gate_up, ids, save):
+    """``(h, gate_up or an empty [0, 2I], the alignment used)``."""
     from ..kernels import grouped_swiglu as kern
 
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
     k = ids.shape[1]
     cfg = _cfg("gate_up", T * k, x.dtype, x.device, (H, I2 // 2, E))
-    padded, be = _align(ids, E, cfg)
-    h, gu = kern.gate_up(x.contiguous(), w_gate_up.contiguous(), padded, be, k, cfg, store_gu=save)
-    return h, (gu if save else x.new_empty((0, I2)))
+    align = _align(ids, E, cfg)
+    h, gu = kern.gate_up(x.contiguous(), w_gate_up.contiguous(), align[0], align[1], k, cfg, store_gu=save)
+    return h, (gu if save else x.new_empty((0, I2))), align
 
 
-def _triton_down(h, w_down, ids, weights):
+def _triton_down(h, w_down, ids, weights, reuse=None):
     from ..kernels import grouped_swiglu as kern
 
     E, H, I = w_down.shape
     T, k = weights.shape
     cfg = _cfg("down", T * k, h.dtype, h.device, (H, I, E))
-    padded, be = _align(ids, E, cfg)
+    padded, be, _ = _align(ids, E, cfg, reuse)
     y = kern.down(h.contiguous(), w_down.contiguous(), weights, padded, be, cfg)  # [T*k, H] in h's dtype, weighted
-    return sum_slots(y, T, k)
+    return kern.sum_slots(y, k)
+
+
+def _triton_experts(x, w_gate_up, w_down, ids, weights, save):
+    # gate_up's alignment serves down too when their configs share BLOCK_M (every heuristic phase does): one
+    # moe_align_block (5 CUDA launches) per forward instead of two
+    h, gu, align = _triton_gate_up(x, w_gate_up, ids, save)
+    out = _triton_down(h, w_down, ids, weights, align)
+    return out, (h if save else x.new_empty((0, h.shape[1]))), gu
 
 
 def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
@@ -312,7 +351,7 @@ def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     T, k = weights.shape
     dout, h, gate_up, w_down = (t.contiguous() for t in (dout, h, gate_up, w_down))
     cfg = _cfg("down_bwd", T * k, h.dtype, h.device, (H, I, E))
-    padded, be = _align(ids, E, cfg)
+    padded, be, _ = _align(ids, E, cfg)
     dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, padded, be, k, cfg)
     if not need_w:
         return dgu, w_down.new_empty((0, H, I)), drw
@@ -330,9 +369,9 @@ def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     k = ids.shape[1]
     d_gate_up, x, w_gate_up = (t.contiguous() for t in (d_gate_up, x, w_gate_up))
     cfg = _cfg("dx", T * k, x.dtype, x.device, (H, I2 // 2, E))
-    padded, be = _align(ids, E, cfg)
+    padded, be, _ = _align(ids, E, cfg)
     dxs = kern.dx(d_gate_up, w_gate_up, padded, be, cfg)  # [T*k, H] in x's dtype
-    dx = sum_slots(dxs, T, k)
+    dx = kern.sum_slots(dxs, k)
     if not need_w:
         return dx, w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
     sorted_slots, _, offsets = moe_sort(ids, E)
@@ -353,7 +392,7 @@ def grouped_swiglu_gate_up(
     if T == 0:
         return x.new_empty((0, I)), x.new_empty((0, 2 * I))
     if _use_triton(x):
-        return _triton_gate_up(x, w_gate_up, ids, save_gate_up)
+        return _triton_gate_up(x, w_gate_up, ids, save_gate_up)[:2]
     return _cpu_gate_up(x, w_gate_up, ids, save_gate_up)
 
 
@@ -378,6 +417,36 @@ def grouped_swiglu_down(h: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor
 def _(h, w_down, ids, weights):
     T, H, E, I, k = _check_down("grouped_swiglu_down", h, w_down, ids, weights)
     return h.new_empty((T, H))
+
+
+def _check_experts(op, x, w_gate_up, w_down, ids, weights):
+    T, H, E, I, k = _check_gate_up(op, x, w_gate_up, ids)
+    _check_float(op, "w_down", w_down, x.dtype, x.device, 3)
+    torch._check(tuple(w_down.shape) == (E, H, I),
+                 lambda: f"{op}: w_down must be [E={E}, H={H}, I={I}] (from x and w_gate_up), got {tuple(w_down.shape)}")
+    _check_weights(op, weights, T, k, x.device)
+    return T, H, E, I, k
+
+
+@torch.library.custom_op("qwen3moe::grouped_swiglu", mutates_args=())
+def grouped_swiglu(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    save_activations: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, H, E, I, k = _check_experts("grouped_swiglu", x, w_gate_up, w_down, ids, weights)
+    _record("grouped_swiglu", x)
+    if T == 0:
+        return x.new_empty((0, H)), x.new_empty((0, I)), x.new_empty((0, 2 * I))
+    if _use_triton(x):
+        return _triton_experts(x, w_gate_up, w_down, ids, weights, save_activations)
+    return _cpu_experts(x, w_gate_up, w_down, ids, weights, save_activations)
+
+
+@grouped_swiglu.register_fake
+def _(x, w_gate_up, w_down, ids, weights, save_activations):
+    T, H, E, I, k = _check_experts("grouped_swiglu", x, w_gate_up, w_down, ids, weights)
+    rows = T * k if save_activations else 0
+    return x.new_empty((T, H)), x.new_empty((rows, I)), x.new_empty((rows, 2 * I))
 
 
 def _check_down_backward(op, dout, h, gate_up, w_down, ids, weights):
