@@ -50,6 +50,10 @@ QWEN3_30B_A3B = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k
 # the MoE block benchmark's implementations; REGISTERED_EXPERTS is transformers' block with our experts
 REGISTERED_EXPERTS = "transformers-qwen3moe_kernels"
 MOE_BLOCK_IMPLS = ["fused", "eager", "transformers-eager", "transformers-grouped_mm", REGISTERED_EXPERTS]
+# On CUDA these are also timed as CUDA-graph replays (rows named impl + GRAPHED): no host synchronisation in their
+# forward. The eager loops (reference and transformers' "eager" experts) look up the experts hit on the host.
+GRAPHED = "+cuda_graph"
+GRAPH_IMPLS = ("fused", REGISTERED_EXPERTS, "transformers-grouped_mm")
 
 DEFAULT_TOKENS = {"cpu": [1, 8, 64, 512], "cuda": [1, 8, 64, 512, 2048, 8192]}
 QUICK_TOKENS = {"cpu": [1, 16], "cuda": [1, 64, 1024]}
@@ -282,6 +286,39 @@ def time_interleaved(
                 times[name].append(ms)
                 spent[name] += ms / 1e3
     return {name: summarize(t) for name, t in times.items()}
+
+
+def cuda_graphed(fn: Callable[..., Any], arg_sets: Sequence[Sequence[Any]]) -> Callable[..., Any]:
+    """``fn`` captured into one CUDA graph per input set; returns ``replay(*args)``, which replays the graph of
+    those arguments (the very tensors of ``arg_sets``) and returns its output tensor.
+
+    Why: a decode step of the MoE block reads ~75 MB of expert weights (Qwen3-30B-A3B, bf16), ~25 us at H100/H200
+    bandwidth, while launching its ~10 kernels from Python takes longer than that; a served model replays
+    captured graphs (torch.compile's "reduce-overhead", vLLM/SGLang decode), so the graph rows show what the
+    kernels do and the plain rows what an eager caller pays. Each input set gets its own graph (and memory pool),
+    so the rotation that keeps caches honest still holds. Raises if ``fn`` cannot be captured (a host sync)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_graphed: CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for args in arg_sets:  # warm-up outside capture: lazy init, Triton compiles, allocator growth
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = {}
+    for args in arg_sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            out = fn(*args)
+        graphs[tuple(id(a) for a in args)] = (graph, out)
+
+    def replay(*args):
+        graph, out = graphs[tuple(id(a) for a in args)]
+        graph.replay()
+        return out
+
+    return replay
 
 
 def pedantic_rotating(benchmark, fn: Callable, arg_sets: Sequence[tuple], device: str | torch.device, *,
@@ -627,13 +664,16 @@ def bench_moe_block(
     budget_s: float = 1.5,
     min_runs: int = 5,
     memory: bool = True,
+    graphs: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
     """Time the sparse MoE block per implementation and token count. Returns one dict per (T, impl).
 
     ``impls`` from: "fused", "eager", "transformers-eager", "transformers-grouped_mm" and
     "transformers-qwen3moe_kernels" (transformers' block with ``experts_implementation="qwen3moe_kernels"`` after
-    ``integrations.transformers.register()``: its router, our experts). Default: all that run here.
+    ``integrations.transformers.register()``: its router, our experts). Default: all that run here. On CUDA
+    (``graphs``) the implementations of ``GRAPH_IMPLS`` are also timed as CUDA-graph replays (``cuda_graphed``),
+    in rows named ``impl + "+cuda_graph"``, their output checked like the others before timing.
     """
     device = torch.device(device)
     shapes = dict(QWEN3_30B_A3B, **(shapes or {}))
@@ -703,8 +743,25 @@ def bench_moe_block(
                     row["error"] = f"wrong result: max error {err:.3e} > {bound:.3e}; not timed"
             except Exception as exc:  # one broken implementation must not hide the others' numbers
                 row["error"] = f"{type(exc).__name__}: {exc}"
-        # 2. time the correct ones, interleaved: load changes on a shared machine hit all of them alike
         ok_fns = {name: fns[name] for name, row in rows.items() if "error" not in row}
+        if graphs and device.type == "cuda":  # 1b. the graph-captured variants, checked the same way
+            for name in [n for n in GRAPH_IMPLS if n in ok_fns]:
+                row = dict(rows[name], impl=name + GRAPHED)
+                row.pop("max_err", None)
+                rows[name + GRAPHED] = row
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", dispatch.FallbackWarning)
+                        replay = cuda_graphed(fns[name], [(x,) for x in xs])
+                        err, bound, ok = check_moe_block(replay(xs[0]), xs[0], weights, k, ref)
+                    row.update(max_err=err, tol=bound, check="pass" if ok else "FAIL")
+                    if ok:
+                        ok_fns[name + GRAPHED] = replay
+                    else:
+                        row["error"] = f"wrong result: max error {err:.3e} > {bound:.3e}; not timed"
+                except Exception as exc:
+                    row["error"] = f"not capturable: {type(exc).__name__}: {exc}"
+        # 2. time the correct ones, interleaved: load changes on a shared machine hit all of them alike
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", dispatch.FallbackWarning)
@@ -717,7 +774,7 @@ def bench_moe_block(
             row = rows[name]
             row.update(stats)
             add_rates(row, flops, nbytes, peak)
-            if memory and device.type == "cuda":
+            if memory and device.type == "cuda" and not name.endswith(GRAPHED):
                 row["peak_mem_gib"] = _block_fwd_bwd_memory(name, weights, k, xs[0], device)
         for name, row in rows.items():
             results.append(row)

@@ -314,6 +314,26 @@ def test_add_ratios():
     assert fused_row["transformers_baseline"] == "transformers-grouped_mm"
 
 
+def test_cuda_graphed_needs_cuda_and_cpu_block_has_no_graph_rows():
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        bench.cuda_graphed(lambda a: a, [(torch.ones(1),)])
+    rows = bench.bench_moe_block("cpu", [1], torch.float32, {"hidden": 32, "moe_intermediate": 16, "experts": 4,
+                                 "top_k": 2}, impls=["fused"], budget_s=0, min_runs=1, log=None)
+    assert [r["impl"] for r in rows] == ["fused"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_block_graph_rows_cuda():
+    """On CUDA the capturable implementations get a checked, timed "+cuda_graph" row."""
+    rows = bench.bench_moe_block("cuda", [1, 64], torch.bfloat16, impls=["fused", "eager"], budget_s=0,
+                                 min_runs=3, memory=False, log=None)
+    by = {(r["impl"], r["tokens"]): r for r in rows}
+    for T in (1, 64):
+        row = by[("fused" + bench.GRAPHED, T)]
+        assert row.get("check") == "pass" and row["median_ms"] > 0, row
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timing and memory need a GPU")
 def test_cuda_timing_and_memory():
