@@ -23,6 +23,27 @@ C10_HOST_DEVICE inline int64_t padded_bound(int64_t numel, int64_t num_experts, 
   return round_up(numel + num_experts * (block_size - 1), block_size);
 }
 
+// Which expert's padded group holds position `pos` of moe_align_block's output: the last e with
+// padded_offsets[e] <= pos (an empty expert's group has no positions, so equal offsets resolve to the next expert
+// that has some), or -1 at and past padded_offsets[E] (positions in no group).
+C10_HOST_DEVICE inline int32_t position_expert(const int32_t* padded_offsets, int E, int64_t pos) {
+  if (pos >= padded_offsets[E]) return -1;
+  int lo = 0, hi = E;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (padded_offsets[mid] <= pos) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Whether position `pos` of expert e's padded group (e from position_expert) is padding, i.e. holds the sentinel:
+// past the expert's count of slots, or in no group at all. Other positions hold
+// sorted_slots[offsets[e] + pos - padded_offsets[e]].
+C10_HOST_DEVICE inline bool is_padding(int64_t pos, int32_t e, const int32_t* offsets, const int32_t* padded_offsets) {
+  return e < 0 || pos - padded_offsets[e] >= offsets[e + 1] - offsets[e];
+}
+
 // The token whose row slot `slot` gathers; -1 for the padding sentinel numel (a zero row).
 C10_HOST_DEVICE inline int64_t slot_token(int64_t slot, int64_t top_k, int64_t numel) {
   return slot == numel ? -1 : slot / top_k;

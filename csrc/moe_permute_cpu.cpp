@@ -151,20 +151,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_cpu(const at::Ten
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_align_block_cpu", [&] {
     counting_sort(ids.const_data_ptr<index_t>(), N, E, sorted.data(), nullptr, offsets.data());
   });
+  std::vector<int32_t> padded_offsets(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e)
+    padded_offsets[e + 1] = padded_offsets[e] + static_cast<int32_t>(permute::round_up(offsets[e + 1] - offsets[e], B));
+  // position by position, with the index arithmetic the CUDA kernel uses (align_fill_kernel): the CPU tests cover it
   int32_t* pad = padded.data_ptr<int32_t>();
   int32_t* be = block_expert.data_ptr<int32_t>();
-  std::fill(pad, pad + p_max, static_cast<int32_t>(N));  // the padding sentinel T*k
-  std::fill(be, be + p_max / B, -1);
-  int64_t start = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t c = offsets[e + 1] - offsets[e];
-    if (c == 0) continue;
-    std::memcpy(pad + start, sorted.data() + offsets[e], c * sizeof(int32_t));
-    const int64_t pc = permute::round_up(c, B);
-    std::fill(be + start / B, be + (start + pc) / B, static_cast<int32_t>(e));
-    start += pc;
+  const int32_t* po = padded_offsets.data();
+  for (int64_t pos = 0; pos < p_max; ++pos) {
+    const int32_t e = permute::position_expert(po, static_cast<int>(E), pos);
+    if (pos % B == 0) be[pos / B] = e;
+    pad[pos] = permute::is_padding(pos, e, offsets.data(), po) ? static_cast<int32_t>(N)
+                                                               : sorted[offsets[e] + (pos - po[e])];
   }
-  num_padded.data_ptr<int32_t>()[0] = static_cast<int32_t>(start);
+  num_padded.data_ptr<int32_t>()[0] = padded_offsets[E];
   return {padded, block_expert, num_padded};
 }
 

@@ -94,7 +94,7 @@ CUDA_BLOCK_THREADS = {
     "sort_hist_kernel": 128,  # moe_permute.cu: kSortWarps * 32
     "sort_scan_kernel": 512,  # moe_permute.cu: kMaxE
     "sort_scatter_kernel": 128,  # moe_permute.cu: kSortWarps * 32
-    "block_expert_kernel": 256,  # moe_permute.cu: threads = 256
+    "align_fill_kernel": 256,  # moe_permute.cu: threads = 256
     "permute_kernel": 128,  # moe_permute.cu
     "unpermute_kernel": 256,  # moe_permute.cu
 }
