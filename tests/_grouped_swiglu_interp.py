@@ -95,7 +95,7 @@ def run(T, H, I, E, k, dtype, routing="topk", tiles="default"):
     ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
     out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
     out.backward(dout)
-    assert dispatch.implementations().get("grouped_swiglu_down_backward") == "triton"
+    assert dispatch.implementations().get("grouped_swiglu_backward") == "triton"
     # float64 reference, and PyTorch's own computation in this dtype (the error scale for fp16/bf16)
     r64 = [t.double().requires_grad_() for t in (x, w, wgu, wd)]
     ref = reference.moe_experts(r64[0], ids, r64[1], r64[2], r64[3])
@@ -176,7 +176,14 @@ def composite(dtype):
     out3, h3, gu3 = ops.grouped_swiglu(x, wgu, wd, ids, w, False)
     assert torch.equal(out3, want) and h3.shape == (0, 40) and gu3.shape == (0, 80)
     assert torch.equal(ops.grouped_swiglu_down(h, wd, ids, w), want)  # down rounds the weights itself
-    print(f"ok grouped_swiglu {dtype}")
+    # the whole backward against its two parts, for each set of gradients asked for
+    dgu, dwd, drw = ops.grouped_swiglu_down_backward(dout, h, gu, wd, ids, w)
+    dx, dwgu = ops.grouped_swiglu_gate_up_backward(dgu, x, wgu, ids)
+    for flags in ((True, True, True), (True, False, False), (False, True, True), (False, False, False)):
+        got = ops.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, w, *flags)
+        for name, t, ref, need in zip(("dx", "dwgu", "dwd", "drw"), got, (dx, dwgu, dwd, drw), flags + (True,)):
+            assert torch.equal(t, ref) if need else t.shape[0] == 0, (name, flags)
+    print(f"ok grouped_swiglu(_backward) {dtype}")
 
 
 def sum_slots_kernel(dtype):
@@ -195,7 +202,7 @@ def sum_slots_kernel(dtype):
 def launches(dtype):
     """What the no-grad forward launches (the decode path on CUDA, where every launch counts against ~20 us of
     weight reads): one moe_align_block shared by both GEMMs, gate_up, down, the sum kernel; no moe_unpermute
-    (its unit weights and identity order cost two more launches) and no second alignment."""
+    (its unit weights and identity order cost two more launches) and no second alignment. And the backward's."""
     from qwen3moe_kernels.ops import grouped_swiglu as gs
 
     calls = []
@@ -222,6 +229,12 @@ def launches(dtype):
             with torch.no_grad():
                 moe_experts(x, ids, w, wgu, wd)
             assert calls == ["moe_align_block", "gate_up", "down", "sum_slots"], (T, calls)
+            # training: the backward aligns once for down_bwd and dx and sorts once for both weight gradients
+            ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+            out = moe_experts(ours[0], ids, *ours[1:])
+            calls.clear()
+            out.backward(dout)
+            assert calls == ["moe_align_block", "down_bwd", "moe_sort", "wgrad", "dx", "sum_slots", "wgrad"], calls
     finally:
         for mod, name, fn in originals:
             setattr(mod, name, fn)

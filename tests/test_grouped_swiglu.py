@@ -144,6 +144,28 @@ def test_cpu_backward_ops_match_autograd():
     assert (dwd[unused] == 0).all() and (dwgu[unused] == 0).all()  # experts without tokens: zero gradient
 
 
+FLAGS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_whole_backward_is_the_two_ops(dtype):
+    """grouped_swiglu_backward (one grouping, d_gate_up kept in expert order) gives, bit for bit, down_backward then
+    gate_up_backward, for every combination of the gradients asked for; the ones not asked for come back empty."""
+    x, ids, w, wgu, wd = _inputs(21, 40, 24, 7, 3, dtype, seed=8)
+    h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
+    dout = torch.randn(21, 40, generator=torch.Generator().manual_seed(9)).to(dtype)
+    dgu, dwd, drw = OPS.grouped_swiglu_down_backward(dout, h, gu, wd, ids, w)
+    dx, dwgu = OPS.grouped_swiglu_gate_up_backward(dgu, x, wgu, ids)
+    for need_dx, need_dwgu, need_dwd in FLAGS:
+        got = OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, w, need_dx, need_dwgu, need_dwd)
+        for name, t, want, need in zip(("dx", "dwgu", "dwd", "drw"), got, (dx, dwgu, dwd, drw),
+                                       (need_dx, need_dwgu, need_dwd, True)):
+            if need:
+                assert torch.equal(t, want), (name, need_dx, need_dwgu, need_dwd)
+            else:
+                assert t.shape[0] == 0, (name, tuple(t.shape))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x, ids, w, wgu, wd = (t.to(device) for t in _inputs(9, 32, 16, 5, 2, torch.float32, seed=5))
@@ -162,6 +184,10 @@ def test_opcheck(device):
         (OPS.grouped_swiglu_gate_up_backward, (dgu, x, wgu, ids)),
         (OPS.grouped_swiglu_down_backward, (dout, h, gu, wd, ids, w, False)),
         (OPS.grouped_swiglu_gate_up_backward, (dgu, x, wgu, ids, False)),
+        (OPS.grouped_swiglu_backward, (dout, x, h, gu, wgu, wd, ids, w)),
+        (OPS.grouped_swiglu_backward, (dout, x, h, gu, wgu, wd, ids.long(), w, True, False, False)),
+        (OPS.grouped_swiglu_backward, (dout, x, h, gu, wgu, wd, ids, w, False, True, False)),
+        (OPS.grouped_swiglu_backward, (dout[:0], x[:0], h[:0], gu[:0], wgu, wd, ids[:0], w[:0])),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -193,6 +219,10 @@ def test_op_errors_name_the_argument():
         (lambda: OPS.grouped_swiglu(x, wgu, wd, ids, w[:, :1], False), r"weights must be \[T=4, k=2\]"),
         (lambda: OPS.grouped_swiglu(x, wgu, wd, ids, w.half(), False), "weights must be float32"),
         (lambda: OPS.grouped_swiglu(x, wgu, wd, ids + 5, w, False), "is not an expert id in"),
+        (lambda: OPS.grouped_swiglu_backward(x[:3], x, h, gu, wgu, wd, ids, w), r"dout must be \[T=4, H=32\]"),
+        (lambda: OPS.grouped_swiglu_backward(x, x, h, gu[:, :4], wgu, wd, ids, w), "gate_up must be"),
+        (lambda: OPS.grouped_swiglu_backward(x, x, h[:5], gu, wgu, wd, ids, w), "h must have T\\*k = 8 rows"),
+        (lambda: OPS.grouped_swiglu_backward(x, x, h, gu, wgu, wd[:, :8], ids, w), "w_down must be"),
     ]
     for fn, pattern in cases:
         with pytest.raises((RuntimeError, ValueError), match=pattern):

@@ -14,9 +14,10 @@ over its rows. As in ``reference.moe_experts`` (and transformers), the routing w
 before use (inside the ops; with a gradient also in autograd, so the weights' gradient is that of the rounding).
 
 Autograd: ``moe_experts`` is differentiable in x, weights, w_gate_up and w_down. With a gradient needed the
-forward also keeps the gate/up pre-activations; the backward runs ``qwen3moe::grouped_swiglu_down_backward``
-(dgate/dup with the SwiGLU backward fused in, d_w_down, d_weights) and
-``qwen3moe::grouped_swiglu_gate_up_backward`` (dx, d_w_gate_up): Triton kernels on CUDA, torch on CPU.
+forward also keeps h and the gate/up pre-activations; the backward runs ``qwen3moe::grouped_swiglu_backward``
+(what ``grouped_swiglu_down_backward`` then ``grouped_swiglu_gate_up_backward`` compute: dgate/dup with the
+SwiGLU backward fused in, d_w_down, d_weights, then dx, d_w_gate_up; one grouping of the slots for all of it),
+computing only the gradients autograd asks for: Triton kernels on CUDA, torch on CPU.
 ``fused_moe`` routes with the ``router_topk`` op, or with the differentiable reference routing when a gradient is
 needed (the op has no autograd for the weights).
 
@@ -112,12 +113,9 @@ class _MoeExperts(torch.autograd.Function):
     def backward(ctx, dout):
         x, ids, weights, w_gate_up, w_down, h, gu = ctx.saved_tensors
         need_x, _, need_rw, need_wgu, need_wd = ctx.needs_input_grad
-        # frozen experts: the weight gradients (a third of the backward's GEMM work) are skipped
-        dgu, dwd, drw = torch.ops.qwen3moe.grouped_swiglu_down_backward(
-            dout.contiguous(), h, gu, w_down, ids, weights, need_wd)
-        dx = dwgu = None
-        if need_x or need_wgu:
-            dx, dwgu = torch.ops.qwen3moe.grouped_swiglu_gate_up_backward(dgu, x, w_gate_up, ids, need_wgu)
+        # frozen experts: their weight gradients (a third of the backward's GEMM work) are skipped
+        dx, dwgu, dwd, drw = torch.ops.qwen3moe.grouped_swiglu_backward(
+            dout.contiguous(), x, h, gu, w_gate_up, w_down, ids, weights, need_x, need_wgu, need_wd)
         return (dx if need_x else None, None, drw if need_rw else None, dwgu if need_wgu else None,
                 dwd if need_wd else None)
 

@@ -1,5 +1,6 @@
-"""The grouped-GEMM SwiGLU experts as torch.library ops: ``torch.ops.qwen3moe.grouped_swiglu`` (the whole expert
-forward) and ``torch.ops.qwen3moe.grouped_swiglu_{gate_up, down, down_backward, gate_up_backward}``.
+"""The grouped-GEMM SwiGLU experts as torch.library ops: ``torch.ops.qwen3moe.grouped_swiglu`` and
+``grouped_swiglu_backward`` (the whole expert forward and backward, which ``moe_experts`` runs) and their parts
+``torch.ops.qwen3moe.grouped_swiglu_{gate_up, down, down_backward, gate_up_backward}``.
 
 Slot ``s = t*k + j`` is token t's j-th expert choice ``e = ids[t, j]`` (see ``reference``). Every op takes the
 routing as ``ids [T, k]`` (int32/int64) and groups the slots by expert itself, so its meaning does not depend on
@@ -27,6 +28,11 @@ any tile size.
   d_w_gate_up [E, 2I, H])``: ``dx[t] = sum_j d_gate_up[s] @ w_gate_up[e]`` (fp32, fixed order; as in
   the down op, the Triton path rounds each slot's product to x's dtype first),
   ``d_w_gate_up[e] = sum_s d_gate_up[s]^T x[t]``.
+* ``grouped_swiglu_backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dw_gate_up,
+  need_dw_down) -> (dx, d_w_gate_up, d_w_down, d_weights)``: the two backward ops above in one, bit for bit, over
+  one grouping of the slots (on CUDA one alignment when their configs share BLOCK_M and one ``moe_sort`` for both
+  weight gradients; on CPU one ``moe_sort``, d_gate_up kept in expert order). A gradient not asked for is not
+  computed and comes back empty ``[0, ...]``; d_weights always is.
 * With ``need_weight_grad=False`` (frozen experts) the weight gradient is not computed and comes back as an
   empty ``[0, ...]`` tensor: the per-expert ``A^T B`` GEMM is a third of the backward's work.
 
@@ -240,15 +246,14 @@ def _cpu_experts(x, w_gate_up, w_down, ids, weights, save):
     return out, order.back(hs), order.back(gus)
 
 
-def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
+def _cpu_down_bwd_sorted(dout, hs, gus, w_down, order, weights, need_w):
+    # hs, gus: the forward's h and gate_up in expert order. Returns d_gate_up in expert order, d_w_down, d_weights.
     E, H, I = w_down.shape
     T, k = weights.shape
-    cdt = _cdt(h.dtype)
-    order = _Order(ids, E)
-    rw = _rounded(weights, h.dtype).reshape(-1)[order.sorted.long()]  # [T*k] in expert order
+    cdt = _cdt(hs.dtype)
+    rw = _rounded(weights, hs.dtype).reshape(-1)[order.sorted.long()]  # [T*k] in expert order
     douts = order.tokens(dout).to(cdt)
-    hs = order.rows(h)
-    g = h.new_empty((T * k, I), dtype=cdt)
+    g = hs.new_empty((T * k, I), dtype=cdt)
     dwd = torch.zeros_like(w_down) if need_w else w_down.new_empty((0, H, I))
     for e, sl in order.chunks():
         torch.mm(douts[sl], w_down[e].to(cdt), out=g[sl])
@@ -257,28 +262,51 @@ def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
             dwd[e] = (scaled.t() @ hs[sl].to(cdt)).to(w_down.dtype)
     gf = g.float()
     drw = (gf * hs.float()).sum(1)[order.inv.long()]
-    gate, up = order.rows(gate_up).float().chunk(2, dim=-1)
+    gate, up = gus.float().chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     dh = gf * rw[:, None]
-    dgus = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], 1).to(h.dtype)
-    return order.back(dgus), dwd, drw.view(T, k)
+    dgus = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], 1).to(hs.dtype)
+    return dgus, dwd, drw.view(T, k)
+
+
+def _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
+    order = _Order(ids, w_down.shape[0])
+    dgus, dwd, drw = _cpu_down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_w)
+    return order.back(dgus), dwd, drw
+
+
+def _cpu_gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_x, need_w):
+    # dgus: d_gate_up in expert order. Returns dx (an empty [0, H] unless need_x) and d_w_gate_up.
+    T, H = x.shape
+    k = order.k
+    cdt = _cdt(x.dtype)
+    dgus = dgus.to(cdt)
+    xs = order.tokens(x).to(cdt) if need_w else None
+    dxs = x.new_empty((T * k, H), dtype=cdt) if need_x else None
+    dwgu = torch.zeros_like(w_gate_up) if need_w else w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
+    for e, sl in order.chunks():
+        if need_x:
+            torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
+        if need_w:
+            dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
+    dx = sum_slots(dxs, T, k, order.inv).to(x.dtype) if need_x else x.new_empty((0, H))
+    return dx, dwgu
 
 
 def _cpu_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
-    T, H = x.shape
-    E = w_gate_up.shape[0]
-    k = ids.shape[1]
-    cdt = _cdt(x.dtype)
-    order = _Order(ids, E)
-    dgus = order.rows(d_gate_up).to(cdt)
-    xs = order.tokens(x).to(cdt) if need_w else None
-    dxs = x.new_empty((T * k, H), dtype=cdt)
-    dwgu = torch.zeros_like(w_gate_up) if need_w else w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
-    for e, sl in order.chunks():
-        torch.mm(dgus[sl], w_gate_up[e].to(cdt), out=dxs[sl])
-        if need_w:
-            dwgu[e] = (dgus[sl].t() @ xs[sl]).to(w_gate_up.dtype)
-    return sum_slots(dxs, T, k, order.inv).to(x.dtype), dwgu
+    order = _Order(ids, w_gate_up.shape[0])
+    return _cpu_gate_up_bwd_sorted(order.rows(d_gate_up), x, w_gate_up, order, True, need_w)
+
+
+def _cpu_backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd):
+    # one grouping of the slots for both halves; d_gate_up stays in expert order between them
+    order = _Order(ids, w_gate_up.shape[0])
+    dgus, dwd, drw = _cpu_down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_dwd)
+    if need_dx or need_dwgu:
+        dx, dwgu = _cpu_gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_dx, need_dwgu)
+    else:
+        dx, dwgu = x.new_empty((0, x.shape[1])), w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
+    return dx, dwgu, dwd, drw
 
 
 def sum_slots(ys: torch.Tensor, T: int, k: int, inv: torch.Tensor) -> torch.Tensor:
@@ -344,40 +372,53 @@ def _triton_experts(x, w_gate_up, w_down, ids, weights, save):
     return out, (h if save else x.new_empty((0, h.shape[1]))), gu
 
 
-def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
+def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w, align=None, order=None):
+    """``(d_gate_up, d_w_down, d_weights, alignment, order)``; ``align`` / ``order`` (an alignment, a
+    ``moe_sort`` result of the same ids) are reused when given and fitting, and the ones used are returned."""
     from ..kernels import grouped_swiglu as kern
 
     E, H, I = w_down.shape
     T, k = weights.shape
     dout, h, gate_up, w_down = (t.contiguous() for t in (dout, h, gate_up, w_down))
     cfg = _cfg("down_bwd", T * k, h.dtype, h.device, (H, I, E))
-    padded, be, _ = _align(ids, E, cfg)
-    dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, padded, be, k, cfg)
+    align = _align(ids, E, cfg, align)
+    dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, align[0], align[1], k, cfg)
     if not need_w:
-        return dgu, w_down.new_empty((0, H, I)), drw
-    sorted_slots, _, offsets = moe_sort(ids, E)
+        return dgu, w_down.new_empty((0, H, I)), drw, align, order
+    order = order if order is not None else moe_sort(ids, E)
     wcfg = _cfg("wgrad", T * k, h.dtype, h.device, (H, I, E))
-    dwd = kern.wgrad(dout, h, weights, sorted_slots, offsets, E, k, 1, wcfg)
-    return dgu, dwd, drw
+    dwd = kern.wgrad(dout, h, weights, order[0], order[2], E, k, 1, wcfg)
+    return dgu, dwd, drw, align, order
 
 
-def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
+def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w, need_x=True, align=None, order=None):
+    """``(dx or an empty [0, H], d_w_gate_up)``, reusing ``align`` / ``order`` as the down part does."""
     from ..kernels import grouped_swiglu as kern
 
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
     k = ids.shape[1]
     d_gate_up, x, w_gate_up = (t.contiguous() for t in (d_gate_up, x, w_gate_up))
-    cfg = _cfg("dx", T * k, x.dtype, x.device, (H, I2 // 2, E))
-    padded, be, _ = _align(ids, E, cfg)
-    dxs = kern.dx(d_gate_up, w_gate_up, padded, be, cfg)  # [T*k, H] in x's dtype
-    dx = kern.sum_slots(dxs, k)
+    dx = x.new_empty((0, H))
+    if need_x:
+        cfg = _cfg("dx", T * k, x.dtype, x.device, (H, I2 // 2, E))
+        padded, be, _ = _align(ids, E, cfg, align)
+        dx = kern.sum_slots(kern.dx(d_gate_up, w_gate_up, padded, be, cfg), k)  # per-slot rows in x's dtype, summed
     if not need_w:
         return dx, w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
-    sorted_slots, _, offsets = moe_sort(ids, E)
+    sorted_slots, _, offsets = order if order is not None else moe_sort(ids, E)
     wcfg = _cfg("wgrad", T * k, x.dtype, x.device, (H, I2 // 2, E))
-    dwgu = kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, wcfg)
-    return dx, dwgu
+    return dx, kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, wcfg)
+
+
+def _triton_backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd):
+    # down_bwd's alignment serves dx when their configs share BLOCK_M, one moe_sort serves both weight gradients
+    dgu, dwd, drw, align, order = _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_dwd)
+    if need_dx or need_dwgu:
+        dx, dwgu = _triton_gate_up_backward(dgu, x, w_gate_up, ids, need_dwgu, need_dx, align, order)
+    else:
+        dx, dwgu = x.new_empty((0, x.shape[1])), w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
+    return dx, dwgu, dwd, drw
 
 
 # ------------------------------------------------------------------------------------------------- ops
@@ -470,7 +511,7 @@ def grouped_swiglu_down_backward(
         dwd = torch.zeros_like(w_down) if need_weight_grad else w_down.new_empty((0, H, I))
         return h.new_empty((0, 2 * I)), dwd, weights.new_empty((0, k))
     if _use_triton(h):
-        return _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad)
+        return _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad)[:3]
     return _cpu_down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad)
 
 
@@ -508,3 +549,33 @@ def _(d_gate_up, x, w_gate_up, ids, need_weight_grad=True):
     T, H, E, I, k = _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
     dw = torch.empty_like(w_gate_up) if need_weight_grad else w_gate_up.new_empty((0, 2 * I, H))
     return torch.empty_like(x), dw
+
+
+def _check_backward(op, dout, x, h, gate_up, w_gate_up, w_down, ids, weights):
+    T, H, E, I, k = _check_experts(op, x, w_gate_up, w_down, ids, weights)
+    _check_down_backward(op, dout, h, gate_up, w_down, ids, weights)
+    return T, H, E, I, k
+
+
+@torch.library.custom_op("qwen3moe::grouped_swiglu_backward", mutates_args=())
+def grouped_swiglu_backward(
+    dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, w_gate_up: torch.Tensor,
+    w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, need_dx: bool = True,
+    need_dw_gate_up: bool = True, need_dw_down: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, H, E, I, k = _check_backward("grouped_swiglu_backward", dout, x, h, gate_up, w_gate_up, w_down, ids, weights)
+    _record("grouped_swiglu_backward", x)
+    if T == 0:
+        dwgu = torch.zeros_like(w_gate_up) if need_dw_gate_up else w_gate_up.new_empty((0, 2 * I, H))
+        dwd = torch.zeros_like(w_down) if need_dw_down else w_down.new_empty((0, H, I))
+        return x.new_empty((0, H)), dwgu, dwd, weights.new_empty((0, k))
+    impl = _triton_backward if _use_triton(x) else _cpu_backward
+    return impl(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dw_gate_up, need_dw_down)
+
+
+@grouped_swiglu_backward.register_fake
+def _(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx=True, need_dw_gate_up=True, need_dw_down=True):
+    T, H, E, I, k = _check_backward("grouped_swiglu_backward", dout, x, h, gate_up, w_gate_up, w_down, ids, weights)
+    dwgu = torch.empty_like(w_gate_up) if need_dw_gate_up else w_gate_up.new_empty((0, 2 * I, H))
+    dwd = torch.empty_like(w_down) if need_dw_down else w_down.new_empty((0, H, I))
+    return x.new_empty((T if need_dx else 0, H)), dwgu, dwd, weights.new_empty((T, k))
