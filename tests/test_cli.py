@@ -251,8 +251,8 @@ def test_time_interleaved_alternates_implementations():
     fns = {"a": lambda x: calls.append(("a", x)), "b": lambda x: calls.append(("b", x))}
     got = bench.time_interleaved(fns, [(0,), (1,)], "cpu", warmup=1, min_runs=3, budget_s=0.0)
     assert {n: s["runs"] for n, s in got.items()} == {"a": 3, "b": 3}
-    # warm-ups, then one call of each per round on the same input set, rotating the sets
-    assert calls == [("a", 0), ("b", 0), ("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 0), ("b", 0)]
+    # warm-ups, then one call of each per round on the same input set, rotating the sets and who goes first
+    assert calls == [("a", 0), ("b", 0), ("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 0), ("b", 0)]
     slow = {"fast": lambda: None, "slow": lambda: time.sleep(0.02)}
     got = bench.time_interleaved(slow, [()], "cpu", warmup=0, min_runs=2, budget_s=0.03)
     assert got["slow"]["runs"] == 2 and got["fast"]["runs"] == 200  # each stops on its own budget / max_runs
