@@ -70,6 +70,29 @@ def test_compile_specs_cover_kernels_and_dtypes():
                 assert any(lab.startswith(f"{want} {dt}") for lab in labels), (k, want, dt)
 
 
+def test_m_blocks_bounds_the_used_blocks():
+    """The gather GEMMs launch programs for m_blocks(...) M blocks only: every block that holds a slot must lie
+    below it, for any routing. Checked against moe_align_block's real count on routings that fill the most blocks
+    (each expert just past a multiple of BLOCK_M, or one slot per expert) and random ones."""
+    from qwen3moe_kernels.ops.moe_permute import moe_align_block
+
+    g = torch.Generator().manual_seed(0)
+    for E, block_m in ((128, 16), (128, 64), (60, 128), (7, 16), (1, 16)):
+        routings = []
+        for T, k in ((1, 1), (1, min(8, E)), (3, min(8, E)), (64, min(8, E)), (999, min(4, E))):
+            routings.append(torch.rand(T, E, generator=g).topk(k, dim=1).indices)
+            routings.append(torch.arange(T * k).remainder(E).view(T, k))  # round robin: one slot per expert first
+        # every expert gets block_m + 1 slots: two blocks each, the second almost empty
+        routings.append(torch.arange(E).repeat_interleave(block_m + 1).view(-1, 1))
+        for ids in routings:
+            padded, be, num_padded = moe_align_block(ids.int(), E, block_m)
+            used = int(num_padded) // block_m
+            bound = grouped_swiglu.m_blocks(be.numel(), ids.numel(), E, block_m)
+            assert used <= bound <= be.numel(), (E, block_m, tuple(ids.shape), used, bound)
+            assert (be[bound:] == -1).all() and (be[:used] >= 0).all()
+    assert grouped_swiglu.m_blocks(121, 8, 128, 16) == 9  # one decode token at Qwen3-30B-A3B: 9 of 121 blocks
+
+
 def test_default_config_phases():
     dec, pre = grouped_swiglu.default_config(8), grouped_swiglu.default_config(8 * 4096, "down")
     assert dec["BLOCK_M"] == 16 and pre["BLOCK_M"] == 128 and pre["BLOCK_N"] == 128

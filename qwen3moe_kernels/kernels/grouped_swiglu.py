@@ -84,7 +84,7 @@ def grouped_swiglu_gate_up_kernel(
     padded_slots_ptr,  # [P_max] int32 slots grouped by expert, sentinel T*k for padding
     block_expert_ptr,  # [P_max // BLOCK_M] int32 expert of each block, -1 past num_padded
     num_slots,  # T*k (the sentinel)
-    num_pid_m,  # P_max // BLOCK_M
+    num_pid_m,  # M blocks launched: P_max // BLOCK_M capped by how many can hold slots (m_blocks)
     H,
     I,
     TOP_K: tl.constexpr,
@@ -487,6 +487,16 @@ def _launch_opts(cfg: dict) -> dict:
             "num_stages": cfg.get("num_stages", 3)}
 
 
+def m_blocks(num_blocks: int, num_slots: int, num_experts: int, block_m: int) -> int:
+    """How many M blocks a gather GEMM launches programs for: ``moe_align_block``'s ``num_blocks``, capped by how
+    many blocks can hold slots. Expert e fills ceil(c_e / BLOCK_M) < c_e / BLOCK_M + 1 blocks, so the experts that
+    have slots (at most min(E, T*k)) fill fewer than T*k / BLOCK_M + min(E, T*k): a bound from shapes alone (no
+    host sync), and the blocks past it are all unused (expert -1). At decode it is what matters: one token's 8
+    slots use at most 9 of the 121 blocks of P_max = T*k + E*(BLOCK_M - 1) at E = 128 and BLOCK_M = 16, so 216
+    gate_up programs are launched instead of 2904, all but the used ones exiting at once."""
+    return min(num_blocks, triton.cdiv(num_slots, block_m) + min(num_experts, num_slots))
+
+
 def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, store_gu: bool = False):
     """Kernel 1. Returns ``(h [T*k, I], gu [T*k, 2I] or None)`` in x's dtype."""
     import torch
@@ -495,7 +505,7 @@ def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, 
     I = w_gate_up.shape[1] // 2
     h = torch.empty((T * top_k, I), dtype=x.dtype, device=x.device)
     gu = torch.empty((T * top_k, 2 * I), dtype=x.dtype, device=x.device) if store_gu else h
-    nm = block_expert.numel()
+    nm = m_blocks(block_expert.numel(), T * top_k, w_gate_up.shape[0], config["BLOCK_M"])
     grid = (nm * triton.cdiv(I, config["BLOCK_N"]),)
     grouped_swiglu_gate_up_kernel[grid](
         x, w_gate_up, h, gu, padded_slots, block_expert, T * top_k, nm, H, I,
@@ -511,7 +521,7 @@ def down(h, w_down, routing_weights, padded_slots, block_expert, config: dict):
     S, I = h.shape
     H = w_down.shape[1]
     y = torch.empty((S, H), dtype=h.dtype, device=h.device)
-    nm = block_expert.numel()
+    nm = m_blocks(block_expert.numel(), S, w_down.shape[0], config["BLOCK_M"])
     grid = (nm * triton.cdiv(H, config["BLOCK_N"]),)
     grouped_swiglu_down_kernel[grid](
         h, w_down, routing_weights.reshape(-1).float().contiguous(), y, padded_slots, block_expert, S, nm, H, I,
@@ -529,7 +539,7 @@ def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, t
     dgu = torch.empty((S, 2 * I), dtype=gu.dtype, device=gu.device)
     n_tiles = triton.cdiv(I, config["BLOCK_N"])
     parts = torch.empty((n_tiles, S), dtype=torch.float32, device=gu.device)
-    nm = block_expert.numel()
+    nm = m_blocks(block_expert.numel(), S, w_down.shape[0], config["BLOCK_M"])
     grouped_swiglu_down_bwd_kernel[(nm * n_tiles,)](
         dout, w_down, h, gu, routing_weights.reshape(-1).float().contiguous(), dgu, parts, padded_slots, block_expert,
         S, nm, H, I, TOP_K=top_k, PRECISION=_precision(gu.dtype), **_launch_opts(config))
@@ -544,7 +554,7 @@ def dx(dgu, w_gate_up, padded_slots, block_expert, config: dict):
     S, I2 = dgu.shape
     H = w_gate_up.shape[2]
     dxs = torch.empty((S, H), dtype=dgu.dtype, device=dgu.device)
-    nm = block_expert.numel()
+    nm = m_blocks(block_expert.numel(), S, w_gate_up.shape[0], config["BLOCK_M"])
     grouped_swiglu_dx_kernel[(nm * triton.cdiv(H, config["BLOCK_N"]),)](
         dgu, w_gate_up, dxs, padded_slots, block_expert, S, nm, H, I2,
         PRECISION=_precision(dgu.dtype), **_launch_opts(config))
@@ -642,7 +652,7 @@ def kernel_specs(kernel: str, dtype: str, H: int, I: int, E: int, slots: int, co
     ``extra`` records (kernel, dtype, H, I, E, variant, config) for the coverage tests."""
     cfg = _launch_opts(config)
     tiles = {k: cfg[k] for k in _TILES}
-    num_pid_m = _p_max(slots, cfg["BLOCK_M"], E) // cfg["BLOCK_M"]
+    num_pid_m = m_blocks(_p_max(slots, cfg["BLOCK_M"], E) // cfg["BLOCK_M"], slots, E, cfg["BLOCK_M"])
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     specs = []
     for variant, name, fn, sig, constexprs, ints in _variants(kernel, _DT[dtype], H, I, slots, num_pid_m, top_k):
