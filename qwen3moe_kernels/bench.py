@@ -249,9 +249,10 @@ def time_interleaved(
     """:func:`time_fn` for several implementations at once, their timed calls interleaved round by round.
 
     Each round calls every implementation that still wants calls (fewer than ``min_runs``, or under ``budget_s``
-    of timed work and ``max_runs``) once on the same input set, starting one implementation further each round. On a shared machine a burst of load then hits all
-    implementations alike, instead of whichever happened to be timed during it. The calls run under
-    ``torch.inference_mode()``; ``inference=False`` leaves autograd on (a timed forward + backward).
+    of timed work and ``max_runs``) once on the same input set, starting one implementation further each round.
+    On a shared machine a burst of load then hits all implementations alike, instead of whichever happened to be
+    timed during it. The calls run under ``torch.inference_mode()``; ``inference=False`` leaves autograd on (a
+    timed forward + backward).
     """
     device = torch.device(device)
     n_sets = len(arg_sets)

@@ -366,7 +366,7 @@ def _triton_down(h, w_down, ids, weights, reuse=None):
 
 def _triton_experts(x, w_gate_up, w_down, ids, weights, save):
     # gate_up's alignment serves down too when their configs share BLOCK_M (every heuristic phase does): one
-    # moe_align_block (5 CUDA launches) per forward instead of two
+    # moe_align_block (4 CUDA launches) per forward instead of two
     h, gu, align = _triton_gate_up(x, w_gate_up, ids, save)
     out = _triton_down(h, w_down, ids, weights, align)
     return out, (h if save else x.new_empty((0, h.shape[1]))), gu
