@@ -409,7 +409,7 @@ def test_training_with_gradient_checkpointing():
     model.train()
     ids, labels = batch()
     ref, ref_grads = forward_backward(model, ids, labels)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     qk_hf.apply(model)
     qwen3moe_kernels.dispatch.reset()
     got, got_grads = forward_backward(model, ids, labels)
