@@ -145,9 +145,10 @@ __global__ void align_fill_kernel(const int32_t* __restrict__ offsets, const int
                                   int32_t* __restrict__ padded, int32_t* __restrict__ block_expert) {
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p_max) return;
-  const int32_t e = permute::position_expert(padded_offsets, E, pos);
-  if (pos % block_size == 0) block_expert[pos / block_size] = e;
-  if (permute::is_padding(pos, e, offsets, padded_offsets)) padded[pos] = sentinel;
+  const int64_t start = pos - pos % block_size;  // every position of a block belongs to one expert's group
+  const int32_t e = permute::position_expert(padded_offsets, E, start);
+  if (pos == start) block_expert[pos / block_size] = e;
+  if (pos - start >= permute::block_slot_count(start, e, offsets, padded_offsets, block_size)) padded[pos] = sentinel;
 }
 
 // Runs the three sort kernels. sorted/inv/padded/padded_offsets/num_padded may be null.

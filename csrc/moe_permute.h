@@ -37,11 +37,15 @@ C10_HOST_DEVICE inline int32_t position_expert(const int32_t* padded_offsets, in
   return lo;
 }
 
-// Whether position `pos` of expert e's padded group (e from position_expert) is padding, i.e. holds the sentinel:
-// past the expert's count of slots, or in no group at all. Other positions hold
-// sorted_slots[offsets[e] + pos - padded_offsets[e]].
-C10_HOST_DEVICE inline bool is_padding(int64_t pos, int32_t e, const int32_t* offsets, const int32_t* padded_offsets) {
-  return e < 0 || pos - padded_offsets[e] >= offsets[e + 1] - offsets[e];
+// How many of the block_size positions starting at `start` (the first position of a block, which lies wholly in
+// expert e's padded group; e from position_expert, -1 for a block in no group) hold slots: the group's slots come
+// first, then its padding. The rest of the block holds the sentinel; the slot at a position p below that count
+// is sorted_slots[offsets[e] + p - padded_offsets[e]].
+C10_HOST_DEVICE inline int64_t block_slot_count(int64_t start, int32_t e, const int32_t* offsets,
+                                                const int32_t* padded_offsets, int64_t block_size) {
+  if (e < 0) return 0;
+  const int64_t left = static_cast<int64_t>(offsets[e + 1] - offsets[e]) - (start - padded_offsets[e]);
+  return left < 0 ? 0 : (left < block_size ? left : block_size);
 }
 
 // The token whose row slot `slot` gathers; -1 for the padding sentinel numel (a zero row).

@@ -154,16 +154,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_cpu(const at::Ten
   std::vector<int32_t> padded_offsets(E + 1, 0);
   for (int64_t e = 0; e < E; ++e)
     padded_offsets[e + 1] = padded_offsets[e] + static_cast<int32_t>(permute::round_up(offsets[e + 1] - offsets[e], B));
-  // position by position, with the index arithmetic the CUDA kernel uses (align_fill_kernel): the CPU tests cover it
+  // block by block, with the index arithmetic the CUDA kernel uses (align_fill_kernel), so the CPU tests cover
+  // it: each block's expert, its slots copied, the sentinel after them
   int32_t* pad = padded.data_ptr<int32_t>();
   int32_t* be = block_expert.data_ptr<int32_t>();
   const int32_t* po = padded_offsets.data();
-  for (int64_t pos = 0; pos < p_max; ++pos) {
-    const int32_t e = permute::position_expert(po, static_cast<int>(E), pos);
-    if (pos % B == 0) be[pos / B] = e;
-    pad[pos] = permute::is_padding(pos, e, offsets.data(), po) ? static_cast<int32_t>(N)
-                                                               : sorted[offsets[e] + (pos - po[e])];
+  const int64_t used = padded_offsets[E] / B;  // the blocks past these are in no group: expert -1, all sentinel
+  for (int64_t b = 0; b < used; ++b) {
+    const int64_t start = b * B;
+    const int32_t e = permute::position_expert(po, static_cast<int>(E), start);
+    const int64_t n = permute::block_slot_count(start, e, offsets.data(), po, B);
+    be[b] = e;
+    if (n > 0) std::memcpy(pad + start, sorted.data() + offsets[e] + (start - po[e]), n * sizeof(int32_t));
+    std::fill(pad + start + n, pad + start + B, static_cast<int32_t>(N));
   }
+  std::fill(be + used, be + p_max / B, -1);
+  std::fill(pad + used * B, pad + p_max, static_cast<int32_t>(N));
   num_padded.data_ptr<int32_t>()[0] = padded_offsets[E];
   return {padded, block_expert, num_padded};
 }
