@@ -189,6 +189,40 @@ def test_cpu_whole_backward_is_the_two_ops(dtype):
                 assert t.shape[0] == 0, (name, tuple(t.shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_grouped_mm_path_is_the_per_expert_loop(dtype, monkeypatch):
+    """On CPU the expert products run as one torch._grouped_mm when the operands allow it (16-byte strides: every
+    real shape) and as one torch.mm per expert otherwise; both give the same bits, forward and backward, with
+    experts left empty (zero weight gradients); an odd shape takes the loop."""
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    # with native bf16 the compute dtype is the input's, so the grouped path applies (else: the loop for bf16)
+    grouped_expected = ops._cdt(dtype) == dtype
+
+    def run():
+        x, ids, w, wgu, wd = _inputs(21, 64, 32, 9, 2, dtype, seed=12)
+        ids[ids == 4] = 5  # expert 4 gets no rows
+        dout = torch.randn(21, 64, generator=torch.Generator().manual_seed(13)).to(dtype)
+        out, h, gu = OPS.grouped_swiglu(x, wgu, wd, ids, w, True)
+        return [out, h, gu, *OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, w)]
+
+    grouped = run()
+    assert bool(calls) == grouped_expected
+    assert (grouped[4][4] == 0).all() and (grouped[5][4] == 0).all()  # dW of the empty expert
+    calls.clear()
+    monkeypatch.setattr(ops, "_grouped_mm_fits", lambda *ts: False)
+    loop = run()
+    assert not calls
+    for a, b in zip(grouped, loop):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x, ids, w, wgu, wd = _inputs(5, 83, 33, 4, 2, dtype)  # rows of 83 elements: no 16-byte stride in any dtype
+    OPS.grouped_swiglu(x, wgu, wd, ids, w, False)
+    assert not calls
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x, ids, w, wgu, wd = (t.to(device) for t in _inputs(9, 32, 16, 5, 2, torch.float32, seed=5))
