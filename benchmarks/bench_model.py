@@ -25,8 +25,10 @@ Decode: greedy generation of ``decode_tokens`` new tokens after a 32-token promp
 Timing interleaves the variants: each of ``runs`` rounds times every variant once in turn, so load changes on a
 shared machine hit all of them alike; medians and p10-p90 over the rounds.
 Before timing, every variant's prefill logits (last position) are compared with unpatched transformers' (within 5%
-of their scale: bf16 through the layers and the head), and its greedy tokens too (``same tokens``; informational,
-since near-tied logits may flip a token in bf16). ``ran`` lists what ``qwen3moe_kernels.implementations()`` saw.
+of their scale: bf16 through the layers and the head), and its greedy tokens too (``same tokens``, and how many
+of the new tokens agree before the first difference; informational, since near-tied logits may flip a token in
+bf16, and every later token with it: the random-weight model's logits are nearly flat). ``ran`` lists what
+``qwen3moe_kernels.implementations()`` saw.
 
     python benchmarks/bench_model.py [--layers 2] [--tokens 64,512] [--decode-tokens 16]
     qwen3moe-kernels bench --ops model
@@ -233,6 +235,10 @@ def run(device, token_counts, dtype=None, layers: int = 2, decode_tokens: int = 
             try:
                 toks = generate(decode_prompt, decode_tokens)
                 row["same_greedy_tokens"] = bool(torch.equal(toks.cpu(), ref_tokens.cpu()))
+                # how many new tokens agree before the first flip (a near-tie in bf16 changes all that follow)
+                new, ref_new = toks.cpu()[0, -decode_tokens:], ref_tokens.cpu()[0, -decode_tokens:]
+                diff = (new != ref_new).nonzero()
+                row["same_greedy_prefix"] = int(diff[0, 0]) if diff.numel() else decode_tokens
                 generate(decode_prompt, 1)
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -309,7 +315,7 @@ MODEL_COLUMNS = [
     ("op", "phase", ""), ("impl", "impl", ""), ("tokens", "tokens", ""), ("median_ms", "median ms", ".1f"),
     ("spread", "p10-p90 ms", ""), ("tokens_per_s", "tokens/s", ".1f"), ("vs_eager", "x eager", ".2f"),
     ("vs_transformers_eager", "x transformers eager", ".2f"), ("vs_transformers", "x transformers best", ".2f"),
-    ("same_greedy_tokens", "same tokens", ""),
+    ("same_greedy_tokens", "same tokens", ""), ("same_greedy_prefix", "tokens agreeing", ""),
 ]
 
 
