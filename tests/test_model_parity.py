@@ -197,7 +197,7 @@ def test_fused_backend_matches_eager_and_reports_paths(tmp_path):
                "grouped_swiglu"):
         assert impls.get(op) == "cpu", (op, impls)
     # attention and the dense MLP (layer 1 is in mlp_only_layers) are torch code: reported as such, not hidden
-    assert impls["attention"] == "torch (eager: matmul + fp32 softmax)", impls
+    assert impls["attention"] == "torch (scaled_dot_product_attention)", impls
     assert impls["mlp"] == "torch (F.linear SwiGLU)", impls
     torch.testing.assert_close(fused.logits, eager.logits, **tol("model", torch.float32))
     torch.testing.assert_close(fused.aux_loss, eager.aux_loss, **tol("model", torch.float32))

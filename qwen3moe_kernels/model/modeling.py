@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import fused, reference
 from ..dispatch import record
@@ -91,8 +92,14 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = reference.attention(q, k, v, mask, self.d**-0.5)
-        _record_torch(ops, "attention", "torch (eager: matmul + fp32 softmax)")
+        if ops is fused:
+            # torch's fused attention (its flash / memory-efficient kernels where it has them for this device and
+            # dtype), as transformers' default "sdpa"; the eager backend spells out transformers' eager attention
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.d**-0.5,
+                                                 enable_gqa=self.hq != self.hk).transpose(1, 2)
+            _record_torch(ops, "attention", "torch (scaled_dot_product_attention)")
+        else:
+            out = reference.attention(q, k, v, mask, self.d**-0.5)
         return self.o_proj(out.reshape(B, S, self.hq * self.d))
 
 
