@@ -10,8 +10,9 @@
 over one grouping of the slots): on CUDA the Triton kernels (x gathered inside the gate/up GEMM, the routing
 weight applied in the down GEMM's epilogue to the fp32 accumulator, each slot's row stored in x's dtype, the k
 slots of a token summed in a fixed order in fp32: deterministic); on CPU one torch matrix product per expert
-over its rows (one ``torch._grouped_mm`` for all of them where it applies). As in ``reference.moe_experts`` (and transformers), the routing weights are rounded to x's dtype
-before use (inside the ops; with a gradient also in autograd, so the weights' gradient is that of the rounding).
+over its rows (one ``torch._grouped_mm`` for all of them where it applies). As in ``reference.moe_experts`` (and
+transformers), the routing weights are rounded to x's dtype before use (inside the ops; with a gradient also in
+autograd, so the weights' gradient is that of the rounding).
 
 Autograd: ``moe_experts`` is differentiable in x, weights, w_gate_up and w_down. With a gradient needed the
 forward also keeps h and the gate/up pre-activations; the backward runs ``qwen3moe::grouped_swiglu_backward``

@@ -343,10 +343,7 @@ def _cpu_backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx,
     # one grouping of the slots for both halves; d_gate_up stays in expert order between them
     order = _Order(ids, w_gate_up.shape[0])
     dgus, dwd, drw = _cpu_down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_dwd)
-    if need_dx or need_dwgu:
-        dx, dwgu = _cpu_gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_dx, need_dwgu)
-    else:
-        dx, dwgu = x.new_empty((0, x.shape[1])), w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
+    dx, dwgu = _cpu_gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_dx, need_dwgu)  # nothing asked: no work
     return dx, dwgu, dwd, drw
 
 
@@ -413,27 +410,28 @@ def _triton_experts(x, w_gate_up, w_down, ids, weights, save):
     return out, (h if save else x.new_empty((0, h.shape[1]))), gu
 
 
-def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w, align=None, order=None):
-    """``(d_gate_up, d_w_down, d_weights, alignment, order)``; ``align`` / ``order`` (an alignment, a
-    ``moe_sort`` result of the same ids) are reused when given and fitting, and the ones used are returned."""
+def _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
+    """``(d_gate_up, d_w_down, d_weights, alignment, order)``: the alignment and the ``moe_sort`` result (None
+    without the weight gradient) it used, for the gate/up part to reuse."""
     from ..kernels import grouped_swiglu as kern
 
     E, H, I = w_down.shape
     T, k = weights.shape
     dout, h, gate_up, w_down = (t.contiguous() for t in (dout, h, gate_up, w_down))
     cfg = _cfg("down_bwd", T * k, h.dtype, h.device, (H, I, E))
-    align = _align(ids, E, cfg, align)
+    align = _align(ids, E, cfg)
     dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, align[0], align[1], k, cfg)
     if not need_w:
-        return dgu, w_down.new_empty((0, H, I)), drw, align, order
-    order = order if order is not None else moe_sort(ids, E)
+        return dgu, w_down.new_empty((0, H, I)), drw, align, None
+    order = moe_sort(ids, E)
     wcfg = _cfg("wgrad", T * k, h.dtype, h.device, (H, I, E))
     dwd = kern.wgrad(dout, h, weights, order[0], order[2], E, k, 1, wcfg)
     return dgu, dwd, drw, align, order
 
 
 def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w, need_x=True, align=None, order=None):
-    """``(dx or an empty [0, H], d_w_gate_up)``, reusing ``align`` / ``order`` as the down part does."""
+    """``(dx or an empty [0, H], d_w_gate_up or an empty [0, 2I, H])``, reusing the down part's ``align`` (when its
+    BLOCK_M fits) and ``order`` (``moe_sort`` of the same ids) when given."""
     from ..kernels import grouped_swiglu as kern
 
     T, H = x.shape
@@ -455,10 +453,7 @@ def _triton_gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w, need_x=True, 
 def _triton_backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd):
     # down_bwd's alignment serves dx when their configs share BLOCK_M, one moe_sort serves both weight gradients
     dgu, dwd, drw, align, order = _triton_down_backward(dout, h, gate_up, w_down, ids, weights, need_dwd)
-    if need_dx or need_dwgu:
-        dx, dwgu = _triton_gate_up_backward(dgu, x, w_gate_up, ids, need_dwgu, need_dx, align, order)
-    else:
-        dx, dwgu = x.new_empty((0, x.shape[1])), w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
+    dx, dwgu = _triton_gate_up_backward(dgu, x, w_gate_up, ids, need_dwgu, need_dx, align, order)
     return dx, dwgu, dwd, drw
 
 
