@@ -6,12 +6,16 @@ Environment switches:
   MAX_JOBS                     parallel compile jobs (ninja)
   NVCC_THREADS                 nvcc --threads per job (default 2)
 
-Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed.
+The extension is built against the torch already installed, so install with
+``pip install --no-build-isolation -e .``. Beside ``_C`` the build writes ``_C_build.json`` (the torch it was built
+against and how: CUDA archs, or why no CUDA code); importing the package checks it against the running torch.
 """
 
 import glob
+import json
 import os
 import site
+import sys
 import sysconfig
 
 # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc) would make it
@@ -19,11 +23,18 @@ import sysconfig
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
-from setuptools import find_packages, setup
+NO_TORCH = ("qwen3moe-kernels builds against the torch already installed, and this Python has none (pip's build "
+            "isolation hides it): install torch first, then run `pip install --no-build-isolation -e .`")
+try:
+    import torch  # noqa: E402
+except ImportError:  # pip's isolated build env: fail at once, with what to run, rather than build on another torch
+    sys.exit(NO_TORCH)
+from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a;10.0a"
+BUILD_RECORD = "_C_build.json"  # written beside _C; read by qwen3moe_kernels/_ext.py
 
 
 def _site_dirs():
@@ -47,22 +58,25 @@ def nvidia_include_dirs():
     return list(dict.fromkeys(found))
 
 
-def want_cuda():
+def no_cuda_reason():
+    """Why the CUDA kernels are not built, or None when they are."""
     if os.environ.get("QWEN3MOE_SKIP_CUDA_BUILD", "0") == "1":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc")
-    )
+        return "QWEN3MOE_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return f"no nvcc (CUDA_HOME={CUDA_HOME})"
+    return None
 
 
 def extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
-    if not want_cuda():
-        print("qwen3moe_kernels: building the CPU kernels only")
+    if no_cuda_reason() is not None:
+        print(f"qwen3moe_kernels: building the CPU kernels only ({no_cuda_reason()})")
         return CppExtension("qwen3moe_kernels._C", cpp, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;10.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                   f"--threads={os.environ.get('NVCC_THREADS', '2')}", "-DQWEN3MOE_WITH_CUDA"]
@@ -76,9 +90,25 @@ def extension():
     )
 
 
+class BuildWithRecord(BuildExtension):
+    """torch's BuildExtension, then ``_C_build.json`` beside the built library (in a wheel too)."""
+
+    def run(self):
+        super().run()
+        reason = no_cuda_reason()
+        record = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                  "cuda_archs": None if reason else os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS),
+                  "no_cuda_reason": reason}
+        for ext in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_RECORD)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+
+
 setup(
     packages=find_packages(include=["qwen3moe_kernels", "qwen3moe_kernels.*"]),
-    package_data={"qwen3moe_kernels": ["kernels/configs/*.json"]},
+    package_data={"qwen3moe_kernels": ["kernels/configs/*.json", BUILD_RECORD]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithRecord.with_options(use_ninja=True)},
 )

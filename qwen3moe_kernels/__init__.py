@@ -5,7 +5,7 @@ registered ``torch.ops.qwen3moe`` ops; ``qwen3moe_kernels.implementations()`` sa
 each op used last.
 """
 
-from . import reference
+from . import _ext, reference  # _ext loads _C (registering its ops) and checks it was built for this torch
 from .dispatch import FallbackWarning, implementations
 
 __version__ = "0.1.0"

@@ -1,23 +1,55 @@
 """Loads the compiled extension ``qwen3moe_kernels._C`` (the C++/CUDA ops registered under ``torch.ops.qwen3moe``).
 
-``AVAILABLE`` says whether it imported (an install without a build falls back to the reference, visibly);
+``AVAILABLE`` says whether it imported (a checkout that was never built falls back to the reference, visibly);
 ``WITH_CUDA`` whether its CUDA kernels were compiled in (the CPU-only build, ``QWEN3MOE_SKIP_CUDA_BUILD=1``, has
-none). :func:`kernel_impl` names the implementation a tensor's device gets: ``"cpu"``, ``"cuda"`` or ``None``
-(no kernel: run the reference).
+none); ``BUILD`` is the build's record (``_C_build.json``, written by setup.py: the torch it was built against and
+its CUDA archs). An extension built against another torch than the one running is an error at import, naming both
+versions and the fix, rather than an undefined-symbol trace or a crash later. :func:`kernel_impl` names the
+implementation a tensor's device gets: ``"cpu"``, ``"cuda"`` or ``None`` (no kernel: run the reference).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+BUILD_RECORD = Path(__file__).with_name("_C_build.json")
+REBUILD = "rebuild it with `pip install --no-build-isolation -e .` in the source checkout"
+
+
+class BuildMismatchError(ImportError):
+    """``qwen3moe_kernels._C`` was compiled against another torch than the one running."""
+
+
+def check_build(record: dict | None, running: str) -> None:
+    """Raise :class:`BuildMismatchError` when the build ``record`` names another torch than ``running``."""
+    if record is not None and record.get("torch") != running:
+        raise BuildMismatchError(f"qwen3moe_kernels._C was built against torch {record.get('torch')}, but torch "
+                                 f"{running} is running: {REBUILD}")
+
+
+def _read_record() -> dict | None:
+    try:
+        return json.loads(BUILD_RECORD.read_text())
+    except (OSError, ValueError):  # no record: a build older than the record, or none at all
+        return None
+
+
+BUILD = _read_record()
+check_build(BUILD, torch.__version__)
 try:
     from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
 
     AVAILABLE = True
     WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
     IMPORT_ERROR: str | None = None
-except ImportError as exc:  # not built (e.g. a source checkout without pip install -e .)
-    AVAILABLE = False
+except ImportError as exc:
+    if "undefined symbol" in str(exc):  # no record to compare, but the classic sign of another torch's ABI
+        raise BuildMismatchError(f"qwen3moe_kernels._C does not load against torch {torch.__version__} ({exc}); "
+                                 f"it was most likely built against another torch: {REBUILD}") from exc
+    AVAILABLE = False  # not built (a source checkout without pip install -e .)
     WITH_CUDA = False
     IMPORT_ERROR = repr(exc)
 

@@ -21,9 +21,9 @@ use ``mma.sync``; the table marks them "(narrow tile)".
 
 The CUDA C++ kernels of the extension (``qwen3moe_kernels/_C*.so``) get the same resource report per kernel and
 arch from the library's embedded device code; their occupancy uses the threads per block each is launched with
-(``CUDA_BLOCK_THREADS``, read off ``csrc/*.cu``; a kernel missing there fails). A CPU-only build (no device code)
-is a note, or a failure when the environment sets ``QWEN3MOE_REQUIRE_CUDA_BUILD=1`` (as CI does, since it builds
-the CUDA kernels).
+(``CUDA_BLOCK_THREADS``, read off ``csrc/*.cu``; a kernel missing there fails). The library must hold device code
+for every arch its build asked for (``_C_build.json``); a CPU-only build (no device code) is a note, or a failure
+when the environment sets ``QWEN3MOE_REQUIRE_CUDA_BUILD=1`` (``python/gpu_run.py`` does).
 
 ``main(argv)`` prints the table, writes ``benchmarks/results/compile_check.json`` (sorted and free of timestamps
 so that a review diff shows only real changes) and returns 1 if anything failed. ``qwen3moe-kernels
@@ -492,8 +492,8 @@ def _no_device_code(message: str) -> tuple[list[Row], list[str]]:
     """A missing CUDA build: a note, or a failed row when ``QWEN3MOE_REQUIRE_CUDA_BUILD=1``."""
     if cuda_build_required():
         return [Row(kernel="(extension)", config="CUDA device code", arch="-", source="cuda", ok=False,
-                    problems=[f"{message}; {REQUIRE_CUDA_ENV}=1 requires CUDA kernels (build with nvcc and "
-                              f"TORCH_CUDA_ARCH_LIST='9.0a;10.0a')"])], []
+                    problems=[f"{message}; {REQUIRE_CUDA_ENV}=1 requires CUDA kernels (build with nvcc "
+                              f"and without QWEN3MOE_SKIP_CUDA_BUILD=1)"])], []
     return [], [message]
 
 
@@ -516,12 +516,27 @@ def cuda_row(r: dict, demangled: str) -> Row:
     return check_row(row, limits)
 
 
-def cuda_report(lib: str | None = None, archs=ARCHS) -> tuple[list[Row], list[str]]:
+def build_cuda_archs(record: dict | None) -> list[str] | None:
+    """The device-code archs a build asked for, from its record (``_C_build.json``: ``TORCH_CUDA_ARCH_LIST`` as
+    cuobjdump names them, "9.0a" -> "sm_90a", "8.0+PTX" -> "sm_80"); [] for a CPU-only build, None without a
+    record."""
+    if record is None:
+        return None
+    archs = []
+    for entry in re.split(r"[;\s]+", record.get("cuda_archs") or ""):
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry.strip(), flags=re.IGNORECASE)
+        if m:
+            archs.append(f"sm_{m.group(1)}{m.group(2)}{m.group(3).lower()}")
+    return sorted(set(archs))
+
+
+def cuda_report(lib: str | None = None, record: dict | None = None) -> tuple[list[Row], list[str]]:
     """Rows for every CUDA kernel in the extension's device code, and notes.
 
     A CPU-only build (no device code) gives no rows and a note (a failed row with QWEN3MOE_REQUIRE_CUDA_BUILD=1).
-    A library with device code must hold sm_<arch>a code for every arch in ``archs``; a missing arch is a failed
-    row. Occupancy is estimated at the kernel's block size from ``CUDA_BLOCK_THREADS``.
+    A library with device code must hold code for every arch its build asked for (``record``, by default the
+    installed build's ``_C_build.json``); a missing arch is a failed row. Occupancy is estimated at the kernel's
+    block size from ``CUDA_BLOCK_THREADS``.
     """
     lib = lib or extension_library()
     if lib is None or not os.path.exists(lib):
@@ -535,13 +550,15 @@ def cuda_report(lib: str | None = None, archs=ARCHS) -> tuple[list[Row], list[st
     names = demangle(sorted({r["function"] for r in res}))
     rows = [cuda_row(r, names[r["function"]]) for r in res]
     present = {r["arch"] for r in res}
-    for a in archs:
-        want = f"sm_{a}a"
+    if record is None:
+        from . import _ext
+
+        record = _ext.BUILD
+    for want in build_cuda_archs(record) or []:
         if want not in present:
             rows.append(Row(kernel="(extension)", config=f"device code for {want}", arch=want, source="cuda",
-                            ok=False, problems=[f"{os.path.basename(lib)} has no {want} device code "
-                                                f"(has {', '.join(sorted(present))}); build with "
-                                                f"TORCH_CUDA_ARCH_LIST='9.0a;10.0a'"]))
+                            ok=False, problems=[f"{os.path.basename(lib)} has no {want} device code although its "
+                                                f"build asked for it (has {', '.join(sorted(present))})"]))
     return rows, []
 
 
@@ -618,7 +635,7 @@ def run(archs=ARCHS, jobs: int = 2, include_cuda: bool = True, modules: list[str
     d = discover(modules)
     rows = compile_all(d.specs, archs, jobs)
     rows.sort(key=lambda r: (r.kernel, r.config, r.arch))
-    cuda_rows, cuda_notes = cuda_report(archs=archs) if include_cuda else ([], ["CUDA kernels not checked"])
+    cuda_rows, cuda_notes = cuda_report() if include_cuda else ([], ["CUDA kernels not checked"])
     cuda_rows.sort(key=lambda r: (r.kernel, r.config, r.arch))
     failures = [f"{m}: {e}" for m, e in d.errors]
     failures += [f"{m}: @triton.jit kernel {k} has no CompileSpec in compile_specs()" for m, k in d.uncovered]
@@ -632,39 +649,52 @@ def run(archs=ARCHS, jobs: int = 2, include_cuda: bool = True, modules: list[str
         notes.insert(0, f"no Triton kernels with compile specs in {KERNELS_PACKAGE} "
                         f"({len(d.modules)} module(s) scanned): nothing to compile")
     return {"triton_rows": rows, "cuda_rows": cuda_rows, "failures": failures, "notes": notes,
-            "modules": d.modules, "archs": [f"sm_{a}" for a in archs], "versions": tool_versions()}
+            "modules": d.modules, "archs": [f"sm_{a}" for a in archs], "versions": tool_versions(),
+            "cuda_archs": sorted({r.arch for r in cuda_rows if r.kernel != "(extension)"})}
+
+
+def row_json(r: Row) -> dict:
+    """A row as the JSON holds it (no timing: the file changes only when a result does)."""
+    d = asdict(r)
+    d.pop("compile_s", None)
+    return d
 
 
 def to_json(report: dict) -> dict:
-    def clean(r: Row) -> dict:
-        d = asdict(r)
-        d.pop("compile_s", None)
-        return d
-
     return {
         "what": "AOT compile check of every shipped GPU kernel (qwen3moe-kernels compile-check); no GPU involved",
         "limits": {f"sm_{a}": asdict(l) for a, l in LIMITS.items()},
         "versions": report["versions"],
         "archs": report["archs"],
+        "cuda_archs": report["cuda_archs"],
         "modules": report["modules"],
         "ok": not report["failures"],
         "failures": report["failures"],
         "notes": report["notes"],
-        "triton": [clean(r) for r in report["triton_rows"]],
-        "cuda": [clean(r) for r in report["cuda_rows"]],
+        "triton": [row_json(r) for r in report["triton_rows"]],
+        "cuda": [row_json(r) for r in report["cuda_rows"]],
     }
 
 
 def table_diff(old: dict, new: dict, parts=("archs", "modules", "triton", "cuda")) -> list[str]:
     """What differs between two compile-check JSONs in ``parts``, one line per item: a row (by kernel, config,
-    arch) added, removed or changed (with the changed fields), or a whole non-row part."""
+    arch) added, removed or changed (with the changed fields), or a whole non-row part.
+
+    CUDA rows are compared for the archs both builds hold (``cuda_archs``): a build with more archs, fewer (one
+    ``TORCH_CUDA_ARCH_LIST`` arch) or none (``QWEN3MOE_SKIP_CUDA_BUILD=1``) is not a difference, a changed kernel
+    in an arch both hold is."""
     out = []
+    shared = None
+    if "cuda_archs" in old and "cuda_archs" in new:
+        shared = set(old["cuda_archs"]) & set(new["cuda_archs"])
     for part in parts:
         a, b = old.get(part), new.get(part)
         if not (isinstance(a, list) and isinstance(b, list) and all(isinstance(r, dict) for r in a + b)):
             if a != b:
                 out.append(f"{part}: {a!r} -> {b!r}")
             continue
+        if part == "cuda" and shared is not None:
+            a, b = ([r for r in rows if r.get("arch") in shared] for rows in (a, b))
         key = lambda r: (r.get("kernel"), r.get("config"), r.get("arch"))  # noqa: E731
         ra, rb = {key(r): r for r in a}, {key(r): r for r in b}
         for k in sorted(set(ra) | set(rb), key=str):

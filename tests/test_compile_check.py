@@ -99,8 +99,8 @@ def gate(tmp_path_factory):
 
 
 def test_compile_check_all_shipped_kernels(gate):
-    """The CI gate, over whatever kernels exist now. With QWEN3MOE_REQUIRE_CUDA_BUILD=1 (CI) an extension without
-    CUDA device code fails it too."""
+    """The CI gate, over whatever kernels exist now. With QWEN3MOE_REQUIRE_CUDA_BUILD=1 (the GPU run) an extension
+    without CUDA device code fails it too."""
     p, report = gate
     print(p.stdout)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-4000:]
@@ -132,6 +132,22 @@ def test_compile_check_json_is_current(request):
     diff = cc.table_diff(committed, fresh, parts)
     assert not diff, (f"benchmarks/results/compile_check.json is stale ({len(diff)} difference(s)): {fix}.\n"
                       + "\n".join(diff[:30]))
+
+
+@pytest.mark.build
+def test_cuda_rows_pass_and_match_the_committed_table_for_this_build():
+    """The extension's CUDA kernels, whatever archs this build holds (all, one, or none: a CPU-only build), pass
+    compile-check's rules and equal the committed table's rows for the archs both hold."""
+    rows, notes = cc.cuda_report()
+    assert all(r.ok for r in rows), [f"{r.kernel} {r.arch}: {r.problems}" for r in rows if not r.ok]
+    committed = json.loads(cc.DEFAULT_JSON.read_text())
+    if committed["versions"].get("nvcc") != cc.tool_versions().get("nvcc"):
+        pytest.skip(f"compile_check.json was made with nvcc {committed['versions'].get('nvcc')}")
+    fresh = {"cuda_archs": sorted({r.arch for r in rows}), "cuda": [cc.row_json(r) for r in rows]}
+    print(f"compared archs: {sorted(set(committed['cuda_archs']) & set(fresh['cuda_archs']))}; notes: {notes}")
+    diff = cc.table_diff(committed, fresh, ["cuda"])
+    assert not diff, ("benchmarks/results/compile_check.json is stale: run `qwen3moe-kernels compile-check` with "
+                      "the default build and commit it.\n" + "\n".join(diff[:30]))
 
 
 def test_every_launched_triton_kernel_has_a_compile_spec():
