@@ -236,7 +236,7 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& sorted_slots,
   const int64_t T = x.size(0), H = x.size(1), N = sorted_slots.numel();
   auto out = at::empty({N, H}, x.options());
   if (N == 0 || H == 0) return out;
-  TORCH_CHECK(N <= INT32_MAX, "moe_permute: sorted_slots has more than 2^31-1 entries");
+  TORCH_CHECK_VALUE(N <= INT32_MAX, "moe_permute: sorted_slots has more than 2^31-1 entries");
   const int64_t row_bytes = H * x.element_size();
   const int64_t stride_bytes = (T > 0 ? x.stride(0) : H) * x.element_size();
   const uintptr_t addr = reinterpret_cast<uintptr_t>(x.const_data_ptr());

@@ -20,62 +20,66 @@
 namespace qwen3moe {
 
 void check_ids(const at::Tensor& ids, int64_t num_experts, const char* op) {
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
-              ": ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.is_contiguous(), op, ": ids must be contiguous, got strides ", ids.strides());
-  TORCH_CHECK(num_experts >= 1 && num_experts <= 512, op, ": num_experts must be in [1, 512], got ", num_experts);
-  TORCH_CHECK(ids.numel() <= INT32_MAX, op, ": ids.numel() = T*k = ", ids.numel(),
-              " does not fit int32 (slot ids are int32)");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
+                   ": ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.is_contiguous(), op, ": ids must be contiguous, got strides ", ids.strides());
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= 512, op, ": num_experts must be in [1, 512], got ", num_experts);
+  TORCH_CHECK_VALUE(ids.numel() <= INT32_MAX, op, ": ids.numel() = T*k = ", ids.numel(),
+                    " does not fit int32 (slot ids are int32)");
 }
 
 void check_align_args(const at::Tensor& ids, int64_t num_experts, int64_t block_size) {
   check_ids(ids, num_experts, "moe_align_block");
-  TORCH_CHECK(block_size >= 1 && block_size <= 4096, "moe_align_block: block_size must be in [1, 4096], got ",
-              block_size);
-  TORCH_CHECK(permute::padded_bound(ids.numel(), num_experts, block_size) <= INT32_MAX,
-              "moe_align_block: the padded length T*k + E*(block_size-1) does not fit int32 (T*k = ", ids.numel(),
-              ")");
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= 4096, "moe_align_block: block_size must be in [1, 4096], got ",
+                    block_size);
+  TORCH_CHECK_VALUE(permute::padded_bound(ids.numel(), num_experts, block_size) <= INT32_MAX,
+                    "moe_align_block: the padded length T*k + E*(block_size-1) does not fit int32 (T*k = ", ids.numel(),
+                    ")");
 }
 
 void check_permute_args(const at::Tensor& x, const at::Tensor& sorted_slots, int64_t top_k) {
-  TORCH_CHECK(x.dim() == 2, "moe_permute: x must be 2-D [T, H], got ", x.dim(), " dims");
-  TORCH_CHECK(x.size(0) == 0 || x.size(1) <= 1 || x.stride(1) == 1,
-              "moe_permute: x rows must be contiguous (stride(1) == 1), got strides ", x.strides());
-  TORCH_CHECK(sorted_slots.scalar_type() == at::kInt, "moe_permute: sorted_slots must be int32, got ",
-              sorted_slots.scalar_type());
-  TORCH_CHECK(sorted_slots.dim() == 1 && sorted_slots.is_contiguous(),
-              "moe_permute: sorted_slots must be a contiguous 1-D tensor, got shape ", sorted_slots.sizes());
-  TORCH_CHECK(top_k >= 1, "moe_permute: top_k must be >= 1, got ", top_k);
-  TORCH_CHECK(x.size(0) * top_k <= INT32_MAX, "moe_permute: T * top_k = ", x.size(0) * top_k, " does not fit int32");
-  TORCH_CHECK(x.device() == sorted_slots.device(), "moe_permute: x and sorted_slots must be on one device, got ",
-              x.device(), " and ", sorted_slots.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "moe_permute: x must be 2-D [T, H], got ", x.dim(), " dims");
+  TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) <= 1 || x.stride(1) == 1,
+                    "moe_permute: x rows must be contiguous (stride(1) == 1), got strides ", x.strides());
+  TORCH_CHECK_TYPE(sorted_slots.scalar_type() == at::kInt, "moe_permute: sorted_slots must be int32, got ",
+                   sorted_slots.scalar_type());
+  TORCH_CHECK_VALUE(sorted_slots.dim() == 1 && sorted_slots.is_contiguous(),
+                    "moe_permute: sorted_slots must be a contiguous 1-D tensor, got shape ", sorted_slots.sizes());
+  TORCH_CHECK_VALUE(top_k >= 1, "moe_permute: top_k must be >= 1, got ", top_k);
+  TORCH_CHECK_VALUE(x.size(0) * top_k <= INT32_MAX, "moe_permute: T * top_k = ", x.size(0) * top_k,
+                    " does not fit int32");
+  TORCH_CHECK_VALUE(x.device() == sorted_slots.device(), "moe_permute: x and sorted_slots must be on one device, got ",
+                    x.device(), " and ", sorted_slots.device());
 }
 
 void check_unpermute_args(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& inv) {
-  TORCH_CHECK(y.dim() == 2, "moe_unpermute: y must be 2-D [T*k, H], got ", y.dim(), " dims");
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
-              "moe_unpermute: y must be float32, bfloat16 or float16, got ", y.scalar_type());
-  TORCH_CHECK(y.size(0) == 0 || y.size(1) <= 1 || y.stride(1) == 1,
-              "moe_unpermute: y rows must be contiguous (stride(1) == 1), got strides ", y.strides());
-  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat && weights.is_contiguous(),
-              "moe_unpermute: weights must be a contiguous float32 [T, k] tensor, got ", weights.scalar_type(), " ",
-              weights.sizes());
-  TORCH_CHECK(inv.scalar_type() == at::kInt && inv.dim() == 1 && inv.is_contiguous(),
-              "moe_unpermute: inv must be a contiguous 1-D int32 tensor, got ", inv.scalar_type(), " ", inv.sizes());
-  TORCH_CHECK(inv.numel() == weights.numel(), "moe_unpermute: inv must have T*k = ", weights.numel(),
-              " entries (weights is ", weights.sizes(), "), got ", inv.numel());
-  TORCH_CHECK(weights.size(1) >= 1, "moe_unpermute: weights must have k >= 1 columns");
-  TORCH_CHECK(y.device() == weights.device() && y.device() == inv.device(),
-              "moe_unpermute: y, weights and inv must be on one device, got ", y.device(), ", ", weights.device(),
-              ", ", inv.device());
+  TORCH_CHECK_VALUE(y.dim() == 2, "moe_unpermute: y must be 2-D [T*k, H], got ", y.dim(), " dims");
+  TORCH_CHECK_TYPE(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
+                   "moe_unpermute: y must be float32, bfloat16 or float16, got ", y.scalar_type());
+  TORCH_CHECK_VALUE(y.size(0) == 0 || y.size(1) <= 1 || y.stride(1) == 1,
+                    "moe_unpermute: y rows must be contiguous (stride(1) == 1), got strides ", y.strides());
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, "moe_unpermute: weights must be float32, got ",
+                   weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.is_contiguous(),
+                    "moe_unpermute: weights must be a contiguous [T, k] tensor, got shape ", weights.sizes());
+  TORCH_CHECK_TYPE(inv.scalar_type() == at::kInt, "moe_unpermute: inv must be int32, got ", inv.scalar_type());
+  TORCH_CHECK_VALUE(inv.dim() == 1 && inv.is_contiguous(), "moe_unpermute: inv must be a contiguous 1-D tensor, got "
+                    "shape ", inv.sizes());
+  TORCH_CHECK_VALUE(inv.numel() == weights.numel(), "moe_unpermute: inv must have T*k = ", weights.numel(),
+                    " entries (weights is ", weights.sizes(), "), got ", inv.numel());
+  TORCH_CHECK_VALUE(weights.size(1) >= 1, "moe_unpermute: weights must have k >= 1 columns");
+  TORCH_CHECK_VALUE(y.device() == weights.device() && y.device() == inv.device(),
+                    "moe_unpermute: y, weights and inv must be on one device, got ", y.device(), ", ", weights.device(),
+                    ", ", inv.device());
 }
 
 void check_unpermute_out(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& out) {
   const std::vector<int64_t> shape{weights.size(0), y.size(1)};
-  TORCH_CHECK(out.scalar_type() == y.scalar_type() && out.sizes() == shape && out.is_contiguous() &&
-                  out.device() == y.device(),
-              "moe_unpermute: out must be a contiguous ", y.scalar_type(), " ", at::IntArrayRef(shape), " tensor on ",
-              y.device(), ", got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  TORCH_CHECK_TYPE(out.scalar_type() == y.scalar_type(), "moe_unpermute: out must be ", y.scalar_type(), " (y's "
+                   "dtype), got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == shape && out.is_contiguous() && out.device() == y.device(),
+                    "moe_unpermute: out must be a contiguous ", at::IntArrayRef(shape), " tensor on ", y.device(),
+                    ", got ", out.sizes(), " on ", out.device());
 }
 
 namespace {
@@ -101,8 +105,8 @@ void counting_sort(const id_t* ids, int64_t N, int64_t E, int32_t* sorted, int32
     }
   });
   for (int64_t c = 0; c < nchunks; ++c) {
-    TORCH_CHECK(bad[c] < 0, "ids: expert id ", static_cast<int64_t>(ids[bad[c]]), " at flat position ", bad[c],
-                " is out of range [0, num_experts=", E, ")");
+    TORCH_CHECK_VALUE(bad[c] < 0, "ids: expert id ", static_cast<int64_t>(ids[bad[c]]), " at flat position ", bad[c],
+                      " is out of range [0, num_experts=", E, ")");
   }
   // exclusive scan in (expert, chunk) order: chunk c's first position for expert e
   int32_t run = 0;
@@ -201,8 +205,8 @@ at::Tensor moe_permute_cpu(const at::Tensor& x, const at::Tensor& sorted_slots, 
     }
   });
   const int64_t b = bad.load();
-  TORCH_CHECK(b < 0, "moe_permute: sorted_slots[", b, "] = ", b >= 0 ? slots[b] : 0,
-              " is out of range [0, T*top_k = ", numel, "] (T*top_k itself marks a padding row)");
+  TORCH_CHECK_VALUE(b < 0, "moe_permute: sorted_slots[", b, "] = ", b >= 0 ? slots[b] : 0,
+                    " is out of range [0, T*top_k = ", numel, "] (T*top_k itself marks a padding row)");
   return out;
 }
 
@@ -213,8 +217,8 @@ void moe_unpermute_out_cpu(const at::Tensor& y, const at::Tensor& weights, const
   const int64_t T = weights.size(0), k = weights.size(1), M = y.size(0), H = y.size(1);
   const int32_t* iv = inv.const_data_ptr<int32_t>();
   for (int64_t s = 0; s < T * k; ++s) {  // cheap next to the combine; an out-of-range row would be a wild read
-    TORCH_CHECK(iv[s] >= 0 && iv[s] < M, "moe_unpermute: inv[", s, "] = ", iv[s], " is out of range [0, y.size(0) = ",
-                M, ")");
+    TORCH_CHECK_VALUE(iv[s] >= 0 && iv[s] < M, "moe_unpermute: inv[", s, "] = ", iv[s],
+                      " is out of range [0, y.size(0) = ", M, ")");
   }
   if (T == 0 || H == 0) return;
   const float* w = weights.const_data_ptr<float>();

@@ -125,7 +125,7 @@ void dispatch_dtype(c10::ScalarType st, const char* op, F&& f) {
     case c10::ScalarType::Float: f(float{}); break;
     case c10::ScalarType::Half: f(c10::Half{}); break;
     case c10::ScalarType::BFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, op, ": dtype must be float32/float16/bfloat16, got ", st);
+    default: TORCH_CHECK_TYPE(false, op, ": dtype must be float32/float16/bfloat16, got ", st);
   }
 }
 

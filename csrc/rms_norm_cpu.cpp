@@ -32,16 +32,17 @@ using norm::to_f;
 constexpr int64_t kBwdBlockRows = 32;
 
 void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              ": x dtype must be float32/float16/bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must have shape [", x.size(-1),
-              "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(), " != x dtype ",
-              x.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on the device of x (", x.device(), "), got ",
-              weight.device());
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dim");
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": x dtype must be float32/float16/bfloat16, got ", st);
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must have shape [", x.size(-1),
+                    "], got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(), " != x dtype ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight must be on the device of x (", x.device(), "), got ",
+                    weight.device());
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
 // [rows, H] view (or copy) with a contiguous last dim; rows = product of the leading dims (T = 0 safe).
@@ -136,11 +137,11 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                           const at::Tensor& weight, double eps) {
   check_norm_args("fused_add_rms_norm", x, weight, eps);
-  TORCH_CHECK(residual.sizes() == x.sizes(), "fused_add_rms_norm: residual shape ", residual.sizes(),
-              " != x shape ", x.sizes());
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "fused_add_rms_norm: residual dtype ",
-              residual.scalar_type(), " != x dtype ", x.scalar_type());
-  TORCH_CHECK(residual.device() == x.device(), "fused_add_rms_norm: residual must be on the device of x");
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "fused_add_rms_norm: residual shape ", residual.sizes(),
+                    " != x shape ", x.sizes());
+  TORCH_CHECK_TYPE(residual.scalar_type() == x.scalar_type(), "fused_add_rms_norm: residual dtype ",
+                   residual.scalar_type(), " != x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(residual.device() == x.device(), "fused_add_rms_norm: residual must be on the device of x");
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor new_res = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   norm_forward_cpu(x, &residual, weight, eps, out, &new_res);
@@ -150,9 +151,10 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                          const at::Tensor& weight, double eps) {
   check_norm_args("rms_norm_backward", x, weight, eps);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
-              "rms_norm_backward: grad_out must match x in shape and dtype, got ", grad_out.sizes(), " ",
-              grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "rms_norm_backward: grad_out must have x's shape ", x.sizes(),
+                    ", got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "rms_norm_backward: grad_out must have x's dtype ",
+                   x.scalar_type(), ", got ", grad_out.scalar_type());
   const int64_t h = x.size(-1);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return {dx, at::zeros_like(weight)};

@@ -197,47 +197,49 @@ void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
                      const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& cos,
                      const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& pos,
                      const std::optional<at::Tensor>& inv_freq, double eps) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, S, Hq, D], got ", q.dim(), " dims");
-  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [B, S, Hk, D], got ", k.dim(), " dims");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-              ": q dtype must be float32/float16/bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype ", k.scalar_type(), " != q dtype ", q.scalar_type());
-  TORCH_CHECK(k.device() == q.device(), op, ": k must be on the device of q (", q.device(), ")");
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D [B, S, Hq, D], got ", q.dim(), " dims");
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be 4-D [B, S, Hk, D], got ", k.dim(), " dims");
+  const auto st = q.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": q dtype must be float32/float16/bfloat16, got ", st);
+  TORCH_CHECK_TYPE(k.scalar_type() == st, op, ": k dtype ", k.scalar_type(), " != q dtype ", st);
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": k must be on the device of q (", q.device(), ")");
   const int64_t B = q.size(0), S = q.size(1), D = q.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == S && k.size(3) == D, op, ": k must be [", B, ", ", S, ", Hk, ", D,
-              "] like q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(D >= 2 && D % 2 == 0, op, ": head_dim (q.size(3)) must be even and >= 2, got ", D);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == S && k.size(3) == D, op, ": k must be [", B, ", ", S, ", Hk, ", D,
+                    "] like q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0, op, ": head_dim (q.size(3)) must be even and >= 2, got ", D);
   auto check_weight = [&](const std::optional<at::Tensor>& w, const char* name) {
     if (!w.has_value()) return;
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == D, op, ": ", name, " must have shape [", D, "], got ", w->sizes());
-    TORCH_CHECK(w->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ", w->scalar_type(), " != q dtype ",
-                q.scalar_type());
-    TORCH_CHECK(w->device() == q.device(), op, ": ", name, " must be on the device of q");
+    TORCH_CHECK_VALUE(w->dim() == 1 && w->size(0) == D, op, ": ", name, " must have shape [", D, "], got ", w->sizes());
+    TORCH_CHECK_TYPE(w->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ", w->scalar_type(), " != q dtype ",
+                     q.scalar_type());
+    TORCH_CHECK_VALUE(w->device() == q.device(), op, ": ", name, " must be on the device of q");
   };
   check_weight(qw, "q_weight");
   check_weight(kw, "k_weight");
-  if (qw.has_value() || kw.has_value()) TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  if (qw.has_value() || kw.has_value()) TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
   auto check_table = [&](const std::optional<at::Tensor>& t, const char* name) {
-    TORCH_CHECK(t.has_value(), op, ": ", name, " is required");
-    TORCH_CHECK(t->dim() == 3 && (t->size(0) == B || t->size(0) == 1) && t->size(1) == S && t->size(2) == D, op,
-                ": ", name, " must be [", B, " or 1, ", S, ", ", D, "], got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(), " != q dtype ",
-                q.scalar_type(), " (transformers casts cos/sin to the activations' dtype)");
-    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on the device of q");
+    TORCH_CHECK_VALUE(t.has_value(), op, ": ", name, " is required");
+    TORCH_CHECK_VALUE(t->dim() == 3 && (t->size(0) == B || t->size(0) == 1) && t->size(1) == S && t->size(2) == D, op,
+                      ": ", name, " must be [", B, " or 1, ", S, ", ", D, "], got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(), " != q dtype ",
+                     q.scalar_type(), " (transformers casts cos/sin to the activations' dtype)");
+    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on the device of q");
   };
   if (!pos.has_value()) {
     check_table(cos, "cos");
     check_table(sin, "sin");
   } else {
-    TORCH_CHECK(pos->dim() == 2 && (pos->size(0) == B || pos->size(0) == 1) && pos->size(1) == S, op,
-                ": position_ids must be [", B, " or 1, ", S, "], got ", pos->sizes());
-    TORCH_CHECK(pos->scalar_type() == at::kLong || pos->scalar_type() == at::kInt, op,
-                ": position_ids must be int32 or int64, got ", pos->scalar_type());
-    TORCH_CHECK(pos->device() == q.device(), op, ": position_ids must be on the device of q");
-    TORCH_CHECK(inv_freq.has_value() && inv_freq->dim() == 1 && inv_freq->size(0) == D / 2 &&
-                    inv_freq->scalar_type() == at::kFloat,
-                op, ": inv_freq must be float32 [", D / 2, "]");
-    TORCH_CHECK(inv_freq->device() == q.device(), op, ": inv_freq must be on the device of q");
+    TORCH_CHECK_VALUE(pos->dim() == 2 && (pos->size(0) == B || pos->size(0) == 1) && pos->size(1) == S, op,
+                      ": position_ids must be [", B, " or 1, ", S, "], got ", pos->sizes());
+    TORCH_CHECK_TYPE(pos->scalar_type() == at::kLong || pos->scalar_type() == at::kInt, op,
+                     ": position_ids must be int32 or int64, got ", pos->scalar_type());
+    TORCH_CHECK_VALUE(pos->device() == q.device(), op, ": position_ids must be on the device of q");
+    TORCH_CHECK_VALUE(inv_freq.has_value() && inv_freq->dim() == 1 && inv_freq->size(0) == D / 2, op,
+                      ": inv_freq must be [", D / 2, "]");
+    TORCH_CHECK_TYPE(inv_freq->scalar_type() == at::kFloat, op, ": inv_freq must be float32, got ",
+                     inv_freq->scalar_type());
+    TORCH_CHECK_VALUE(inv_freq->device() == q.device(), op, ": inv_freq must be on the device of q");
   }
 }
 
@@ -306,10 +308,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
     const std::optional<at::Tensor>& inv_freq, double eps) {
   const char* op = "qk_norm_rope_backward";
   check_rope_args(op, q, k, qw, kw, cos, sin, pos, inv_freq, eps);
-  TORCH_CHECK(grad_q.sizes() == q.sizes() && grad_q.scalar_type() == q.scalar_type(), op,
-              ": grad_q must match q in shape and dtype");
-  TORCH_CHECK(grad_k.sizes() == k.sizes() && grad_k.scalar_type() == k.scalar_type(), op,
-              ": grad_k must match k in shape and dtype");
+  TORCH_CHECK_VALUE(grad_q.sizes() == q.sizes(), op, ": grad_q must have q's shape ", q.sizes());
+  TORCH_CHECK_TYPE(grad_q.scalar_type() == q.scalar_type(), op, ": grad_q must have q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(grad_k.sizes() == k.sizes(), op, ": grad_k must have k's shape ", k.sizes());
+  TORCH_CHECK_TYPE(grad_k.scalar_type() == k.scalar_type(), op, ": grad_k must have k's dtype ", k.scalar_type());
   const int64_t D = q.size(3), ntok = q.size(0) * q.size(1);
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
@@ -381,8 +383,9 @@ class RopeFn : public torch::autograd::Function<RopeFn> {
                                const OptT& kw, const OptT& cos, const OptT& sin, const OptT& pos,
                                const OptT& inv_freq, double eps) {
     auto grad_asked = [](const OptT& t) { return t.has_value() && t->requires_grad(); };
-    TORCH_CHECK(!grad_asked(cos) && !grad_asked(sin) && !grad_asked(inv_freq),
-                "rope: gradients with respect to cos / sin / inv_freq are not implemented (detach them)");
+    TORCH_CHECK_NOT_IMPLEMENTED(!grad_asked(cos) && !grad_asked(sin) && !grad_asked(inv_freq),
+                                "rope: gradients with respect to cos / sin / inv_freq are not implemented "
+                                "(detach them)");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [qo, ko] = fwd();
     auto val = [](const OptT& t) { return t.has_value() ? *t : at::Tensor(); };

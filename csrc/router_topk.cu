@@ -131,7 +131,7 @@ void router_topk_out_cuda(const at::Tensor& logits, int64_t top_k, bool renormal
                           const at::Tensor& ids) {
   check_router_topk_args(logits, top_k);
   check_router_topk_outputs(logits, top_k, weights, ids);
-  TORCH_CHECK(logits.is_cuda(), "router_topk: logits must be a CUDA tensor here, got ", logits.device());
+  TORCH_CHECK_VALUE(logits.is_cuda(), "router_topk: logits must be a CUDA tensor here, got ", logits.device());
   if (logits.size(0) == 0) return;
   c10::cuda::CUDAGuard guard(logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "router_topk_cuda", [&] {

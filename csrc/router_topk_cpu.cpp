@@ -19,32 +19,33 @@
 namespace qwen3moe {
 
 void check_router_topk_args(const at::Tensor& logits, int64_t top_k) {
-  TORCH_CHECK(logits.dim() == 2, "router_topk: logits must be 2-D [T, E], got ", logits.dim(), " dims");
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
-                  logits.scalar_type() == at::kHalf,
-              "router_topk: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() == 2, "router_topk: logits must be 2-D [T, E], got ", logits.dim(), " dims");
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
+                       logits.scalar_type() == at::kHalf,
+                   "router_topk: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
   const int64_t E = logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= router::kMaxExperts, "router_topk: logits.size(1) (number of experts) must be in [1, ",
-              router::kMaxExperts, "], got ", E);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "router_topk: top_k must be in [1, E=", E, "], got ", top_k);
+  TORCH_CHECK_VALUE(E >= 1 && E <= router::kMaxExperts, "router_topk: logits.size(1) (number of experts) must be in "
+                    "[1, ", router::kMaxExperts, "], got ", E);
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "router_topk: top_k must be in [1, E=", E, "], got ", top_k);
   // a single column (E == 1) has no stride(1) to honour: a transposed [1, T] row is fine, as in moe_permute
-  TORCH_CHECK(logits.size(0) == 0 || E <= 1 || logits.stride(1) == 1,
-              "router_topk: logits rows must be contiguous (stride(1) == 1), got strides ", logits.strides());
-  TORCH_CHECK(logits.size(0) * top_k <= INT32_MAX, "router_topk: T * top_k = ", logits.size(0) * top_k,
-              " does not fit int32 (the slot ids downstream are int32)");
+  TORCH_CHECK_VALUE(logits.size(0) == 0 || E <= 1 || logits.stride(1) == 1,
+                    "router_topk: logits rows must be contiguous (stride(1) == 1), got strides ", logits.strides());
+  TORCH_CHECK_VALUE(logits.size(0) * top_k <= INT32_MAX, "router_topk: T * top_k = ", logits.size(0) * top_k,
+                    " does not fit int32 (the slot ids downstream are int32)");
 }
 
 void check_router_topk_outputs(const at::Tensor& logits, int64_t top_k, const at::Tensor& weights,
                                const at::Tensor& ids) {
   const std::vector<int64_t> shape{logits.size(0), top_k};
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.sizes() == shape && weights.is_contiguous(),
-              "router_topk: out weights must be a contiguous float32 ", at::IntArrayRef(shape), " tensor, got ",
-              weights.scalar_type(), " ", weights.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kInt && ids.sizes() == shape && ids.is_contiguous(),
-              "router_topk: out ids must be a contiguous int32 ", at::IntArrayRef(shape), " tensor, got ",
-              ids.scalar_type(), " ", ids.sizes());
-  TORCH_CHECK(weights.device() == logits.device() && ids.device() == logits.device(),
-              "router_topk: weights and ids must be on the device of logits (", logits.device(), ")");
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, "router_topk: out weights must be float32, got ",
+                   weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.sizes() == shape && weights.is_contiguous(), "router_topk: out weights must be a "
+                    "contiguous ", at::IntArrayRef(shape), " tensor, got ", weights.sizes());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt, "router_topk: out ids must be int32, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.sizes() == shape && ids.is_contiguous(), "router_topk: out ids must be a contiguous ",
+                    at::IntArrayRef(shape), " tensor, got ", ids.sizes());
+  TORCH_CHECK_VALUE(weights.device() == logits.device() && ids.device() == logits.device(),
+                    "router_topk: weights and ids must be on the device of logits (", logits.device(), ")");
 }
 
 namespace {

@@ -5,11 +5,13 @@
 none); ``BUILD`` is the build's record (``_C_build.json``, written by setup.py: the torch it was built against and
 its CUDA archs). An extension built against another torch than the one running is an error at import, naming both
 versions and the fix, rather than an undefined-symbol trace or a crash later. :func:`kernel_impl` names the
-implementation a tensor's device gets: ``"cpu"``, ``"cuda"`` or ``None`` (no kernel: run the reference).
+implementation a tensor's device gets: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``None`` (no kernel: run the
+reference).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -54,20 +56,28 @@ except ImportError as exc:
     IMPORT_ERROR = repr(exc)
 
 
-def kernel_impl(device: torch.device) -> str | None:
-    """``"cpu"`` / ``"cuda"`` when the compiled kernels serve tensors on ``device``, else ``None``."""
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def kernel_impl(device: torch.device, triton: bool = False) -> str | None:
+    """The implementation an op's kernels give tensors on ``device``: ``"cpu"`` (the C++ kernels), ``"cuda"`` (the
+    CUDA C++ kernels) or, for ops whose GPU kernels are Triton (``triton=True``), ``"triton"``; ``None`` when there
+    is none (the op runs the reference)."""
     if not AVAILABLE:
         return None
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda" and WITH_CUDA:
-        return "cuda"
+    if device.type == "cuda":
+        if triton:
+            return "triton" if HAS_TRITON else None
+        return "cuda" if WITH_CUDA else None
     return None
 
 
-def no_kernel_reason(device: torch.device) -> str:
+def no_kernel_reason(device: torch.device, triton: bool = False) -> str:
+    """Why :func:`kernel_impl` gave None."""
     if not AVAILABLE:
         return f"qwen3moe_kernels._C is not built ({IMPORT_ERROR})"
     if device.type == "cuda":
-        return "qwen3moe_kernels._C was built without CUDA kernels"
+        return "triton is not installed" if triton else "qwen3moe_kernels._C was built without CUDA kernels"
     return f"no kernel for device {device.type}"

@@ -1,31 +1,23 @@
 """The ``qwen3moe-kernels`` console command.
 
-    qwen3moe-kernels check            every fused entry point and every op module that exists, against the
-                                      reference, on this machine's device: max error, tolerance, pass/fail and
-                                      the implementation that ran; exit status 1 if anything fails
-    qwen3moe-kernels bench            the Qwen3-30B-A3B sparse MoE block (H=2048, I=768, E=128, top-8) for decode
-                                      and prefill token counts, fused vs eager vs transformers' own block, plus each
-                                      op benchmark found in the repository's benchmarks/ folder (on a CPU at full
-                                      shapes without fused_moe's slow forward+backward; --ops all adds it and the
-                                      model benchmark); prints a table and saves JSON and a PNG plot; exit status
-                                      1 if any row has an error or a failed check
+    qwen3moe-kernels check            every public op (``qwen3moe_kernels.ops``) and any other op-module function
+                                      named like a reference op, against the reference on this machine's device:
+                                      max error, tolerance, pass/fail and the implementation that ran; exit status 1
+                                      if anything fails
+    qwen3moe-kernels bench            the benchmarks of ``qwen3moe_kernels.bench``: the Qwen3-30B-A3B sparse MoE
+                                      block (fused_moe) and every op benchmark, at decode and prefill token counts,
+                                      against the reference and transformers (on a CPU at full shapes without the
+                                      block's slow forward + backward; --ops all adds it and the model benchmark);
+                                      prints a table and saves JSON and a PNG plot; exit status 1 if any row has an
+                                      error or a failed check
     qwen3moe-kernels compile-check    ahead-of-time compile of every shipped Triton kernel config for sm_90/sm_100
-                                      (``qwen3moe_kernels.compile_check``)
-
-Op benchmarks live in ``benchmarks/bench_<stem>.py`` (pytest-benchmark suites, each with a plain
-``run(device, token_counts, dtype=None) -> list[dict]`` of rows with op, impl and tokens; with --quick ``bench``
-also passes ``shapes``, ``budget_s`` and ``min_runs`` to a run() that takes them). ``benchmarks/`` is not part of
-the installed package, so ``bench`` loads those modules from the source checkout the package was installed from
-(an editable install, as the README does) or from ``./benchmarks`` in the current directory; from a plain wheel
-install only the MoE block, whose benchmark is in the package (:mod:`qwen3moe_kernels.bench`), runs and the rest
-is reported as not found.
+                                      (``qwen3moe_kernels.tools.compile_check``)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
 import pkgutil
 import sys
@@ -37,8 +29,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import bench, dispatch, fused, reference
-from .bench import QWEN3_30B_A3B, dtype_name
+from . import ops, recorder, reference
+from .bench import fused_moe, model, moe_permute, rms_norm, rope, router_topk
+from .bench.checks import close_bound, close_ok, experts_fp32, max_abs_err
+from .bench.fused_moe import QWEN3_30B_A3B, make_moe_weights
+from .bench.machine import DEFAULT_TOKENS, DTYPES, QUICK_TOKENS, cpu_bench_dtype, device_label, dtype_name, machine_info
+from .bench.report import PEAK_NOTE, add_ratios, bench_table, format_table, last_implementations, plot, save_json
 from .tolerances import TOL, twice_torch_error_bound
 
 # ---------------------------------------------------------------------------------------------- check
@@ -52,7 +48,7 @@ def _default_check_dtypes(device: torch.device) -> list[torch.dtype]:
     if device.type == "cuda":
         return [torch.float32, torch.bfloat16, torch.float16]
     # bf16 only where the CPU computes it natively: emulated bf16 GEMMs at 30B shapes would take minutes.
-    lowp, _ = bench.cpu_bench_dtype()
+    lowp, _ = cpu_bench_dtype()
     return [torch.float32] + ([lowp] if lowp != torch.float32 else [])
 
 
@@ -72,7 +68,7 @@ class _Inputs:
         if dtype in self._cache:
             return self._cache[dtype]
         if self._w32 is None:
-            self._w32 = bench.make_moe_weights(self.H, self.I, self.E, torch.float32, self.device, seed=self.seed)
+            self._w32 = make_moe_weights(self.H, self.I, self.E, torch.float32, self.device, seed=self.seed)
         g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
         T, H, dev = self.T, self.H, self.device
 
@@ -118,14 +114,14 @@ def _compare(out: Any, ref: Any, kind: str | None, dtype: torch.dtype, ref32: An
             err = float((o.long() - r.long()).abs().max().item()) if o.numel() else 0.0
             bound, good = 0.0, err == 0.0
         elif r32 is not None and dtype != torch.float32:
-            err = bench.max_abs_err(o, r32)
+            err = max_abs_err(o, r32)
             bound = twice_torch_error_bound(r32, r)
             good = err <= bound
         else:
             k = kind if r.dtype == dtype else "router"  # fp32 outputs of a low-precision op (router weights)
-            err = bench.max_abs_err(o, r)
-            bound = bench.close_bound(r, k, r.dtype if r.dtype in TOL[k] else dtype)
-            good = bench.close_ok(o, r, k, r.dtype if r.dtype in TOL[k] else dtype)
+            err = max_abs_err(o, r)
+            bound = close_bound(r, k, r.dtype if r.dtype in TOL[k] else dtype)
+            good = close_ok(o, r, k, r.dtype if r.dtype in TOL[k] else dtype)
         ok = ok and good and not (o.is_floating_point() and torch.isnan(o).any().item() and not torch.isnan(r).any().item())
         if err >= worst_err:
             worst_err, worst_bound = err, bound
@@ -139,39 +135,9 @@ class Case:
         self.op, self.kind, self.shape, self.run = op, kind, shape, run
 
 
-def _fused_cases() -> list[Case]:
-    def moe(d, inp):
-        out = fused.sparse_moe_block(d["x"], d["router_weight"], d["w_gate_up"], d["w_down"], inp.k, True)
-        ref = reference.sparse_moe_block(d["x"], d["router_weight"], d["w_gate_up"], d["w_down"], inp.k, True)
-        ref32 = None
-        if d["x"].dtype != torch.float32:
-            w = {"router_weight": d["router_weight"], "w_gate_up": d["w_gate_up"], "w_down": d["w_down"]}
-            ref32 = (bench._experts_fp32_by_chunks(d["x"], d["topk_ids"], d["topk_weights"], w), ref[1].float())
-        return out, ref, ref32
-
-    def norm(d, inp):
-        return (fused.rms_norm(d["x"], d["norm_weight"], inp.eps), reference.rms_norm(d["x"], d["norm_weight"], inp.eps),
-                None)
-
-    def add_norm(d, inp):
-        args = (d["x"], d["residual"], d["norm_weight"], inp.eps)
-        return fused.fused_add_rms_norm(*args), reference.fused_add_rms_norm(*args), None
-
-    def qk(d, inp):
-        args = (d["q"], d["k"], d["q_weight"], d["k_weight"], d["cos"], d["sin"], inp.eps)
-        return fused.qk_norm_rope(*args), reference.qk_norm_rope(*args), None
-
-    return [
-        Case("fused.sparse_moe_block", "gemm", lambda i: f"x[{i.T},{i.H}] E={i.E} I={i.I} k={i.k}", moe),
-        Case("fused.rms_norm", "elementwise", lambda i: f"x[{i.T},{i.H}]", norm),
-        Case("fused.fused_add_rms_norm", "elementwise", lambda i: f"x,res[{i.T},{i.H}]", add_norm),
-        Case("fused.qk_norm_rope", "elementwise", lambda i: f"q[1,{i.T},{i.Hq},{i.D}] k[1,{i.T},{i.Hk},{i.D}]", qk),
-    ]
-
-
-# Reference-spec arguments for each op stem: ops/<stem>.py exposes ``<stem>(...)`` with the signature of
-# ``reference.<stem>`` (the project's convention: every kernel is tested against the reference function of the
-# same name). Value: (tolerance kind, shape text, builder of the positional arguments).
+# Reference-spec arguments per op: ``ops.<name>`` takes the arguments of ``reference.<name>`` (the project's
+# convention: every op is tested against the reference function of the same name). Value: (tolerance kind, shape
+# text, builder of the positional arguments).
 _OP_ARGS: dict[str, tuple[str, Callable[[_Inputs], str], Callable[[dict, _Inputs], tuple]]] = {
     "router_topk": ("router", lambda i: f"logits[{i.T},{i.E}] k={i.k}", lambda d, i: (d["logits"], i.k, True)),
     "moe_sort": ("exact", lambda i: f"ids[{i.T},{i.k}] E={i.E}", lambda d, i: (d["topk_ids"], i.E)),
@@ -182,7 +148,7 @@ _OP_ARGS: dict[str, tuple[str, Callable[[_Inputs], str], Callable[[dict, _Inputs
                       lambda d, i: (d["y"], d["topk_weights"], d["inv"])),
     "swiglu": ("elementwise", lambda i: f"gate_up[{i.T * i.k},{2 * i.I}]", lambda d, i: (d["gate_up"],)),
     "moe_experts": ("gemm", lambda i: f"x[{i.T},{i.H}] E={i.E} I={i.I} k={i.k}",
-                    lambda d, i: (d["x"], d["topk_ids"], d["topk_weights"], d["w_gate_up"], d["w_down"])),
+                    lambda d, i: (d["x"], d["w_gate_up"], d["w_down"], d["topk_ids"], d["topk_weights"])),
     "rms_norm": ("elementwise", lambda i: f"x[{i.T},{i.H}]", lambda d, i: (d["x"], d["norm_weight"], i.eps)),
     "fused_add_rms_norm": ("elementwise", lambda i: f"x,res[{i.T},{i.H}]",
                            lambda d, i: (d["x"], d["residual"], d["norm_weight"], i.eps)),
@@ -197,46 +163,58 @@ _OP_ARGS: dict[str, tuple[str, Callable[[_Inputs], str], Callable[[dict, _Inputs
 _INDEX_ONLY = {"moe_sort", "moe_align_block"}
 
 
-def discover_op_modules() -> list[str]:
-    """The op stems that exist in this install (``qwen3moe_kernels/ops/<stem>.py``)."""
-    from . import ops
+# the public ops as ops/__init__ exports them (the ops.<name> cases check them; a module importing one is no new op)
+_EXPORTED = {name: getattr(ops, name) for name in ops.__all__}
 
+
+def discover_op_modules() -> list[str]:
+    """The op modules of this install (``qwen3moe_kernels/ops/<stem>.py``)."""
     return sorted(m.name for m in pkgutil.iter_modules(ops.__path__) if not m.name.startswith("_"))
 
 
-def _op_cases(notes: list[str]) -> list[Case]:
-    """One case per public function of each op module whose name is a reference function with known arguments."""
+def _run_case(name: str, kind: str, args: Callable, fn: Callable | None = None) -> Callable:
+    """``run(d, inp)`` of the case ``name``: ``fn`` (default ``ops.<name>``, looked up when it runs) against
+    ``reference.<name>``; gemm ops in low precision against the fp32 experts too."""
+
+    def run(d, inp):
+        a = args(d, inp)
+        out = (fn or getattr(ops, name))(*a)
+        ref = getattr(reference, name)(*a)
+        ref32 = None
+        if kind == "gemm" and d["x"].dtype != torch.float32:
+            ref32 = experts_fp32(d["x"], d["w_gate_up"], d["w_down"], d["topk_ids"], d["topk_weights"])
+            if name == "fused_moe":  # (out, router logits)
+                ref32 = (ref32, ref[1].float())
+        return out, ref, ref32
+
+    return run
+
+
+def _public_cases() -> list[Case]:
+    """One case per public op of ``qwen3moe_kernels.ops`` that has a reference of the same name."""
+    moe_args = lambda d, i: (d["x"], d["router_weight"], d["w_gate_up"], d["w_down"], i.k, True)  # noqa: E731
+    cases = [Case("ops.fused_moe", "gemm", lambda i: f"x[{i.T},{i.H}] E={i.E} I={i.I} k={i.k}",
+                  _run_case("fused_moe", "gemm", moe_args))]
+    for name, (kind, shape, args) in _OP_ARGS.items():
+        if name in ops.__all__:
+            cases.append(Case(f"ops.{name}", kind, shape, _run_case(name, kind, args)))
+    return cases
+
+
+def _op_module_cases() -> list[Case]:
+    """A case per function of an op module named like a reference op that is not a public op (checked above)
+    nor the reference's own: what a module adds beside the public surface."""
     cases = []
-    stems = discover_op_modules()
-    if not stems:
-        notes.append("no op modules in qwen3moe_kernels/ops yet: only the fused entry points were checked")
-    for stem in stems:
+    for stem in discover_op_modules():
         try:
             mod = importlib.import_module(f"qwen3moe_kernels.ops.{stem}")
         except Exception as exc:  # a broken op module is a failure of check, shown as one row
             cases.append(Case(f"ops.{stem}", "exact", lambda i: "-", _raiser(f"import failed: {exc!r}")))
             continue
-        # the op's own public function (a plain function or a torch.library custom op object), not a name the
-        # module merely imported from the reference or the fused entry points
-        names = [n for n in _OP_ARGS if callable(getattr(mod, n, None))
-                 and getattr(mod, n) is not getattr(reference, n, None) and getattr(mod, n) is not getattr(fused, n, None)]
-        if not names:
-            notes.append(f"ops.{stem}: no function named like a reference op ({', '.join(sorted(_OP_ARGS))}); "
-                         "checked by its own tests only")
-        for name in names:
-            kind, shape, args = _OP_ARGS[name]
-            fn, ref = getattr(mod, name), getattr(reference, name)
-
-            def run(d, inp, fn=fn, ref=ref, args=args, kind=kind):
-                a = args(d, inp)
-                out, expect = fn(*a), ref(*a)
-                ref32 = None
-                if kind == "gemm" and d["x"].dtype != torch.float32:
-                    w = {"w_gate_up": d["w_gate_up"], "w_down": d["w_down"]}
-                    ref32 = bench._experts_fp32_by_chunks(d["x"], d["topk_ids"], d["topk_weights"], w)
-                return out, expect, ref32
-
-            cases.append(Case(f"ops.{stem}.{name}", kind, shape, run))
+        for name, (kind, shape, args) in _OP_ARGS.items():
+            fn = getattr(mod, name, None)
+            if callable(fn) and fn is not _EXPORTED.get(name) and fn is not getattr(reference, name, None):
+                cases.append(Case(f"ops.{stem}.{name}", kind, shape, _run_case(name, kind, args, fn)))
     return cases
 
 
@@ -263,7 +241,7 @@ def run_check(device: str, dtypes: list[torch.dtype], tokens: int, ops_filter: l
     dev = torch.device(device)
     inputs = _Inputs(dev, tokens, shapes=shapes)
     notes: list[str] = []
-    cases = _fused_cases() + _op_cases(notes)
+    cases = _public_cases() + _op_module_cases()
     if ops_filter:
         cases = [c for c in cases if any(f in c.op for f in ops_filter)]
     rows = []
@@ -274,10 +252,10 @@ def run_check(device: str, dtypes: list[torch.dtype], tokens: int, ops_filter: l
             if index_only and n > 0:
                 continue  # integer inputs: the same check whatever the float dtype
             row = {"op": case.op, "dtype": "int32" if index_only else dtype_name(dtype), "shape": case.shape(inputs)}
-            dispatch.reset()
+            recorder.reset()
             try:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", dispatch.FallbackWarning)
+                    warnings.simplefilter("ignore", recorder.FallbackWarning)
                     out, ref, ref32 = case.run(d, inputs)
                 err, bound, ok = _compare(out, ref, case.kind, dtype, ref32)
                 row.update(max_err=err, tol=bound, result="pass" if ok else "FAIL")
@@ -285,7 +263,7 @@ def run_check(device: str, dtypes: list[torch.dtype], tokens: int, ops_filter: l
             except Exception as exc:  # a crash is a failure, reported in the table rather than aborting the rest
                 row.update(result="ERROR", error=f"{type(exc).__name__}: {exc}")
                 row["trace"] = traceback.format_exc(limit=3)
-            row["ran"] = bench.last_implementations() if "error" not in row else row["error"][:120]
+            row["ran"] = last_implementations() if "error" not in row else row["error"][:120]
             rows.append(row)
     return rows, notes
 
@@ -293,18 +271,18 @@ def run_check(device: str, dtypes: list[torch.dtype], tokens: int, ops_filter: l
 def cmd_check(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     dev = torch.device(device)
-    dtypes = [bench.DTYPES[d] for d in args.dtype.split(",")] if args.dtype else _default_check_dtypes(dev)
-    info = bench.machine_info(dev)
+    dtypes = [DTYPES[d] for d in args.dtype.split(",")] if args.dtype else _default_check_dtypes(dev)
+    info = machine_info(dev)
     shapes = {"experts": 16, "top_k": 4} if args.quick else None
     tokens = args.tokens if args.tokens is not None else (16 if args.quick else 64)
-    print(f"qwen3moe-kernels check on {bench.device_label(info)}; torch {info['torch']}, triton {info['triton']}")
+    print(f"qwen3moe-kernels check on {device_label(info)}; torch {info['torch']}, triton {info['triton']}")
     what = ("Qwen3-30B-A3B (H=2048, I=768, E=128, top-8, head_dim 128, 32/4 heads)" if shapes is None
             else "--quick: Qwen3-30B-A3B widths with 16 experts, top-4")
     print(f"shapes: {what}, T={tokens}; dtypes: {', '.join(dtype_name(d) for d in dtypes)}")
     t0 = time.perf_counter()
     rows, notes = run_check(device, dtypes, tokens, args.ops.split(",") if args.ops else None, shapes)
     print()
-    print(bench.format_table(rows, CHECK_COLUMNS))
+    print(format_table(rows, CHECK_COLUMNS))
     for note in notes:
         print(f"note: {note}")
     bad = [r for r in rows if r["result"] != "pass"]
@@ -313,78 +291,44 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"\n{r['op']} ({r['dtype']}):\n{r['trace']}")
     print(f"\n{len(rows) - len(bad)}/{len(rows)} passed in {time.perf_counter() - t0:.1f} s")
     if args.json:
-        bench.save_json(args.json, rows, info, {"command": "check", "tokens": tokens, "shapes": shapes})
+        save_json(args.json, rows, info, {"command": "check", "tokens": tokens, "shapes": shapes})
     return 1 if bad else 0
 
 
 # ---------------------------------------------------------------------------------------------- bench
 
 
-def benchmarks_dir() -> Path | None:
-    """The repository's benchmarks/ folder: beside the package in a source checkout, else ./benchmarks."""
-    for cand in (Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"):
-        if cand.is_dir():
-            return cand
-    return None
+# stem -> benchmark module (its run(device, token_counts, dtype=None, ...) -> rows), in the order bench runs them
+BENCHMARKS = {"fused_moe": fused_moe, "moe_permute": moe_permute, "rms_norm": rms_norm, "rope": rope,
+              "router_topk": router_topk, "model": model}
+# what ``--ops all`` adds to the default run: the model benchmark takes minutes anywhere
+ON_REQUEST = ("model",)
 
 
-def find_op_benchmarks() -> dict[str, Path]:
-    """``stem -> benchmarks/bench_<stem>.py`` for every op benchmark module (the block and model are separate)."""
-    root = benchmarks_dir()
-    if root is None:
-        return {}
-    return {p.stem[len("bench_"):]: p for p in sorted(root.glob("bench_*.py"))
-            if p.stem not in ("bench_moe_block", "bench_model")}
+def select_benchmarks(device: str, quick_shapes: bool, ops_arg: str | None) -> tuple[list[str], bool, list[str]]:
+    """(stems to run, whether fused_moe includes its forward + backward, notes) for ``--ops ops_arg``.
+
+    Default: every benchmark but the model's; on a CPU at full shapes without the block's forward + backward,
+    whose eager baselines take seconds to minutes per call there. ``all``: everything. Stems named: those, with
+    the forward + backward.
+    """
+    asked = [o.strip() for o in (ops_arg or "").split(",") if o.strip()]
+    if asked and asked != ["all"]:
+        return asked, True, []
+    wanted = [stem for stem in BENCHMARKS if stem not in ON_REQUEST or asked == ["all"]]
+    if not asked and torch.device(device).type == "cpu" and not quick_shapes:
+        return wanted, False, ["fused_moe fwd+bwd (the block's forward + backward) is left out of the default CPU "
+                               "run: at these shapes the eager loops' backward takes seconds to minutes per call "
+                               "here (see benchmarks/README.md); --ops fused_moe or --ops all runs it, --quick at "
+                               "16 experts"]
+    return wanted, True, []
 
 
-def model_benchmark_path() -> Path | None:
-    root = benchmarks_dir()
-    path = root / "bench_model.py" if root is not None else None
-    return path if path is not None and path.exists() else None
-
-
-def load_benchmark(path: Path):
-    name = f"qwen3moe_kernels_benchmarks_{path.stem}"
-    cached = sys.modules.get(name)
-    if cached is not None and Path(cached.__file__).resolve() == Path(path).resolve():
-        return cached
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    # the benchmarks import each other's helpers (conftest-free) by plain name
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    finally:
-        sys.path.remove(str(path.parent))
-    return mod
-
-
-def _call_run(run: Callable, device: str, tokens: list[int], dtype: torch.dtype | None,
-              **extra: Any) -> list[dict]:
-    """``run(device, tokens, dtype=...)``, plus each of ``extra`` (not None) that the benchmark's run() takes."""
+def _call_run(run: Callable, device: str, tokens: list[int], dtype: torch.dtype | None, **extra: Any) -> list[dict]:
+    """``run(device, tokens, dtype=...)``, plus each of ``extra`` (not None) that this benchmark's run() takes."""
     params = inspect.signature(run).parameters
     kwargs = {k: v for k, v in dict(dtype=dtype, **extra).items() if v is not None and k in params}
     return list(run(device, tokens, **kwargs))
-
-
-def _normalise(row: dict, stem: str, device: str) -> dict:
-    """Map an op benchmark's row onto the table's keys (benchmarks written by others may name them differently)."""
-    r = dict(row)
-    r.setdefault("op", r.pop("name", stem))
-    for alt in ("T", "num_tokens", "n_tokens"):
-        if "tokens" not in r and alt in r:
-            r["tokens"] = r[alt]
-    for alt in ("implementation", "provider", "backend"):
-        if "impl" not in r and alt in r:
-            r["impl"] = r[alt]
-    if isinstance(r.get("dtype"), torch.dtype):
-        r["dtype"] = dtype_name(r["dtype"])
-    r.setdefault("device", device)
-    return r
 
 
 def _default_out(device: str, suffix: str) -> Path:
@@ -395,86 +339,69 @@ def _default_out(device: str, suffix: str) -> Path:
 def cmd_bench(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     dev = torch.device(device)
-    info = bench.machine_info(dev)
+    info = machine_info(dev)
     if args.dtype:
-        dtype, why = bench.DTYPES[args.dtype], "--dtype"
+        dtype, why = DTYPES[args.dtype], "--dtype"
     elif dev.type == "cpu":
-        dtype, why = bench.cpu_bench_dtype()
+        dtype, why = cpu_bench_dtype()
     else:
         dtype, why = torch.bfloat16, "bf16 on GPU"
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]
     else:
-        tokens = (bench.QUICK_TOKENS if args.quick else bench.DEFAULT_TOKENS).get(dev.type, bench.DEFAULT_TOKENS["cuda"])
+        tokens = (QUICK_TOKENS if args.quick else DEFAULT_TOKENS).get(dev.type, DEFAULT_TOKENS["cuda"])
     shapes = None
     if args.quick and not args.full_shapes:
         # --quick keeps the 30B-A3B layer widths but only 16 experts (top-4): a smoke run in seconds
         shapes = {"experts": 16, "top_k": 4}
-    op_paths = find_op_benchmarks()
-    wanted = ["moe_block", *op_paths]  # the default: the block and every op benchmark found
-    notes: list[str] = []
-    if not args.ops and dev.type == "cpu" and shapes is None and "fused_moe" in wanted:
-        wanted.remove("fused_moe")
-        notes.append("fused_moe (the block's forward + backward) is left out of the default CPU run: at these "
-                     "shapes the eager loops' backward takes seconds to minutes per call here (see "
-                     "benchmarks/bench_fused_moe.py); --ops fused_moe or --ops all runs it, --quick at 16 experts")
-    if args.ops:
-        asked = [o.strip() for o in args.ops.split(",") if o.strip()]
-        if asked != ["all"]:
-            wanted = asked
-        elif model_benchmark_path() is not None:
-            wanted.append("model")
-        else:  # a wheel install: everything there is, and say what is not
-            notes.append("model: no benchmarks/bench_model.py found (benchmarks/ is read from the source checkout)")
-    print(f"qwen3moe-kernels bench on {bench.device_label(info)}")
+    wanted, backward, notes = select_benchmarks(device, shapes is not None, args.ops)
+    print(f"qwen3moe-kernels bench on {device_label(info)}")
     print(f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
           f"commit {info['git_commit']}")
     print(f"dtype {dtype_name(dtype)} ({why}); tokens {tokens}; ops {', '.join(wanted)}")
     t0 = time.perf_counter()
     results: list[dict] = []
     for op in wanted:
-        if op == "moe_block":
-            print("moe_block: " + ("Qwen3-30B-A3B shapes (H=2048, I=768, E=128, top-8)" if shapes is None
-                                   else f"quick shapes {dict(QWEN3_30B_A3B, **shapes)}"))
-            results += bench.bench_moe_block(dev, tokens, dtype, shapes=shapes,
-                                             budget_s=0.3 if args.quick else args.budget,
-                                             min_runs=3 if args.quick else 5)
+        mod = BENCHMARKS.get(op)
+        if mod is None:
+            why_not = f"no benchmark {op!r}; choose from {', '.join(BENCHMARKS)} or all"
+            notes.append(f"{op}: {why_not}")
+            results.append({"op": op, "impl": "-", "error": why_not})
             continue
-        path = model_benchmark_path() if op == "model" else op_paths.get(op)
-        if path is None:
-            why = f"no benchmarks/bench_{op}.py found (benchmarks/ is read from the source checkout)"
-            notes.append(f"{op}: {why}")
-            results.append({"op": op, "impl": "-", "error": why})
-            continue
-        try:
-            mod = load_benchmark(path)
-            run = getattr(mod, "run")
-            print(f"{op}: {path}")
+        if op == "fused_moe":
+            print("fused_moe: " + ("Qwen3-30B-A3B shapes (H=2048, I=768, E=128, top-8)" if shapes is None
+                                   else f"quick shapes {dict(QWEN3_30B_A3B, **shapes)}")
+                  + ("" if backward else ", forward only"))
+            extra = dict(shapes=shapes, backward=backward, budget_s=0.3 if args.quick else args.budget,
+                         min_runs=3 if args.quick else 5)
+        else:
+            print(f"{op}: qwen3moe_kernels.bench.{op}")
             # --quick: its shapes and a short timing, where the benchmark's run() takes them
-            quick = dict(shapes=shapes, budget_s=0.3, min_runs=3) if args.quick else {}
-            got = [_normalise(r, op, device) for r in _call_run(run, device, tokens, dtype, **quick)]
-            bench.add_ratios(got)
+            extra = dict(shapes=shapes, budget_s=0.3, min_runs=3) if args.quick else {}
+        try:
+            got = _call_run(mod.run, device, tokens, dtype, **extra)
+            add_ratios(got)
             results += got
         except Exception as exc:  # one broken benchmark must not hide the others
             notes.append(f"{op}: {type(exc).__name__}: {exc}")
             results.append({"op": op, "impl": "-", "error": f"{type(exc).__name__}: {exc}"})
     print()
-    print(bench.bench_table(results))
+    print(bench_table(results))
     print("\nx eager / x transformers: the baseline's median over this row's (>1 = faster); the transformers "
           "baseline is its fastest mode in the same run.")
     if any(r.get("frac_peak") is not None for r in results):
-        print(bench.PEAK_NOTE)
+        print(PEAK_NOTE)
     for n in notes:
         print(f"note: {n}")
     out = Path(args.out) if args.out else _default_out(device, "json")
     config = {"command": "bench", "argv": sys.argv[1:], "dtype": dtype_name(dtype), "dtype_reason": why,
-              "tokens": tokens, "ops": wanted, "moe_shapes": dict(QWEN3_30B_A3B, **(shapes or {})),
-              "seconds": round(time.perf_counter() - t0, 1)}
-    bench.save_json(out, results, info, config)
+              "tokens": tokens, "ops": wanted, "fused_moe_backward": backward,
+              "moe_shapes": dict(QWEN3_30B_A3B, **(shapes or {})), "seconds": round(time.perf_counter() - t0, 1)}
+    save_json(out, results, info, config)
     print(f"saved {out} ({config['seconds']} s)")
     if not args.no_plot:
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
-        got = bench.plot(results, png, title=f"qwen3moe-kernels bench: {bench.device_label(info)}")
+        got = plot(results, png, title=f"qwen3moe-kernels bench: {device_label(info)}")
         if got:
             print(f"saved {got}")
     failed = [r for r in results if r.get("error") or r.get("check") == "FAIL"]
@@ -489,11 +416,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_compile_check(args: argparse.Namespace) -> int:
     try:
-        mod = importlib.import_module("qwen3moe_kernels.compile_check")
+        mod = importlib.import_module("qwen3moe_kernels.tools.compile_check")
     except ModuleNotFoundError as exc:
-        if exc.name != "qwen3moe_kernels.compile_check":
+        if exc.name not in ("qwen3moe_kernels.tools", "qwen3moe_kernels.tools.compile_check"):
             raise
-        print("compile-check is not available in this install: qwen3moe_kernels.compile_check is missing",
+        print("compile-check is not available in this install: qwen3moe_kernels.tools.compile_check is missing",
               file=sys.stderr)
         return 2
     return int(mod.main(list(args.rest)) or 0)
@@ -506,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3moe-kernels", description="Qwen3-MoE kernels: check and benchmark.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("check", help="check every fused op and op module against the reference on this device")
+    c = sub.add_parser("check", help="check every public op against the reference on this device")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--dtype", help="comma-separated: fp32,bf16,fp16 (default: fp32 plus the native low precision)")
     c.add_argument("--tokens", type=int, help="token count T of the inputs (default 64; 16 with --quick)")
@@ -515,23 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="also save the rows as JSON here")
     c.set_defaults(func=cmd_check)
 
-    b = sub.add_parser("bench", help="benchmark the Qwen3-30B-A3B MoE block and every op benchmark found")
+    b = sub.add_parser("bench", help="benchmark the Qwen3-30B-A3B MoE block (fused_moe) and every op")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--dtype", choices=sorted(bench.DTYPES), help="default: bf16 on GPU; on CPU by capability")
+    b.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU; on CPU by capability")
     b.add_argument("--tokens", help="comma-separated token counts (default: decode and prefill counts per device)")
-    b.add_argument("--ops", help="comma-separated: moe_block, op stems (benchmarks/bench_<stem>.py), model; or 'all' "
-                                 "(default: moe_block and every op benchmark, but on a CPU at full shapes not "
-                                 "fused_moe's slow forward+backward; 'all': all of those and the model benchmark)")
+    b.add_argument("--ops", help=f"comma-separated from {', '.join(BENCHMARKS)}; or 'all' (default: every benchmark "
+                                 "but model, and on a CPU at full shapes fused_moe without its slow forward+backward; "
+                                 "'all': all of those and the model benchmark)")
     b.add_argument("--out", help="JSON path (default benchmarks/results/bench_<device>_<utc time>.json)")
     b.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
     b.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     b.add_argument("--quick", action="store_true",
                    help="few token counts, 16 experts (no TFLOP/s for the block: not a roofline model), short timing")
     b.add_argument("--full-shapes", action="store_true", help="with --quick, keep all 128 experts")
-    b.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per measurement (default 1.5)")
+    b.add_argument("--budget", type=float, default=1.5,
+                   help="seconds of timed calls per fused_moe measurement (default 1.5)")
     b.set_defaults(func=cmd_bench)
 
-    # parsed by qwen3moe_kernels.compile_check itself (see main); listed here for --help
+    # parsed by qwen3moe_kernels.tools.compile_check itself (see main); listed here for --help
     sub.add_parser("compile-check", help="AOT-compile every shipped Triton kernel config for sm_90 and sm_100")
     return p
 

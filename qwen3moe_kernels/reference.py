@@ -134,7 +134,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def moe_experts(
-    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """The experts of the sparse block exactly as transformers' eager ``Qwen3MoeExperts`` loop computes them.
 
@@ -153,7 +153,7 @@ def moe_experts(
     return out
 
 
-def sparse_moe_block(
+def fused_moe(
     x: torch.Tensor,
     router_weight: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -164,7 +164,7 @@ def sparse_moe_block(
     """Router linear + router_topk + experts, for ``x [T, H]``. Returns ``(out [T, H], router_logits [T, E])``."""
     logits = F.linear(x, router_weight)
     weights, ids = router_topk(logits, top_k, renormalize)
-    return moe_experts(x, ids, weights, w_gate_up, w_down), logits
+    return moe_experts(x, w_gate_up, w_down, ids, weights), logits
 
 
 def mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

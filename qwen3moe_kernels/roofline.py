@@ -10,7 +10,7 @@ The device peaks below are of two kinds, labelled as such everywhere they are pr
 
 * ``nominal``: the vendor's datasheet (dense, no sparsity). Leads only.
 * ``measured``: what a bf16 8192^3 matrix product (random data) and a large device-to-device copy (bytes read
-  plus written) reached on the device. :func:`measure_peaks` measures them on the current GPU; ``python/gpu_run.py``
+  plus written) reached on the device. :func:`measure_peaks` measures them on the current GPU; ``python -m qwen3moe_kernels.tools.gpu_run``
   stores them with its results. The H100/H200 "measured" defaults below were read by this workplace's device
   notes on its own machines (torch matmul and copy), not by this project's GPU run; B200 has none yet.
 
@@ -32,7 +32,7 @@ MODELS = {
     "Qwen3-30B-A3B": dict(hidden=2048, inter=768, experts=128, top_k=8, head_dim=128, q_heads=32, kv_heads=4),
     "Qwen3-235B-A22B": dict(hidden=4096, inter=1536, experts=128, top_k=8, head_dim=128, q_heads=64, kv_heads=4),
 }
-# Token counts T: the union of the CUDA bench's (1, 8, 64, 512, 2048, 8192; qwen3moe_kernels/bench.py
+# Token counts T: the union of the CUDA bench's (1, 8, 64, 512, 2048, 8192; qwen3moe_kernels/bench/machine.py
 # DEFAULT_TOKENS) and issue 4's (1, 8, 64, 512, 4096, 16384).
 DECODE_TOKENS = (1, 8, 64)
 PREFILL_TOKENS = (512, 2048, 4096, 8192, 16384)
@@ -44,11 +44,11 @@ PEAKS = {
     "H100": {"nominal": {"tflops": 989.0, "gbps": 3350.0, "source": "H100 SXM5 datasheet (dense bf16, HBM3)"},
              "measured": {"tflops": 798.0, "gbps": 3000.0,
                           "source": "device notes of this workplace, 2026-11-13 (torch bf16 8192^3 matmul on random "
-                                    "data; device-to-device copy, bytes read+written); not yet by python/gpu_run.py"}},
+                                    "data; device-to-device copy, bytes read+written); not yet by tools/gpu_run.py"}},
     "H200": {"nominal": {"tflops": 989.0, "gbps": 4800.0, "source": "H200 SXM datasheet (dense bf16, HBM3e)"},
              "measured": {"tflops": 788.0, "gbps": 4300.0,
                           "source": "device notes of this workplace, 2026-10-28 (torch bf16 8192^3 matmul on random "
-                                    "data; device-to-device copy); not yet by python/gpu_run.py"}},
+                                    "data; device-to-device copy); not yet by tools/gpu_run.py"}},
     "B200": {"nominal": {"tflops": 2250.0, "gbps": 8000.0, "source": "B200 datasheet (dense bf16, HBM3e)"},
              "measured": None},
 }

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qwen3moe_kernels import _ext
-from qwen3moe_kernels import compile_check as cc
+from qwen3moe_kernels.tools import compile_check as cc
 
 ROOT = Path(__file__).resolve().parent.parent
 

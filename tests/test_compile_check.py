@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from qwen3moe_kernels import compile_check as cc  # noqa: E402
+from qwen3moe_kernels.tools import compile_check as cc  # noqa: E402
 from qwen3moe_kernels.kernels.spec import CompileSpec  # noqa: E402
 
 # The tiny kernels are wrapped in JITFunction directly rather than with @triton.jit: other test modules set
@@ -93,8 +93,8 @@ def gate(tmp_path_factory):
     """One run of exactly what `qwen3moe-kernels compile-check` runs (every kernel, both archs, the CUDA build):
     (the finished process, the JSON it wrote or None)."""
     out = tmp_path_factory.mktemp("compile_check") / "compile_check.json"
-    p = subprocess.run([sys.executable, "-m", "qwen3moe_kernels.compile_check", "--json", str(out), "--jobs", "2"],
-                       env=cc.clean_env(), capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "qwen3moe_kernels.tools.compile_check", "--json", str(out), "--jobs", "2"]
+    p = subprocess.run(cmd, env=cc.clean_env(), capture_output=True, text=True, timeout=900)
     return p, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -152,7 +152,7 @@ def test_cuda_rows_pass_and_match_the_committed_table_for_this_build():
 
 def test_every_launched_triton_kernel_has_a_compile_spec():
     # discovered kernels vs compile_specs(); also each spec's signature names exactly its kernel's arguments
-    code = ("import json; from qwen3moe_kernels import compile_check as cc; d = cc.discover(); "
+    code = ("import json; from qwen3moe_kernels.tools import compile_check as cc; d = cc.discover(); "
             "print(json.dumps({'errors': d.errors, 'uncovered': d.uncovered, 'specs': len(d.specs), "
             "'modules': d.modules}))")
     p = subprocess.run([sys.executable, "-c", code], env=cc.clean_env(), capture_output=True, text=True, timeout=300)
@@ -492,18 +492,13 @@ def test_roofline_tokens_backward_and_row_floor():
         rl.row_floor("moe_block", 1, direction="bwd")
 
 
-# ------------------------------------------------------------------------- python/gpu_run.py's plumbing
+# ------------------------------------------------------------------------- tools/gpu_run.py's plumbing
 
 
 def _gpu_run():
-    import importlib.util
-    from pathlib import Path
+    from qwen3moe_kernels.tools import gpu_run
 
-    path = Path(__file__).resolve().parent.parent / "python" / "gpu_run.py"
-    spec = importlib.util.spec_from_file_location("gpu_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return gpu_run
 
 
 def test_gpu_run_steps_respect_the_budget(tmp_path):
@@ -593,6 +588,23 @@ def test_gpu_run_checks_this_gpus_arch_and_skips_the_cpu_only_tests(tmp_path):
         assert f"--deselect={nodeid}" in cmd and path == "tests/test_compile_check.py"
         assert callable(globals().get(name)), f"{name} is not a test here any more"
     assert "-v" in cmd and cmd[-2:] == ["-k", "cuda"]
+
+
+def test_tools_run_as_modules_and_the_package_never_imports_them():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    g = _gpu_run()
+    assert g.ROOT == root and cc.DEFAULT_JSON == root / "benchmarks" / "results" / "compile_check.json"
+    assert cc.PACKAGE_DIR == root / "qwen3moe_kernels"
+    assert g.compile_check_cmd(90)[1:3] == ["-m", "qwen3moe_kernels.tools.compile_check"]
+    code = "import sys, qwen3moe_kernels; print([m for m in sys.modules if m.startswith('qwen3moe_kernels.tools')])"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
+    for tool in ("gpu_run", "tune_grouped_swiglu", "compile_check"):
+        p = subprocess.run([sys.executable, "-m", f"qwen3moe_kernels.tools.{tool}", "--help"], env=cc.clean_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "usage:" in p.stdout, (tool, p.stdout[-1000:] + p.stderr[-2000:])
 
 
 def test_gpu_run_warns_on_other_versions():

@@ -7,8 +7,8 @@ the interpreter."""
 import pytest
 import torch
 
-from qwen3moe_kernels import dispatch, reference
-from qwen3moe_kernels.ops.fused_moe import fused_moe, moe_experts
+from qwen3moe_kernels import recorder, reference
+from qwen3moe_kernels.ops import fused_moe, moe_experts
 from tolerances import tol, twice_torch_error_bound
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -28,8 +28,8 @@ def _inputs(T, H, I, E, dtype, seed=0):
 def test_forward_matches_reference(dtype, T, H, I, E, k):
     x, rw, wgu, wd = _inputs(T, H, I, E, dtype, seed=T)
     out, logits = fused_moe(x, rw, wgu, wd, k, True)
-    ref, ref_logits = reference.sparse_moe_block(x.double(), rw.double(), wgu.double(), wd.double(), k, True)
-    torch.testing.assert_close(logits.double(), reference.sparse_moe_block(x, rw, wgu, wd, k, True)[1].double())
+    ref, ref_logits = reference.fused_moe(x.double(), rw.double(), wgu.double(), wd.double(), k, True)
+    torch.testing.assert_close(logits.double(), reference.fused_moe(x, rw, wgu, wd, k, True)[1].double())
     scale = max(1.0, ref.abs().max().item())
     assert (out.double() - ref).abs().max().item() <= TOL[dtype] * scale
 
@@ -46,7 +46,7 @@ def test_all_tokens_one_expert():
     rw[0] = 10.0
     x = x.abs() + 0.1  # every token's logit for expert 0 is the largest
     out, _ = fused_moe(x, rw, wgu, wd, 1, True)
-    ref, _ = reference.sparse_moe_block(x, rw, wgu, wd, 1, True)
+    ref, _ = reference.fused_moe(x, rw, wgu, wd, 1, True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -55,7 +55,7 @@ def test_backward_matches_reference_autograd():
     xs = [t.clone().requires_grad_() for t in (x, rw, wgu, wd)]
     rs = [t.clone().requires_grad_() for t in (x, rw, wgu, wd)]
     out, logits = fused_moe(*xs, 3, True)
-    ref, ref_logits = reference.sparse_moe_block(*rs, 3, True)
+    ref, ref_logits = reference.fused_moe(*rs, 3, True)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     (ref * g).sum().backward()
@@ -75,6 +75,20 @@ def test_bad_inputs():
         fused_moe(x[None], rw, wgu, wd, 2, True)
 
 
+def test_other_float_dtypes_run_the_reference_visibly():
+    """float64 is a valid model dtype (transformers runs it); no kernel takes it: the reference runs, with a
+    FallbackWarning, and implementations() says so."""
+    x, rw, wgu, wd = _inputs(9, 32, 16, 5, torch.float64)
+    with pytest.warns(recorder.FallbackWarning, match="fused_moe runs the pure-PyTorch reference"):
+        out, logits = fused_moe(x, rw, wgu, wd, 2, True)
+    ref, ref_logits = reference.fused_moe(x, rw, wgu, wd, 2, True)
+    assert torch.equal(out, ref) and torch.equal(logits, ref_logits)
+    assert recorder.implementations()["fused_moe"].startswith("reference (")
+    w, ids = reference.router_topk(ref_logits, 2, True)
+    with pytest.warns(recorder.FallbackWarning, match="moe_experts"):
+        assert torch.equal(moe_experts(x, wgu, wd, ids, w), reference.moe_experts(x, wgu, wd, ids, w))
+
+
 def _routed(T, H, I, E, k, dtype, seed=0):
     x, rw, wgu, wd = _inputs(T, H, I, E, dtype, seed)
     weights, ids = reference.router_topk(torch.randn(T, E, generator=torch.Generator().manual_seed(seed + 1)), k, True)
@@ -88,13 +102,13 @@ def test_moe_experts_forward_backward(dtype):
     x, ids, w, wgu, wd = _routed(27, 56, 40, 9, 3, dtype, seed=7)
     dout = torch.randn(27, 56, generator=torch.Generator().manual_seed(8)).to(dtype)
     ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-    out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+    out = moe_experts(ours[0], ours[2], ours[3], ids, ours[1])
     out.backward(dout)
     r64 = [t.double().requires_grad_() for t in (x, w, wgu, wd)]
-    ref = reference.moe_experts(r64[0], ids, r64[1], r64[2], r64[3])
+    ref = reference.moe_experts(r64[0], r64[2], r64[3], ids, r64[1])
     ref.backward(dout.double())
     lowp = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-    ref_lowp = reference.moe_experts(lowp[0], ids, lowp[1], lowp[2], lowp[3])
+    ref_lowp = reference.moe_experts(lowp[0], lowp[2], lowp[3], ids, lowp[1])
     ref_lowp.backward(dout)
     pairs = [("out", out, ref, ref_lowp)] + [(n, a.grad, b.grad, c.grad) for n, a, b, c in
                                              zip(("dx", "dweights", "dw_gate_up", "dw_down"), ours, r64, lowp)]
@@ -119,8 +133,8 @@ def test_moe_experts_partial_grads(trainable):
     refs = dict(zip(names, (t.double() for t in (x, w, wgu, wd))))
     ours[trainable].requires_grad_()
     refs[trainable].requires_grad_()
-    out = moe_experts(ours["x"], ids, ours["weights"], ours["w_gate_up"], ours["w_down"])
-    ref = reference.moe_experts(refs["x"], ids, refs["weights"], refs["w_gate_up"], refs["w_down"])
+    out = moe_experts(ours["x"], ours["w_gate_up"], ours["w_down"], ids, ours["weights"])
+    ref = reference.moe_experts(refs["x"], refs["w_gate_up"], refs["w_down"], ids, refs["weights"])
     dout = torch.randn(21, 40, generator=torch.Generator().manual_seed(13))
     out.backward(dout)
     ref.backward(dout.double())
@@ -130,15 +144,15 @@ def test_moe_experts_partial_grads(trainable):
 
 def test_moe_experts_no_grad_matches_grad_path_and_records():
     x, ids, w, wgu, wd = _routed(16, 48, 32, 6, 2, torch.float32, seed=11)
-    dispatch.reset()
+    recorder.reset()
     with torch.no_grad():
-        a = moe_experts(x, ids, w, wgu, wd)
-    ran = dispatch.implementations()
+        a = moe_experts(x, wgu, wd, ids, w)
+    ran = recorder.implementations()
     assert ran["grouped_swiglu"] == "cpu"
     # the CPU experts group, gather and combine with the registered permutation ops (issue: fused uses them)
     assert {op: ran.get(op) for op in ("moe_sort", "moe_permute", "moe_unpermute")} == dict.fromkeys(
         ("moe_sort", "moe_permute", "moe_unpermute"), "cpu")
-    b = moe_experts(x.requires_grad_(), ids.long(), w, wgu, wd)
+    b = moe_experts(x.requires_grad_(), wgu, wd, ids.long(), w)
     assert torch.equal(a, b.detach())
 
 
@@ -146,25 +160,27 @@ def test_moe_experts_rounds_weights_like_transformers():
     """The routing weights are rounded to x's dtype first, as reference.moe_experts (and transformers) do."""
     x, ids, w, wgu, wd = _routed(12, 32, 16, 5, 2, torch.bfloat16, seed=2)
     w = w + 1e-3  # not representable in bf16
-    got = moe_experts(x, ids, w, wgu, wd).double()
-    want = moe_experts(x, ids, w.bfloat16().float(), wgu, wd).double()
+    got = moe_experts(x, wgu, wd, ids, w).double()
+    want = moe_experts(x, wgu, wd, ids, w.bfloat16().float()).double()
     assert torch.equal(got, want)
 
 
 def test_moe_experts_bad_inputs():
     x, ids, w, wgu, wd = _routed(4, 32, 16, 5, 2, torch.float32)
     with pytest.raises(ValueError, match="top_k"):
-        moe_experts(x, torch.zeros(4, 6, dtype=torch.int32), torch.ones(4, 6), wgu, wd)
+        moe_experts(x, wgu, wd, torch.zeros(4, 6, dtype=torch.int32), torch.ones(4, 6))
     with pytest.raises(ValueError, match="not an expert id"):
-        moe_experts(x, ids + 5, w, wgu, wd)
-    with pytest.raises(TypeError, match="ids must be int32 or int64"):
-        moe_experts(x, ids.float(), w, wgu, wd)
-    with pytest.raises(ValueError, match="weights must be a float"):
-        moe_experts(x, ids, w[:, :1], wgu, wd)
+        moe_experts(x, wgu, wd, ids + 5, w)
+    with pytest.raises(TypeError, match="ids must be int32/int64"):
+        moe_experts(x, wgu, wd, ids.float(), w)
+    with pytest.raises(ValueError, match="weights must have ids' shape"):
+        moe_experts(x, wgu, wd, ids, w[:, :1])
+    with pytest.raises(TypeError, match="weights must be a float"):
+        moe_experts(x, wgu, wd, ids, ids)
     with pytest.raises(TypeError, match="w_gate_up must have x's dtype"):
-        moe_experts(x, ids, w, wgu.double(), wd)
+        moe_experts(x, wgu.double(), wd, ids, w)
     with pytest.raises(ValueError, match="w_down must be"):
-        moe_experts(x, ids, w, wgu, wd[:, :, :3])
+        moe_experts(x, wgu, wd[:, :, :3], ids, w)
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -180,7 +196,7 @@ def test_torch_compile_fullgraph_cpu():
     _, ids, w, _, _ = _routed(13, 32, 16, 6, 2, torch.float32, seed=4)
 
     def loss(x, w, wgu, wd):
-        return moe_experts(x, ids, w, wgu, wd).square().sum()
+        return moe_experts(x, wgu, wd, ids, w).square().sum()
 
     ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
     eager = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
@@ -200,16 +216,16 @@ def test_real_shapes_bf16_forward_backward(device, T):
     H, I, E, k = (2048, 768, 128, 8) if device == "cuda" else (128, 48, 12, 4)
     x, ids, w, wgu, wd = (t.to(device) for t in _routed(T, H, I, E, k, torch.bfloat16, seed=T))
     dout = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16().to(device)
-    dispatch.reset()
+    recorder.reset()
     ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-    out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+    out = moe_experts(ours[0], ours[2], ours[3], ids, ours[1])
     out.backward(dout)
-    assert dispatch.implementations()["grouped_swiglu_backward"] == ("triton" if device == "cuda" else "cpu")
+    assert recorder.implementations()["grouped_swiglu_backward"] == ("triton" if device == "cuda" else "cpu")
     r32 = [t.detach().float().clone().requires_grad_() for t in (x, w, wgu, wd)]
-    ref = reference.moe_experts(r32[0], ids, r32[1], r32[2], r32[3])
+    ref = reference.moe_experts(r32[0], r32[2], r32[3], ids, r32[1])
     ref.backward(dout.float())
     lowp = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-    ref_lowp = reference.moe_experts(lowp[0], ids, lowp[1], lowp[2], lowp[3])
+    ref_lowp = reference.moe_experts(lowp[0], lowp[2], lowp[3], ids, lowp[1])
     ref_lowp.backward(dout)
     for name, got, want, tl_ in [("out", out, ref, ref_lowp)] + [
             (n, a.grad, b.grad, c.grad) for n, a, b, c in zip(("dx", "dw", "dwgu", "dwd"), ours, r32, lowp)]:
@@ -221,7 +237,7 @@ def test_real_shapes_bf16_forward_backward(device, T):
 GPU_SHAPES = {"30B-A3B": (2048, 768, 128, 8), "235B-A22B": (4096, 1536, 128, 8)}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels at real shapes)")
+@pytest.mark.gpu
 @pytest.mark.parametrize("model", list(GPU_SHAPES))
 @pytest.mark.parametrize("T", [7, 1024])
 def test_real_shapes_bf16_deterministic_cuda(model, T):
@@ -244,16 +260,16 @@ def test_real_shapes_bf16_deterministic_cuda(model, T):
         poison = torch.full((1 << 28,), float("nan"), device="cuda")
         del poison
         ours = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
-        out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3])
+        out = moe_experts(ours[0], ours[2], ours[3], ids, ours[1])
         out.backward(dout)
         runs.append([out.detach()] + [t.grad for t in ours])
-    assert dispatch.implementations()["grouped_swiglu_backward"] == "triton"
+    assert recorder.implementations()["grouped_swiglu_backward"] == "triton"
     for name, a, b in zip(("out", "dx", "dweights", "dw_gate_up", "dw_down"), *runs):
         assert torch.isfinite(a.float()).all(), name
         assert torch.equal(a, b), f"{name}: two runs differ"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8, 64, 512])
 def test_fused_moe_cuda_graph_replay_cuda(T):
     """The no-grad block (router linear, router_topk, one alignment, gate_up, down, sum) is capturable into a CUDA

@@ -1,10 +1,9 @@
 """The grouped-GEMM SwiGLU ops (``qwen3moe::grouped_swiglu_*``): CPU implementations against the reference,
-``torch.library.opcheck``, argument errors; the Triton kernels under the interpreter (a subprocess, so
-TRITON_INTERPRET=1 is set before triton is imported) in fp32, fp16 and bf16 (through tests/triton_interp.py),
-the interpreter's bf16 dot defect that makes the shim necessary; the kernels' compile specs against the heuristic;
-tuned tables (file location, exact-shape / nearest-slot lookup, compile specs) and the tuner's mechanics under the
-interpreter; the fixed-order fp32 k-slot combine."""
+``torch.library.opcheck``, argument errors; the kernels' compile specs against the heuristic; tuned tables (file
+location, exact-shape / nearest-slot lookup, compile specs) and the tuner's mechanics under the interpreter; the
+fixed-order fp32 k-slot combine. The Triton kernels under the interpreter: tests/interp/test_grouped_swiglu.py."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -15,44 +14,14 @@ import pytest
 import torch
 
 from qwen3moe_kernels import reference
+from qwen3moe_kernels.cpu import cpu_compute_dtype
 from qwen3moe_kernels.kernels import grouped_swiglu
-from qwen3moe_kernels.ops import grouped_swiglu as ops  # noqa: F401  (registers the ops)
+from qwen3moe_kernels.ops import grouped_swiglu_cpu
 from helpers import DEVICES
 from tolerances import tol
 
 HERE = Path(__file__).parent
 OPS = torch.ops.qwen3moe
-
-
-def _interp(*args):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, str(HERE / "_grouped_swiglu_interp.py"), *args], env=env,
-                       capture_output=True, text=True, timeout=900)
-    return r.returncode, r.stdout + r.stderr
-
-
-def test_interpreter_fp32_fp16_forward_backward():
-    rc, out = _interp("fp32", "fp16")
-    assert rc == 0 and "OK" in out, out[-4000:]
-
-
-@pytest.fixture(scope="module")
-def bf16_run():
-    return _interp("bf16", "--shim")
-
-
-def test_interpreter_bf16_with_shim(bf16_run):
-    rc, out = bf16_run
-    assert rc == 0 and "OK" in out, out[-4000:]
-
-
-def test_interpreter_bf16_dot_defect_still_present(bf16_run):
-    """Documents why tests/triton_interp.py exists. When this fails, triton's interpreter computes bf16 tl.dot
-    correctly: delete the shim (tests/triton_interp.py and its --shim use) and run bf16 directly."""
-    rc, out = bf16_run
-    assert "bf16 dot defect present:" in out, out[-4000:]
-    assert "bf16 dot defect present: True" in out, (
-        "triton's interpreter now computes bf16 tl.dot correctly: drop the test-only shim tests/triton_interp.py")
 
 
 def test_compile_specs_cover_kernels_and_dtypes():
@@ -158,7 +127,7 @@ def test_cpu_backward_ops_match_autograd():
     dgu, dwd, drw = OPS.grouped_swiglu_down_backward(dout, h, gu, wd, ids, w)
     dx, dwgu = OPS.grouped_swiglu_gate_up_backward(dgu, x, wgu, ids)
     r = [t.double().requires_grad_() for t in (x, w, wgu, wd)]
-    ref = reference.moe_experts(r[0], ids, r[1], r[2], r[3])
+    ref = reference.moe_experts(r[0], r[2], r[3], ids, r[1])
     ref.backward(dout.double())
     for got, want in ((dx, r[0].grad), (drw, r[1].grad), (dwgu, r[2].grad), (dwd, r[3].grad)):
         torch.testing.assert_close(got.double(), want, **tol("gemm", torch.float32))
@@ -198,7 +167,7 @@ def test_cpu_grouped_mm_path_is_the_per_expert_loop(dtype, monkeypatch):
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     # with native bf16 the compute dtype is the input's, so the grouped path applies (else: the loop for bf16)
-    grouped_expected = ops._cdt(dtype) == dtype
+    grouped_expected = cpu_compute_dtype(dtype) == dtype
 
     def run():
         x, ids, w, wgu, wd = _inputs(21, 64, 32, 9, 2, dtype, seed=12)
@@ -211,7 +180,7 @@ def test_cpu_grouped_mm_path_is_the_per_expert_loop(dtype, monkeypatch):
     assert bool(calls) == grouped_expected
     assert (grouped[4][4] == 0).all() and (grouped[5][4] == 0).all()  # dW of the empty expert
     calls.clear()
-    monkeypatch.setattr(ops, "_grouped_mm_fits", lambda *ts: False)
+    monkeypatch.setattr(grouped_swiglu_cpu, "grouped_mm_fits", lambda *ts: False)
     loop = run()
     assert not calls
     for a, b in zip(grouped, loop):
@@ -254,35 +223,42 @@ def test_op_errors_name_the_argument():
     x, ids, w, wgu, wd = _inputs(4, 32, 16, 5, 2, torch.float32)
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     cases = [
-        (lambda: OPS.grouped_swiglu_gate_up(x.int(), wgu, ids, False), "x must be fp32/fp16/bf16"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu.half(), ids, False), "w_gate_up must be torch.float32"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu[:, :, :8], ids, False), r"w_gate_up must be \[E, 2I, H=32\]"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu.to("meta"), ids, False), "w_gate_up is on meta, expected cpu"),
-        (lambda: OPS.grouped_swiglu_down(h, wd, ids.to("meta"), w), "ids is on meta, expected cpu"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids.float(), False), "ids must be int32 or int64"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids[:3], False), r"ids must be \[T=4, top_k\]"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, torch.zeros(4, 6, dtype=torch.int32), False),
-         "top_k .* exceeds the number of experts E = 5"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, torch.where(ids == ids[2, 1], 5, ids), False),
+        (lambda: OPS.grouped_swiglu_gate_up(x.int(), wgu, ids, False), TypeError, "x must be float32/float16/bfloat16"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu.half(), ids, False), TypeError,
+         "w_gate_up must have x's dtype torch.float32"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu[:, :, :8], ids, False), ValueError,
+         r"w_gate_up must be \[E, 2I, H=32\]"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu.to("meta"), ids, False), ValueError,
+         "w_gate_up is on meta, expected x's device cpu"),
+        (lambda: OPS.grouped_swiglu_down(h, wd, ids.to("meta"), w), ValueError, "ids is on meta, expected"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids.float(), False), TypeError, "ids must be int32/int64"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids[:3], False), ValueError, r"ids must be \[T=4, top_k\]"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, torch.zeros(4, 6, dtype=torch.int32), False), ValueError,
+         r"top_k \(ids.shape\[1\]\) must be in \[1, E=5\], got 6"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, torch.where(ids == ids[2, 1], 5, ids), False), ValueError,
          r"ids\[\d, \d\] = 5 is not an expert id in \[0, E=5\)"),
-        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids - 1 - ids.max(), False), "is not an expert id"),
-        (lambda: OPS.grouped_swiglu_down(h, wd, ids, w.double()), "weights must be float32"),
-        (lambda: OPS.grouped_swiglu_down(h[:5], wd, ids, w), "h must have T\\*k = 8 rows"),
-        (lambda: OPS.grouped_swiglu_down(h, wd.transpose(1, 2), ids, w), r"h must be \[T\*k, I=32\]"),
-        (lambda: OPS.grouped_swiglu_down_backward(x, h, gu[:, :4], wd, ids, w), "gate_up must be"),
-        (lambda: OPS.grouped_swiglu_gate_up_backward(gu[:3], x, wgu, ids), "d_gate_up must be"),
-        (lambda: OPS.grouped_swiglu(x, wgu, wd[:, :8], ids, w, False), r"w_down must be \[E=5, H=32, I=16\]"),
-        (lambda: OPS.grouped_swiglu(x, wgu, wd.half(), ids, w, False), "w_down must be torch.float32"),
-        (lambda: OPS.grouped_swiglu(x, wgu, wd, ids, w[:, :1], False), r"weights must be \[T=4, k=2\]"),
-        (lambda: OPS.grouped_swiglu(x, wgu, wd, ids, w.half(), False), "weights must be float32"),
-        (lambda: OPS.grouped_swiglu(x, wgu, wd, ids + 5, w, False), "is not an expert id in"),
-        (lambda: OPS.grouped_swiglu_backward(x[:3], x, h, gu, wgu, wd, ids, w), r"dout must be \[T=4, H=32\]"),
-        (lambda: OPS.grouped_swiglu_backward(x, x, h, gu[:, :4], wgu, wd, ids, w), "gate_up must be"),
-        (lambda: OPS.grouped_swiglu_backward(x, x, h[:5], gu, wgu, wd, ids, w), "h must have T\\*k = 8 rows"),
-        (lambda: OPS.grouped_swiglu_backward(x, x, h, gu, wgu, wd[:, :8], ids, w), "w_down must be"),
+        (lambda: OPS.grouped_swiglu_gate_up(x, wgu, ids - 1 - ids.max(), False), ValueError, "is not an expert id"),
+        (lambda: OPS.grouped_swiglu_down(h, wd, ids, w.double()), TypeError, "weights must be float32"),
+        (lambda: OPS.grouped_swiglu_down(h[:5], wd, ids, w), ValueError, "h must have T\\*k = 8 rows"),
+        (lambda: OPS.grouped_swiglu_down(h, wd.transpose(1, 2), ids, w), ValueError, r"h must be \[T\*k, I=32\]"),
+        (lambda: OPS.grouped_swiglu_down_backward(x, h, gu[:, :4], wd, ids, w), ValueError, "gate_up must be"),
+        (lambda: OPS.grouped_swiglu_gate_up_backward(gu[:3], x, wgu, ids), ValueError, "d_gate_up must be"),
+        (lambda: OPS.grouped_swiglu(x, wgu, wd[:, :8], ids, w, False), ValueError,
+         r"w_down must be \[E=5, H=32, I=16\]"),
+        (lambda: OPS.grouped_swiglu(x, wgu, wd.half(), ids, w, False), TypeError,
+         "w_down must have x's dtype torch.float32"),
+        (lambda: OPS.grouped_swiglu(x, wgu, wd, ids, w[:, :1], False), ValueError, r"weights must be \[T=4, k=2\]"),
+        (lambda: OPS.grouped_swiglu(x, wgu, wd, ids, w.half(), False), TypeError, "weights must be float32"),
+        (lambda: OPS.grouped_swiglu(x, wgu, wd, ids + 5, w, False), ValueError, "is not an expert id in"),
+        (lambda: OPS.grouped_swiglu_backward(x[:3], x, h, gu, wgu, wd, ids, w), ValueError,
+         r"dout must be \[T=4, H=32\]"),
+        (lambda: OPS.grouped_swiglu_backward(x, x, h, gu[:, :4], wgu, wd, ids, w), ValueError, "gate_up must be"),
+        (lambda: OPS.grouped_swiglu_backward(x, x, h[:5], gu, wgu, wd, ids, w), ValueError,
+         "h must have T\\*k = 8 rows"),
+        (lambda: OPS.grouped_swiglu_backward(x, x, h, gu, wgu, wd[:, :8], ids, w), ValueError, "w_down must be"),
     ]
-    for fn, pattern in cases:
-        with pytest.raises((RuntimeError, ValueError), match=pattern):
+    for fn, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
             fn()
 
 
@@ -379,13 +355,7 @@ def test_no_tuned_table_is_shipped_without_a_gpu_run():
 
 
 def _load_tuner():
-    import importlib.util
-
-    path = HERE.parent / "python" / "tune_grouped_swiglu.py"
-    spec = importlib.util.spec_from_file_location("tune_grouped_swiglu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("qwen3moe_kernels.tools.tune_grouped_swiglu")
 
 
 def test_tuner_check_rejects_wrong_results():
@@ -401,7 +371,7 @@ def test_tuner_tiny_interpret_writes_a_table_the_loader_uses(table_dir):
     """The tuner's mechanics without a GPU: sweep two candidates per kernel at one tiny shape, check each against
     the torch path, time it, write the JSON; the loader reads it back and default_config returns its entries."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(HERE.parent / "python" / "tune_grouped_swiglu.py"), "--interpret", "--tiny",
+    r = subprocess.run([sys.executable, "-m", "qwen3moe_kernels.tools.tune_grouped_swiglu", "--interpret", "--tiny",
                         "--out-dir", str(table_dir)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     path = grouped_swiglu.table_path("interpreter")
@@ -427,12 +397,12 @@ def test_tuner_tiny_interpret_writes_a_table_the_loader_uses(table_dir):
     assert any(s.gemm and s.extra["config"] == alt and s.extra["H"] == 64 for s in grouped_swiglu.compile_specs())
 
 
-def test_sum_slots_is_fixed_order_fp32():
+def test_k_slot_combine_is_fixed_order_fp32():
     """The k-slot combine after the down and dx kernels: fp32 accumulation in the order j = 0..k-1, one rounding
     (an exact match with that loop; a bf16 accumulation or another order would differ). The CPU helper
     (moe_unpermute with unit weights, rows in any order given by inv) here; the Triton kernel, which must agree
-    bit for bit, under the interpreter (tests/_grouped_swiglu_interp.py)."""
-    from qwen3moe_kernels.ops.grouped_swiglu import sum_slots
+    bit for bit, under the interpreter (tests/interp/test_grouped_swiglu.py)."""
+    sum_slots = grouped_swiglu_cpu.combine_unweighted
 
     T, k, H = 37, 8, 96
     g = torch.Generator().manual_seed(0)

@@ -8,8 +8,7 @@ discriminates between experts and a routing difference would show.
 
 A fused path must not silently run the reference: FallbackWarning is an error in this file (the fallback tests
 catch it with ``pytest.warns``), and every op the patched model ran must name a kernel in ``implementations()``
-(``dispatch.fallback`` records ``"reference (...)"``; the registered experts record
-``qwen3moe_kernels.reference.moe_experts`` when they fall back).
+(``recorder.fallback`` records ``"reference (...)"``).
 """
 
 import copy
@@ -23,21 +22,21 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf  # noqa: E402
 
 import qwen3moe_kernels  # noqa: E402
-from qwen3moe_kernels.dispatch import FallbackWarning  # noqa: E402
+from qwen3moe_kernels.recorder import FallbackWarning  # noqa: E402
 from qwen3moe_kernels.integrations import transformers as qk_hf  # noqa: E402
 from tolerances import assert_within_twice_torch_error, tol  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("error::qwen3moe_kernels.dispatch.FallbackWarning")
+pytestmark = pytest.mark.filterwarnings("error::qwen3moe_kernels.recorder.FallbackWarning")
 
 # what apply() runs with a gradient needed (the router's top-k is then PyTorch's, see the module docstring) ...
-APPLIED_OPS = {"rms_norm", "qk_norm_rope", "fused_add_rms_norm", "moe_experts", "experts_implementation"}
+APPLIED_OPS = {"rms_norm", "qk_norm_rope", "fused_add_rms_norm", "moe_experts"}
 # ... and without one, the router_topk op too
 APPLIED_OPS_NO_GRAD = APPLIED_OPS | {"router_topk"}
-REGISTERED_OPS = {"moe_experts", "experts_implementation"}
+REGISTERED_OPS = {"moe_experts", "grouped_swiglu"}
 
 
 def assert_no_reference_ran(expected_ops):
-    """Every op recorded since the last dispatch.reset() ran a kernel, and at least ``expected_ops`` ran."""
+    """Every op recorded since the last recorder.reset() ran a kernel, and at least ``expected_ops`` ran."""
     ran = qwen3moe_kernels.implementations()
     missing = set(expected_ops) - set(ran)
     assert not missing, f"{sorted(missing)} did not run: {ran}"
@@ -115,7 +114,7 @@ def test_apply_same_logits_loss_and_gradients():
     # patched in place: the very same Parameter objects, so optimizers and state_dict keep working
     assert all(p is params_before[n] for n, p in model.named_parameters())
 
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got, got_grads = forward_backward(model, ids, labels)
     assert_no_reference_ran(APPLIED_OPS)
     assert_same_outputs(ref, got)
@@ -207,7 +206,7 @@ def test_same_greedy_tokens_with_cache(dtype):
     ids, _ = batch(B=1, S=7)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, **kw)
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got = qk_hf.apply(copy.deepcopy(model)).generate(ids, **kw)
     assert_no_reference_ran(APPLIED_OPS_NO_GRAD)
     assert torch.equal(got, ref)
@@ -250,7 +249,7 @@ def test_bf16_model_logits_loss_and_gradients(how):
         qk_hf.apply(model)
     else:
         model.set_experts_implementation(qk_hf.register())
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got, got_grads = forward_backward(model, ids, labels)
     assert_no_reference_ran(APPLIED_OPS if how == "apply" else REGISTERED_OPS)
     assert_within_twice_torch_error(got.logits, ref32.logits, ref.logits)
@@ -270,7 +269,7 @@ def test_registered_experts_same_greedy_tokens(dtype):
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, **kw)
     model.set_experts_implementation(qk_hf.register())
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got = model.generate(ids, **kw)
     assert_no_reference_ran(REGISTERED_OPS)
     assert torch.equal(got, ref)
@@ -278,7 +277,7 @@ def test_registered_experts_same_greedy_tokens(dtype):
 
 def test_registered_experts_implementation_from_pretrained(tmp_path):
     """register() + from_pretrained(experts_implementation=...): same logits, loss, aux loss and gradients, and
-    implementations() names the fused experts entry point that ran (no fallback)."""
+    implementations() says our experts ran on their CPU kernels (no fallback)."""
     name = qk_hf.register()
     assert name == "qwen3moe_kernels"
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -291,43 +290,41 @@ def test_registered_experts_implementation_from_pretrained(tmp_path):
 
     ours = Qwen3MoeForCausalLM.from_pretrained(tmp_path, experts_implementation=name, attn_implementation="eager")
     assert ours.config._experts_implementation == name
-    entry = qk_hf.experts_entry_point()
-    assert entry is not None
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got, got_grads = forward_backward(ours, ids, labels)
     assert_no_reference_ran(REGISTERED_OPS)
-    assert qwen3moe_kernels.implementations()["experts_implementation"] == entry[1]
+    assert qwen3moe_kernels.implementations()["moe_experts"] == "cpu"
     assert_same_outputs(ref, got)
     assert set(got_grads) == set(ref_grads)
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
 
 
-def test_registered_experts_call_the_entry_point(monkeypatch):
-    """The registered experts hand the entry point transformers' own Parameters, int32 ids and fp32 weights, and
-    return what it returns; gradients flow through it to the experts' Parameters and the router."""
-    from qwen3moe_kernels import fused, reference
+def test_registered_experts_call_moe_experts(monkeypatch):
+    """The registered experts hand ``ops.moe_experts`` transformers' own Parameters, int32 ids and fp32 weights,
+    and return what it returns; gradients flow through it to the experts' Parameters and the router."""
+    from qwen3moe_kernels import ops
 
     calls = []
+    real = ops.moe_experts
 
-    def fake_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down):
+    def spy_moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights):
         calls.append((topk_ids.dtype, topk_weights.dtype, w_gate_up, w_down))
-        return reference.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down)
+        return real(x, w_gate_up, w_down, topk_ids, topk_weights)
 
-    monkeypatch.setattr(fused, "moe_experts", fake_moe_experts, raising=False)
+    monkeypatch.setattr(ops, "moe_experts", spy_moe_experts)
     qk_hf.register()
     model = tiny_model()
     ids, labels = batch()
     ref, ref_grads = forward_backward(model, ids, labels)
     model.set_experts_implementation("qwen3moe_kernels")
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got, got_grads = forward_backward(model, ids, labels)
-    assert_no_reference_ran({"experts_implementation"})
+    assert_no_reference_ran(REGISTERED_OPS)
     assert len(calls) == 2  # one per MoE layer
     for (id_dtype, w_dtype, wgu, wd), layer in zip(calls, model.model.layers):
         assert (id_dtype, w_dtype) == (torch.int32, torch.float32)
         assert wgu is layer.mlp.experts.gate_up_proj and wd is layer.mlp.experts.down_proj
-    assert qwen3moe_kernels.implementations()["experts_implementation"] == "qwen3moe_kernels.fused.moe_experts"
     assert_same_outputs(ref, got)
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
@@ -341,13 +338,10 @@ def test_registered_experts_fall_back_visibly_for_float64():
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         model.set_experts_implementation("qwen3moe_kernels")
-        why = "float64" if qk_hf.experts_entry_point() is not None else "no fused experts entry point"
-        with pytest.warns(FallbackWarning, match=why):
+        with pytest.warns(FallbackWarning, match="moe_experts runs the pure-PyTorch reference.*float64"):
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
-    ran = qwen3moe_kernels.implementations()
-    assert ran["experts_implementation"] == "qwen3moe_kernels.reference.moe_experts"
-    assert ran["moe_experts"].startswith("reference (")
+    assert qwen3moe_kernels.implementations()["moe_experts"].startswith("reference (")
 
 
 def test_sparse_moe_block_from_hf_shares_parameters():
@@ -364,7 +358,7 @@ def test_sparse_moe_block_from_hf_shares_parameters():
     block.zero_grad()
     x.grad = None
     out, logits = ours(x)
-    assert_no_reference_ran({"sparse_moe_block", "moe_experts"})
+    assert_no_reference_ran({"fused_moe", "moe_experts"})
     assert logits.shape == (15, 8)
     torch.testing.assert_close(out, ref, **tol("gemm", torch.float32))
     out.square().sum().backward()
@@ -411,7 +405,7 @@ def test_training_with_gradient_checkpointing():
     ref, ref_grads = forward_backward(model, ids, labels)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     qk_hf.apply(model)
-    qwen3moe_kernels.dispatch.reset()
+    qwen3moe_kernels.recorder.reset()
     got, got_grads = forward_backward(model, ids, labels)
     assert_no_reference_ran(APPLIED_OPS)
     torch.testing.assert_close(got.loss, ref.loss, **tol("gemm", torch.float32))

@@ -161,32 +161,32 @@ def test_permute_padded_slots_and_strided_x(device):
 def test_bad_inputs(device):
     ids = torch.tensor([[0, 3], [2, 8]], dtype=torch.int32, device=device)
     if device == "cpu":  # on CUDA an out-of-range id is a device-side assertion (no host sync to check it)
-        with pytest.raises(RuntimeError, match="expert id 8 .* out of range"):
+        with pytest.raises(ValueError, match="expert id 8 .* out of range"):
             moe_sort(ids, 8)
-        with pytest.raises(RuntimeError, match="expert id -1 .* out of range"):
+        with pytest.raises(ValueError, match="expert id -1 .* out of range"):
             moe_align_block(torch.tensor([[0, -1]], dtype=torch.int32), 8, 16)
-        with pytest.raises(RuntimeError, match="sorted_slots\\[0\\] = 9 is out of range"):
+        with pytest.raises(ValueError, match="sorted_slots\\[0\\] = 9 is out of range"):
             moe_permute(torch.randn(2, 4), torch.tensor([9, 0], dtype=torch.int32), 2)
-        with pytest.raises(RuntimeError, match="inv\\[1\\] = 4 is out of range"):
+        with pytest.raises(ValueError, match="inv\\[1\\] = 4 is out of range"):
             moe_unpermute(torch.randn(4, 4), torch.rand(2, 2), torch.tensor([0, 4, 1, 2], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="ids must be int32 or int64"):
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
         moe_sort(ids.float(), 8)
-    with pytest.raises(RuntimeError, match="num_experts must be in"):
+    with pytest.raises(ValueError, match="num_experts must be in"):
         moe_sort(ids, 513)
-    with pytest.raises(RuntimeError, match="block_size must be in"):
+    with pytest.raises(ValueError, match="block_size must be in"):
         moe_align_block(ids, 16, 0)
-    with pytest.raises(RuntimeError, match="ids must be contiguous"):
+    with pytest.raises(ValueError, match="ids must be contiguous"):
         moe_sort(torch.zeros(4, 4, dtype=torch.int32, device=device).t(), 8)
     slots = torch.arange(4, dtype=torch.int32, device=device)
-    with pytest.raises(RuntimeError, match="x must be 2-D"):
+    with pytest.raises(ValueError, match="x must be 2-D"):
         moe_permute(torch.randn(8, device=device), slots, 2)
-    with pytest.raises(RuntimeError, match="sorted_slots must be int32"):
+    with pytest.raises(TypeError, match="sorted_slots must be int32"):
         moe_permute(torch.randn(2, 4, device=device), slots.long(), 2)
-    with pytest.raises(RuntimeError, match="stride"):
+    with pytest.raises(ValueError, match="stride"):
         moe_permute(torch.randn(4, 2, device=device).t(), slots, 2)
-    with pytest.raises(RuntimeError, match="inv must have T\\*k"):
+    with pytest.raises(ValueError, match="inv must have T\\*k"):
         moe_unpermute(torch.randn(4, 4, device=device), torch.rand(2, 2, device=device), slots[:3])
-    with pytest.raises(RuntimeError, match="y must be float32"):
+    with pytest.raises(TypeError, match="y must be float32"):
         moe_unpermute(torch.randn(4, 4, device=device).double(), torch.rand(2, 2, device=device), slots)
 
 
@@ -216,14 +216,14 @@ def test_properties_random_shapes(T, E, k, block, H, seed):
 def test_zero_stride_ids_are_rejected_as_not_contiguous():
     # a zero-stride view could claim 2^31 slots for free, but the ids must be contiguous: that check comes first
     ids = torch.zeros(1, dtype=torch.int32).expand(2**30, 2)
-    with pytest.raises(RuntimeError, match="ids must be contiguous"):
+    with pytest.raises(ValueError, match="ids must be contiguous"):
         moe_sort(ids, 8)
 
 
 def test_int32_overflow_is_an_error():
     # moe_permute: a zero-stride x claims T = 2^29 tokens without allocating them; k = 8: T*k = 2^32
     big = torch.zeros(1, 1).expand(2**29, 1)
-    with pytest.raises(RuntimeError, match="T \\* top_k = 4294967296 does not fit int32"):
+    with pytest.raises(ValueError, match="T \\* top_k = 4294967296 does not fit int32"):
         moe_permute(big, torch.zeros(1, dtype=torch.int32), 8)
     # moe_sort / moe_align_block need contiguous ids (see above), so T*k = 2^31 slots are a real 8 GiB int32
     # buffer: there is no way to reach their T*k check without one. torch.empty only reserves the address space
@@ -235,9 +235,9 @@ def test_int32_overflow_is_an_error():
     except RuntimeError:  # a machine that cannot even reserve 8 GiB of address space
         pytest.skip("cannot reserve 8 GiB of address space for 2^31 int32 ids")
     ids[0, 0] = 8
-    with pytest.raises(RuntimeError, match="ids.numel\\(\\) = T\\*k = 2147483648 does not fit int32"):
+    with pytest.raises(ValueError, match="ids.numel\\(\\) = T\\*k = 2147483648 does not fit int32"):
         moe_sort(ids, 8)
-    with pytest.raises(RuntimeError, match="ids.numel\\(\\) = T\\*k = 2147483648 does not fit int32"):
+    with pytest.raises(ValueError, match="ids.numel\\(\\) = T\\*k = 2147483648 does not fit int32"):
         moe_align_block(ids, 8, 16)
 
 

@@ -1,21 +1,17 @@
 """qwen3moe::rope / rope_positions / qk_norm_rope / qk_norm_rope_positions (and their backward) against the
 reference and transformers' apply_rotary_pos_emb: the C++ CPU path (forward bit-exact where the arithmetic is the
 same; autograd against autograd of the reference; double backward refused), opcheck, torch.compile(fullgraph=True),
-bad input, the Triton kernels under the interpreter (in a subprocess so TRITON_INTERPRET is set before triton
-loads) and on a GPU when there is one, outputs poisoned beforehand."""
+bad input, and on a GPU when there is one, outputs poisoned beforehand. The Triton kernels under the interpreter:
+tests/interp/test_rope.py."""
 
-import os
-import subprocess
-import sys
-import textwrap
+import importlib
 import warnings
 
 import pytest
 import torch
 
-from qwen3moe_kernels import dispatch, reference
-from qwen3moe_kernels.ops.rope import (qk_norm_rope, qk_norm_rope_by_positions, rope, rope_by_positions,
-                                       rope_inv_freq)
+from qwen3moe_kernels import recorder, reference
+from qwen3moe_kernels.ops import qk_norm_rope, qk_norm_rope_positions, rope, rope_inv_freq, rope_positions
 from tests.tolerances import assert_within_twice_torch_error, tol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -23,6 +19,11 @@ THETA = 1e6
 EPS = 1e-6
 # (B, S, Hq, Hk, D): Qwen3-30B-A3B decode, 235B-A22B short prefill, odd head counts / head_dim, T = 0
 SHAPES = [(1, 1, 32, 4, 128), (1, 3, 64, 4, 128), (2, 5, 3, 1, 10), (3, 7, 5, 3, 16), (2, 0, 4, 2, 128)]
+
+
+def _inv(q):
+    """The default RoPE's inv_freq for q's head_dim (what the positions ops build their table from)."""
+    return rope_inv_freq(q.shape[-1], THETA, q.device)
 
 
 def _inputs(B, S, Hq, Hk, D, dtype, seed=0, strided=True, device="cpu"):
@@ -54,13 +55,13 @@ def test_cpu_forward_matches_reference(shape, dtype):
     for got, ref in zip(rope(q, k, cos, sin), (rq, rk)):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     # table from positions: cos/sin in fp32 by a different libm (1 fp32 ulp), rounded: within one dtype ulp
-    for got, ref in zip(rope_by_positions(q, k, pos, THETA), (rq, rk)):
+    for got, ref in zip(rope_positions(q, k, pos, _inv(q)), (rq, rk)):
         torch.testing.assert_close(got, ref, **tol("elementwise", dtype))
     nq, nk = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
     for got, ref in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), (nq, nk)):
         torch.testing.assert_close(got, ref, **tol("norm", dtype))
         assert got.is_contiguous()
-    for got, ref in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS), (nq, nk)):
+    for got, ref in zip(qk_norm_rope_positions(q, k, qw, kw, pos, _inv(q), EPS), (nq, nk)):
         torch.testing.assert_close(got, ref, **tol("norm", dtype))
 
 
@@ -71,7 +72,7 @@ def test_broadcast_table_and_int32_positions():
     ref = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
     for got, r in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), ref):
         torch.testing.assert_close(got, r, **tol("elementwise", torch.float32))
-    for got, r in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos.int(), THETA, EPS), ref):
+    for got, r in zip(qk_norm_rope_positions(q, k, qw, kw, pos.int(), _inv(q), EPS), ref):
         torch.testing.assert_close(got, r, **tol("elementwise", torch.float32))
 
 
@@ -87,7 +88,7 @@ def test_inv_freq_is_transformers():
     hc, hs = hf(x, pos)
     q = torch.randn(1, 5, 4, 64, dtype=torch.bfloat16)
     k = torch.randn(1, 5, 2, 64, dtype=torch.bfloat16)
-    for got, ref in zip(rope_by_positions(q, k, pos, THETA), reference.rope(q, k, hc, hs)):
+    for got, ref in zip(rope_positions(q, k, pos, _inv(q)), reference.rope(q, k, hc, hs)):
         torch.testing.assert_close(got, ref, **tol("elementwise", torch.bfloat16))
 
 
@@ -142,10 +143,10 @@ def test_backward_matches_reference_autograd(shape, dtype):
     rope_ref = lambda c, s: lambda a, b: reference.rope(a, b, c, s)  # noqa: E731
     _check_backward(lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS), norm_ref, (q, k, qw, kw), gq, gk,
                     dtype, (cos, sin))
-    _check_backward(lambda a, b, c, d: qk_norm_rope_by_positions(a, b, c, d, pos, THETA, EPS), norm_ref,
+    _check_backward(lambda a, b, c, d: qk_norm_rope_positions(a, b, c, d, pos, _inv(a), EPS), norm_ref,
                     (q, k, qw, kw), gq, gk, dtype, (cos, sin))
     _check_backward(lambda a, b: rope(a, b, cos, sin), rope_ref, (q, k), gq, gk, dtype, (cos, sin))
-    _check_backward(lambda a, b: rope_by_positions(a, b, pos, THETA), rope_ref, (q, k), gq, gk, dtype, (cos, sin))
+    _check_backward(lambda a, b: rope_positions(a, b, pos, _inv(a)), rope_ref, (q, k), gq, gk, dtype, (cos, sin))
 
 
 def test_weight_grad_is_deterministic():
@@ -163,10 +164,10 @@ def _four_ops(cos, sin, pos):
     the reference of the positions variants takes the table ``cos, sin`` of ``pos``."""
     return [
         (lambda a, b: rope(a, b, cos, sin), lambda a, b: reference.rope(a, b, cos, sin), False),
-        (lambda a, b: rope_by_positions(a, b, pos, THETA), lambda a, b: reference.rope(a, b, cos, sin), False),
+        (lambda a, b: rope_positions(a, b, pos, _inv(a)), lambda a, b: reference.rope(a, b, cos, sin), False),
         (lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS),
          lambda a, b, c, d: reference.qk_norm_rope(a, b, c, d, cos, sin, EPS), True),
-        (lambda a, b, c, d: qk_norm_rope_by_positions(a, b, c, d, pos, THETA, EPS),
+        (lambda a, b, c, d: qk_norm_rope_positions(a, b, c, d, pos, _inv(a), EPS),
          lambda a, b, c, d: reference.qk_norm_rope(a, b, c, d, cos, sin, EPS), True),
     ]
 
@@ -209,7 +210,7 @@ def test_matches_transformers():
 
         for got, want in zip(rope(q, k, cos, sin), hf_rope(q, k)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same arithmetic: bit-identical
-        for got, want in zip(rope_by_positions(q, k, pos, THETA), hf_rope(q, k)):
+        for got, want in zip(rope_positions(q, k, pos, _inv(q)), hf_rope(q, k)):
             torch.testing.assert_close(got, want, **tol("elementwise", dtype))  # cos/sin by another libm
         q_norm, k_norm = Qwen3MoeRMSNorm(D, eps=EPS).to(dtype), Qwen3MoeRMSNorm(D, eps=EPS).to(dtype)
         with torch.no_grad():
@@ -218,35 +219,72 @@ def test_matches_transformers():
             want = hf_rope(q_norm(q), k_norm(k))
         for got, w in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS), want):
             torch.testing.assert_close(got, w, **tol("norm", dtype))
-        for got, w in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS), want):
+        for got, w in zip(qk_norm_rope_positions(q, k, qw, kw, pos, _inv(q), EPS), want):
             torch.testing.assert_close(got, w, **tol("norm", dtype))
 
 
 def test_table_gradient_is_refused():
     q, k, qw, kw, pos, cos, sin = _inputs(1, 2, 2, 1, 16, torch.float32)
-    with pytest.raises(RuntimeError, match="cos / sin / inv_freq are not implemented"):
+    with pytest.raises(NotImplementedError, match="cos / sin / inv_freq are not implemented"):
         rope(q, k, cos.requires_grad_(), sin)
 
 
 def test_bad_inputs():
+    """Malformed shapes are a ValueError from the functions and the ops; a dtype an op does not take is a
+    TypeError from the op (the functions run the reference for those: see the next test); eps <= 0 a ValueError."""
     q, k, qw, kw, pos, cos, sin = _inputs(2, 3, 4, 2, 16, torch.float32, strided=False)
-    cases = [
-        (lambda: rope(q[0], k, cos, sin), "q must be 4-D"),
-        (lambda: rope(q, k.half(), cos, sin), "k dtype"),
-        (lambda: rope(q, k[:, :2], cos, sin), "k must be"),
-        (lambda: rope(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15]), "must be even"),
-        (lambda: rope(q, k, cos.half(), sin), "cos dtype"),
-        (lambda: rope(q, k, cos[:, :2], sin), r"cos must be \[2 or 1, 3, 16\]"),
-        (lambda: qk_norm_rope(q, k, qw[:8], kw, cos, sin, EPS), r"q_weight must have shape \[16\]"),
-        (lambda: qk_norm_rope(q, k, qw, kw.half(), cos, sin, EPS), "k_weight dtype"),
-        (lambda: qk_norm_rope(q, k, qw, kw, cos, sin, 0.0), "eps must be > 0"),
-        (lambda: rope_by_positions(q, k, pos.float(), THETA), "position_ids must be int32 or int64"),
-        (lambda: rope_by_positions(q, k, pos[:, :2], THETA), "position_ids must be"),
-        (lambda: rope(q.double(), k.double(), cos.double(), sin.double()), "q dtype must be"),
+    ops = torch.ops.qwen3moe
+    inv = _inv(q)
+    shapes = [
+        (lambda f: f.rope(q[0], k, cos, sin), "q must be 4-D"),
+        (lambda f: f.rope(q, k[:, :2], cos, sin), "k must be"),
+        (lambda f: f.rope(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15]), "must be even"),
+        (lambda f: f.rope(q, k, cos[:, :2], sin), r"cos must be \[2 or 1, 3, 16\]"),
+        (lambda f: f.qk_norm_rope(q, k, qw[:8], kw, cos, sin, EPS), r"q_weight must have shape \[16\]"),
+        (lambda f: f.rope_positions(q, k, pos[:, :2], inv), "position_ids must be"),
+        (lambda f: f.rope_positions(q, k, pos, inv[:3]), r"inv_freq must be \[8\]"),
     ]
-    for fn, msg in cases:
-        with pytest.raises(RuntimeError, match=msg):
+    import qwen3moe_kernels.ops as wrappers
+
+    for fn, msg in shapes:
+        for f in (wrappers, ops):
+            with pytest.raises(ValueError, match=msg):
+                fn(f)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ops.qk_norm_rope(q, k, qw, kw, cos, sin, 0.0)
+    dtypes = [
+        (lambda: ops.rope(q, k.half(), cos, sin), "k dtype"),
+        (lambda: ops.rope(q, k, cos.half(), sin), "cos dtype"),
+        (lambda: ops.qk_norm_rope(q, k, qw, kw.half(), cos, sin, EPS), "k_weight dtype"),
+        (lambda: ops.rope_positions(q, k, pos.float(), inv), "position_ids must be int32 or int64"),
+        (lambda: ops.rope(q.double(), k.double(), cos.double(), sin.double()), "q dtype must be"),
+    ]
+    for fn, msg in dtypes:
+        with pytest.raises(TypeError, match=msg):
             fn()
+
+
+def test_inputs_no_kernel_takes_run_the_reference_visibly():
+    """Valid inputs the kernels do not take (float64, an fp32 norm weight on bf16 activations, float positions,
+    eps = 0) give the reference's result, with a FallbackWarning and implementations() saying why."""
+    q, k, qw, kw, pos, cos, sin = _inputs(2, 3, 4, 2, 16, torch.bfloat16, strided=False)
+    cases = [
+        ("qk_norm_rope", lambda: qk_norm_rope(q, k, qw.float(), kw.float(), cos, sin, EPS),
+         lambda: reference.qk_norm_rope(q, k, qw.float(), kw.float(), cos, sin, EPS)),
+        ("qk_norm_rope", lambda: qk_norm_rope(q, k, qw, kw, cos, sin, 0.0),
+         lambda: reference.qk_norm_rope(q, k, qw, kw, cos, sin, 0.0)),
+        ("rope", lambda: rope(q.double(), k.double(), cos.double(), sin.double()),
+         lambda: reference.rope(q.double(), k.double(), cos.double(), sin.double())),
+        ("rope_positions", lambda: rope_positions(q, k, pos.float(), _inv(q)),
+         lambda: reference.rope(q, k, *reference.rope_cos_sin(pos, 16, THETA, q.dtype))),
+    ]
+    for op, ours, ref in cases:
+        recorder.reset()
+        with pytest.warns(recorder.FallbackWarning, match=op):
+            got = ours()
+        assert recorder.implementations()[op].startswith("reference ("), recorder.implementations()
+        for a, b in zip(got, ref()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_opcheck_and_compile():
@@ -266,7 +304,7 @@ def test_opcheck_and_compile():
 
     def attn_prologue(q, k, qw, kw, cos, sin, pos):
         a = qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
-        b = rope_by_positions(q, k, pos, THETA, inv)
+        b = rope_positions(q, k, pos, inv)
         return a[0] + b[0], a[1] + b[1]
 
     f = torch.compile(attn_prologue, fullgraph=True, backend="aot_eager")
@@ -276,121 +314,18 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(got[1], ra[1] + rb[1], **tol("elementwise", torch.float32))
 
 
-def test_fused_entry_point_uses_the_op():
-    import warnings
-
-    from qwen3moe_kernels import dispatch, fused
-
+def test_public_function_runs_the_kernel():
     q, k, qw, kw, pos, cos, sin = _inputs(1, 3, 4, 2, 16, torch.bfloat16)
-    dispatch.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning when the inputs fit
-        got = fused.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
-    assert dispatch.implementations()["qk_norm_rope"] == "cpu"
+        got = qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    assert recorder.implementations()["qk_norm_rope"] == "cpu"
     for a, b in zip(got, reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)):
         torch.testing.assert_close(a, b, **tol("elementwise", torch.bfloat16))
 
 
-_INTERP = textwrap.dedent(
-    """
-    import os, torch
-    os.environ["TRITON_INTERPRET"] = "1"
-    from qwen3moe_kernels import reference
-    from qwen3moe_kernels.kernels.rope import qk_norm_rope_fwd, qk_norm_rope_bwd
-    from qwen3moe_kernels.ops.rope import rope_inv_freq
-    from qwen3moe_kernels.tolerances import tol
-    from tests.test_rope import _inputs, BWD_TOL, EPS, THETA
-    nan = float("nan")
-
-    def ntol(dtype):
-        # bf16 under the interpreter: numpy has no bf16, fp32 -> bf16 truncates (a GPU rounds to nearest), and the
-        # rotation rounds three times: a few bf16 ulps. fp32/fp16 are rounded to nearest as on a GPU.
-        return dict(rtol=2.0**-5, atol=2.0**-5) if dtype == torch.bfloat16 else tol("elementwise", dtype)
-
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for shape in ((1, 1, 32, 4, 128), (2, 3, 5, 3, 10), (1, 0, 4, 2, 16)):
-            q, k, qw, kw, pos, cos, sin = _inputs(*shape, dtype, seed=11)
-            inv = rope_inv_freq(shape[-1], THETA)
-            g = torch.Generator().manual_seed(12)
-            gq, gk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
-            for norm in (True, False):
-                w = (qw, kw) if norm else (None, None)
-                ref = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS) if norm else reference.rope(q, k, cos, sin)
-                ts = [t.detach().float().requires_grad_() for t in (q, k, qw, kw)]
-                rf = (reference.qk_norm_rope(*ts, cos.float(), sin.float(), EPS) if norm
-                      else reference.rope(ts[0], ts[1], cos.float(), sin.float()))
-                ((rf[0] * gq.float()).sum() + (rf[1] * gk.float()).sum()).backward()
-                for from_pos in (False, True):
-                    src = (None, None, pos, inv) if from_pos else (cos, sin, None, None)
-                    qo = torch.full(q.shape, nan, dtype=dtype)
-                    ko = torch.full(k.shape, nan, dtype=dtype)
-                    qk_norm_rope_fwd(q, k, *w, *src, EPS, qo, ko)
-                    torch.testing.assert_close(qo, ref[0], **ntol(dtype))
-                    torch.testing.assert_close(ko, ref[1], **ntol(dtype))
-                    dq = torch.full(q.shape, nan, dtype=dtype)
-                    dk = torch.full(k.shape, nan, dtype=dtype)
-                    dw = [torch.full((shape[-1],), nan, dtype=dtype) for _ in range(2)] if norm else [None, None]
-                    qk_norm_rope_bwd(gq, gk, q, k, *w, *src, EPS, dq, dk, *dw)
-                    bt = BWD_TOL[dtype] if dtype != torch.bfloat16 else dict(rtol=6e-2, atol=6e-2)
-                    torch.testing.assert_close(dq.float(), ts[0].grad, **bt)
-                    torch.testing.assert_close(dk.float(), ts[1].grad, **bt)
-                    if norm:
-                        torch.testing.assert_close(dw[0].float(), ts[2].grad, **bt)
-                        torch.testing.assert_close(dw[1].float(), ts[3].grad, **bt)
-    # the CUDA implementations registered in ops/rope.py (argument plumbing: strided q/k, a [1, S, D] table,
-    # int32 positions), run here on CPU tensors through the interpreter
-    from qwen3moe_kernels.ops import rope as ops_rope
-    q, k, qw, kw, _, _, _ = _inputs(3, 4, 5, 2, 16, torch.float32, seed=13)
-    pos = torch.tensor([[3, 70, 900, 40000]], dtype=torch.int32)
-    cos, sin = reference.rope_cos_sin(pos, 16, THETA, torch.float32)
-    inv = rope_inv_freq(16, THETA)
-    e = tol("elementwise", torch.float32)
-    ref = reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
-    for got in (ops_rope._qk_norm_rope_cuda(q, k, qw, kw, cos, sin, EPS),
-                ops_rope._qk_norm_rope_positions_cuda(q, k, qw, kw, pos, inv, EPS)):
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, **e)
-    ref = reference.rope(q, k, cos, sin)
-    for got in (ops_rope._rope_cuda(q, k, cos, sin), ops_rope._rope_positions_cuda(q, k, pos, inv)):
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, **e)
-    gq, gk = torch.randn(q.shape), torch.randn(k.shape)
-    cpu = torch.ops.qwen3moe.qk_norm_rope_backward(gq, gk, q, k, qw, kw, cos, sin, None, None, EPS)
-    for a, b in zip(ops_rope._qk_norm_rope_backward_cuda(gq, gk, q, k, qw, kw, cos, sin, None, None, EPS), cpu):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # output grads are checked as on CPU
-    for bad_q, bad_k, name in ((gq[:, :2], gk, "grad_q"), (gq, gk.half(), "grad_k")):
-        try:
-            ops_rope._qk_norm_rope_backward_cuda(bad_q, bad_k, q, k, qw, kw, cos, sin, None, None, EPS)
-            raise AssertionError("bad " + name + " accepted")
-        except RuntimeError as err:
-            assert name + " must match" in str(err), err
-    # no q heads / no k heads: the other tensor still right, weight grads as on CPU
-    for hq, hk in ((0, 2), (3, 0)):
-        q0, k0 = torch.randn(3, 4, hq, 16), torch.randn(3, 4, hk, 16)
-        want = reference.qk_norm_rope(q0, k0, qw, kw, cos, sin, EPS)
-        for a, b in zip(ops_rope._qk_norm_rope_cuda(q0, k0, qw, kw, cos, sin, EPS), want):
-            torch.testing.assert_close(a, b, **e)
-        g0q, g0k = torch.randn(q0.shape), torch.randn(k0.shape)
-        cpu = torch.ops.qwen3moe.qk_norm_rope_backward(g0q, g0k, q0, k0, qw, kw, cos, sin, None, None, EPS)
-        got = ops_rope._qk_norm_rope_backward_cuda(g0q, g0k, q0, k0, qw, kw, cos, sin, None, None, EPS)
-        for a, b in zip(got, cpu):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    print("OK")
-    """
-)
-
-
-def test_triton_kernels_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-c", _INTERP], env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
-
-
 # ---------------------------------------------------------------------------------- GPU (skipped without one)
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 # (B, S, Hq, Hk, D): Qwen3-30B-A3B and Qwen3-235B-A22B attention heads; q/k strided views of a qkv projection
 GPU_SHAPES = [(2, 33, 32, 4, 128), (1, 17, 64, 4, 128)]
 
@@ -404,7 +339,7 @@ def _kernel_table(pos, D, dtype):
     return emb.cos().float().to(dtype).to(pos.device), emb.sin().float().to(dtype).to(pos.device)
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_forward_matches_reference(shape, dtype):
@@ -416,18 +351,19 @@ def test_cuda_forward_matches_reference(shape, dtype):
     e, n = tol("elementwise", dtype), tol("norm", dtype)
     for got, want in zip(rope(q, k, cos, sin), reference.rope(q, k, cos, sin)):
         torch.testing.assert_close(got, want, **e)
-    for got, want in zip(rope_by_positions(q, k, pos, THETA), reference.rope(q, k, kcos, ksin)):
+    for got, want in zip(rope_positions(q, k, pos, _inv(q)), reference.rope(q, k, kcos, ksin)):
         torch.testing.assert_close(got, want, **e)
     for got, want in zip(qk_norm_rope(q, k, qw, kw, cos, sin, EPS),
                          reference.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)):
         torch.testing.assert_close(got, want, **n)
-    for got, want in zip(qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS),
+    for got, want in zip(qk_norm_rope_positions(q, k, qw, kw, pos, _inv(q), EPS),
                          reference.qk_norm_rope(q, k, qw, kw, kcos, ksin, EPS)):
         torch.testing.assert_close(got, want, **n)
-    assert dispatch.implementations() == {"rope": "triton", "qk_norm_rope": "triton"}
+    assert recorder.implementations() == dict.fromkeys(
+        ("rope", "rope_positions", "qk_norm_rope", "qk_norm_rope_positions"), "triton")
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_backward_matches_reference(shape, dtype):
@@ -442,19 +378,20 @@ def test_cuda_backward_matches_reference(shape, dtype):
     rope_ref = lambda c, s: lambda a, b: reference.rope(a, b, c, s)  # noqa: E731
     cases = [
         (lambda a, b: rope(a, b, cos, sin), rope_ref, (q, k), (cos, sin)),
-        (lambda a, b: rope_by_positions(a, b, pos, THETA), rope_ref, (q, k), (kcos, ksin)),
+        (lambda a, b: rope_positions(a, b, pos, _inv(a)), rope_ref, (q, k), (kcos, ksin)),
         (lambda a, b, c, d: qk_norm_rope(a, b, c, d, cos, sin, EPS), norm_ref, (q, k, qw, kw), (cos, sin)),
-        (lambda a, b, c, d: qk_norm_rope_by_positions(a, b, c, d, pos, THETA, EPS), norm_ref, (q, k, qw, kw),
+        (lambda a, b, c, d: qk_norm_rope_positions(a, b, c, d, pos, _inv(a), EPS), norm_ref, (q, k, qw, kw),
          (kcos, ksin)),
     ]
     for ours, ref, tensors, table in cases:
         _check_backward(ours, ref, tensors, gq, gk, dtype, table)
         first, again = _grads(ours, tensors, gq, gk), _grads(ours, tensors, gq, gk)
         assert all(a.is_cuda and torch.equal(a, b) for a, b in zip(first, again))
-    assert dispatch.implementations() == {"rope": "triton", "qk_norm_rope": "triton"}
+    assert recorder.implementations() == dict.fromkeys(
+        ("rope", "rope_positions", "qk_norm_rope", "qk_norm_rope_positions"), "triton")
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernels_write_every_output(dtype):
     """The launchers on NaN-poisoned outputs, for every (norm, table source) variant: bit-identical to the op's
@@ -494,13 +431,13 @@ def test_cuda_kernels_write_every_output(dtype):
 def test_training_after_inference_mode_first_use():
     """The cached inv_freq is made outside inference mode: inference first, then training, must work (it once
     failed with "Inference tensors cannot be saved for backward")."""
-    from qwen3moe_kernels.ops import rope as rope_ops
+    rope_ops = importlib.import_module("qwen3moe_kernels.ops.rope")
 
     rope_ops._inv_freq_cached.cache_clear()
     q, k, qw, kw, pos, _, _ = _inputs(1, 5, 4, 2, 64, torch.float32, seed=3)
     with torch.inference_mode():
-        qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS)
+        qk_norm_rope_positions(q, k, qw, kw, pos, _inv(q), EPS)
     q = q.detach().requires_grad_()
-    oq, ok = qk_norm_rope_by_positions(q, k, qw, kw, pos, THETA, EPS)
+    oq, ok = qk_norm_rope_positions(q, k, qw, kw, pos, _inv(q), EPS)
     (oq.sum() + ok.sum()).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -12,7 +12,7 @@ from helpers import DEVICES, poison
 from tolerances import tol
 
 import qwen3moe_kernels as qk
-from qwen3moe_kernels import reference
+from qwen3moe_kernels import recorder, reference
 from qwen3moe_kernels.ops.router_topk import router_topk
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -221,21 +221,37 @@ def test_out_variant_and_strided_rows(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs(device):
     x = torch.randn(4, 16, device=device)
-    with pytest.raises(RuntimeError, match="logits must be 2-D"):
-        router_topk(x[0], 2, True)
-    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        router_topk(x.to(torch.float64), 2, True)
-    with pytest.raises(RuntimeError, match="top_k must be in"):
-        router_topk(x, 0, True)
-    with pytest.raises(RuntimeError, match="top_k must be in"):
-        router_topk(x, 17, True)
-    with pytest.raises(RuntimeError, match="must be in \\[1, 512\\]"):
-        router_topk(torch.randn(2, 513, device=device), 2, True)
-    with pytest.raises(RuntimeError, match="stride"):
-        router_topk(torch.randn(16, 4, device=device).t(), 2, True)
-    with pytest.raises(RuntimeError, match="out weights"):
+    op = torch.ops.qwen3moe.router_topk
+    for fn in (router_topk, op):
+        with pytest.raises(ValueError, match="logits must be 2-D"):
+            fn(x[0], 2, True)
+        with pytest.raises(ValueError, match="top_k must be in"):
+            fn(x, 0, True)
+        with pytest.raises(ValueError, match="top_k must be in"):
+            fn(x, 17, True)
+        with pytest.raises(ValueError, match="stride"):
+            fn(torch.randn(16, 4, device=device).t(), 2, True)
+    # what only the op refuses: the function runs the reference for these (test_unsupported_logits_...)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        op(x.to(torch.float64), 2, True)
+    with pytest.raises(ValueError, match="must be in \\[1, 512\\]"):
+        op(torch.randn(2, 513, device=device), 2, True)
+    with pytest.raises(ValueError, match="out weights"):
         router_topk(x, 2, True, out=(torch.empty(4, 3, device=device), torch.empty(4, 2, dtype=torch.int32,
                                                                                       device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unsupported_logits_run_the_reference_visibly(device):
+    """float64 logits and more than 512 experts are valid router inputs no kernel takes: the reference's result,
+    with a FallbackWarning and implementations() saying why."""
+    for logits in (torch.randn(4, 16, device=device, dtype=torch.float64), torch.randn(3, 600, device=device)):
+        recorder.reset()
+        with pytest.warns(recorder.FallbackWarning, match="router_topk runs the pure-PyTorch reference"):
+            w, ids = router_topk(logits, 4, True)
+        rw, rids = reference.router_topk(logits, 4, True)
+        assert torch.equal(w, rw) and torch.equal(ids, rids)
+        assert recorder.implementations()["router_topk"].startswith("reference (")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -264,13 +280,13 @@ def test_int32_overflow_is_an_error(device):
     big = torch.zeros(1, 8, device=device).expand(2**28, 8)  # T * k = 2^28 * 8 = 2^31
     assert big.stride() == (0, 1)
     empty = (torch.empty(0, device=device), torch.empty(0, dtype=torch.int32, device=device))
-    with pytest.raises(RuntimeError, match="T \\* top_k = 2147483648 does not fit int32"):
+    with pytest.raises(ValueError, match="T \\* top_k = 2147483648 does not fit int32"):
         router_topk(big, 8, True, out=empty)
-    with pytest.raises(RuntimeError, match="T \\* top_k = 2147483648 does not fit int32"):
+    with pytest.raises(ValueError, match="T \\* top_k = 2147483648 does not fit int32"):
         router_topk(big, 8, True)
     # T * k = 2^31 - 1 fits: the T*k check passes and the (empty) out buffers are what is rejected
     edge = torch.zeros(1, 1, device=device).expand(2**31 - 1, 1)
-    with pytest.raises(RuntimeError, match="out weights must be a contiguous float32"):
+    with pytest.raises(ValueError, match="out weights must be a contiguous"):
         router_topk(edge, 1, True, out=empty)
 
 

@@ -1,38 +1,14 @@
 """Drop-in for Hugging Face transformers' Qwen3-MoE models.
 
-Three ways in, from least to most invasive:
+* :func:`register` adds ``"qwen3moe_kernels"`` to transformers' experts interface, so
+  ``from_pretrained(..., experts_implementation="qwen3moe_kernels")`` runs the experts with ``ops.moe_experts``.
+* :func:`apply` patches a ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel`` in place: routers (``ops.router_topk``),
+  experts (``ops.moe_experts``), RMSNorms, q/k-norm + RoPE and each layer's residual add + norm; :func:`revert`
+  undoes it. Only module instances are patched; their own ``nn.Parameter``s are read on every call.
+* :class:`SparseMoeBlock` (``from_hf``) is our block module over theirs.
 
-* :func:`register` adds ``"qwen3moe_kernels"`` to transformers' experts interface (``ALL_EXPERTS_FUNCTIONS``),
-  so ``AutoModelForCausalLM.from_pretrained(..., experts_implementation="qwen3moe_kernels")`` runs the experts
-  (grouped SwiGLU GEMMs and the weighted combine) with ``qwen3moe_kernels.ops.fused_moe.moe_experts``;
-  transformers keeps its router. ``implementations()["experts_implementation"]`` names the function that ran
-  (the reference, with a ``FallbackWarning``, where no experts entry point fits the inputs).
-* :func:`apply` patches an existing ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel`` in place and returns it: every
-  MoE router runs its linear layer and ``qwen3moe::router_topk``, every experts module
-  ``qwen3moe_kernels.ops.fused_moe.moe_experts`` (together what ``fused.sparse_moe_block`` runs), every RMSNorm
-  ``fused.rms_norm``, each attention's q_norm/k_norm + RoPE ``fused.qk_norm_rope`` and each decoder layer's
-  residual add + post-attention norm ``fused.fused_add_rms_norm``.
-* :meth:`SparseMoeBlock.from_hf` builds our block module from theirs.
-
-Patching replaces the ``forward`` of module *instances* (never transformers' classes, so other models in the same
-process are untouched) and reads the modules' own ``nn.Parameter`` objects on every call: nothing is copied,
-``model.parameters()``, optimizers, ``state_dict`` and ``save_pretrained`` see the same tensors, and gradients
-flow to them. :func:`revert` undoes :func:`apply`.
-
-Hooks: the sparse MoE block keeps transformers' own forward, which calls the router (``mlp.gate``) and the experts
-(``mlp.experts``) through ``nn.Module.__call__``; only their ``forward`` is ours. So forward pre-hooks and forward
-hooks on either module (transformers' ``router_logits`` recorder, a user's hook, accelerate's hooks) run as in the
-unpatched model, and what a hook returns is what the next step sees. Differences a hook can observe: the router
-returns int32 expert ids (transformers: int64), ties between equal probabilities go to the lowest expert id, and
-with a gradient needed the top-k runs in PyTorch (``reference.router_topk``: the router_topk op has no backward),
-as ``fused.sparse_moe_block`` does.
-
-Mixed precision: the fused kernels take one dtype per call. A model whose activations are bf16 but whose RMSNorm
-weights are fp32 (transformers accepts it and promotes the norm's output to fp32) runs those norms, the q/k-norm +
-RoPE and the fused residual add + norm on the pure-PyTorch reference instead: the same numbers as transformers, but
-not our kernels. The fallback is visible: a ``FallbackWarning`` (once per op and reason) and
-``qwen3moe_kernels.implementations()`` reading ``"reference (...)"`` for those ops. Cast the model to one dtype
-(``model.to(torch.bfloat16)``) to run every kernel. The experts likewise need weights in the activations' dtype.
+What stays as transformers does it (hooks, mixed-precision fallbacks) and what a hook can observe differently is
+in ``docs/integrations.md``.
 """
 
 from __future__ import annotations
@@ -44,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fused, reference
-from ..dispatch import fallback, record
-from ..ops.router_topk import MAX_EXPERTS, router_topk
+from .. import ops, reference
 
 EXPERTS_IMPLEMENTATION = "qwen3moe_kernels"
 _PATCHED = "_qwen3moe_kernels_patched"
@@ -63,50 +37,6 @@ def _hf():
 
 
 # ------------------------------------------------------------------------------------------- experts
-
-
-_EXPERTS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def experts_entry_point():
-    """``(function, name)`` of the fused experts entry point the registered implementation calls, or ``None``.
-
-    ``qwen3moe_kernels.fused.moe_experts`` if the fused backend has one, else the public op
-    ``qwen3moe_kernels.ops.fused_moe.moe_experts`` (experts only, routing given; reference.moe_experts's
-    semantics, with autograd). Looked up on each call, so an entry point added later is picked up.
-    """
-    fn = getattr(fused, "moe_experts", None)
-    if callable(fn):
-        return fn, "qwen3moe_kernels.fused.moe_experts"
-    try:
-        from ..ops import fused_moe
-    except ImportError:  # the op module failed to import: run the reference, visibly
-        return None
-    fn = getattr(fused_moe, "moe_experts", None)
-    if callable(fn):
-        return fn, "qwen3moe_kernels.ops.fused_moe.moe_experts"
-    return None
-
-
-def _experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up, w_down) -> torch.Tensor:
-    """The routed experts with our kernels where an experts entry point fits the inputs; else the reference."""
-    # the package's conventions: int32 expert ids, fp32 routing weights (exact for transformers' bf16 weights)
-    ids, weights = ids.to(torch.int32), weights.float()
-    entry = experts_entry_point()
-    if entry is None:
-        fallback("moe_experts", "no fused experts entry point (qwen3moe_kernels.ops.fused_moe.moe_experts)")
-    elif x.dtype not in _EXPERTS_DTYPES or x.device.type not in ("cpu", "cuda") or any(
-            t.dtype != x.dtype or t.device != x.device for t in (w_gate_up, w_down)):
-        fallback("moe_experts", f"the fused experts take fp32/fp16/bf16 on CPU/CUDA with same-dtype weights, "
-                                f"got x {x.dtype} on {x.device}, weights {w_gate_up.dtype}")
-    else:
-        fn, name = entry
-        out = fn(x, ids, weights, w_gate_up, w_down)
-        # the op records its own implementation (cpu / triton / ...); this says the drop-in reached it
-        record("experts_implementation", name)
-        return out
-    record("experts_implementation", "qwen3moe_kernels.reference.moe_experts")
-    return reference.moe_experts(x, ids, weights, w_gate_up, w_down)
 
 
 def _check_experts_layout(experts: nn.Module) -> None:
@@ -137,7 +67,9 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts interface: ``(experts module, x [T, H], ids [T, k], weights [T, k]) -> [T, H]``."""
     _check_experts_layout(self)
-    return _experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    # the package's conventions: int32 expert ids, fp32 routing weights (exact from transformers' bf16 weights)
+    return ops.moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index.to(torch.int32),
+                           top_k_weights.float())
 
 
 def register(name: str = EXPERTS_IMPLEMENTATION) -> str:
@@ -162,17 +94,13 @@ def _router_forward(self, hidden_states: torch.Tensor):
     logits = F.linear(x, self.weight)
     if torch.is_grad_enabled() and logits.requires_grad:
         weights, ids = reference.router_topk(logits, self.top_k, self.norm_topk_prob)
-    elif logits.dtype in _EXPERTS_DTYPES and logits.shape[-1] <= MAX_EXPERTS:
-        weights, ids = router_topk(logits, self.top_k, self.norm_topk_prob)  # reports its own fallback off CPU/CUDA
     else:
-        fallback("router_topk", f"the router_topk op takes fp32/fp16/bf16 logits with at most {MAX_EXPERTS} "
-                                f"experts, got {logits.dtype} with {logits.shape[-1]}")
-        weights, ids = reference.router_topk(logits, self.top_k, self.norm_topk_prob)
+        weights, ids = ops.router_topk(logits, self.top_k, self.norm_topk_prob)  # reports its own fallbacks
     return logits, weights.to(logits.dtype), ids
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return fused.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
@@ -187,9 +115,9 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings  # [B or 1, S, D]
     if self.q_norm.variance_epsilon == self.k_norm.variance_epsilon:
-        q, k = fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.variance_epsilon)
+        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.variance_epsilon)
     else:  # one eps per call in the fused op; never the case in released configs, but stay exact
-        q, k = fused.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon), fused.rms_norm(
+        q, k = ops.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon), ops.rms_norm(
             k, self.k_norm.weight, self.k_norm.variance_epsilon)
         q, k = reference.rope(q, k, cos, sin)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -230,7 +158,7 @@ def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_id
         **kwargs,
     )
     norm = self.post_attention_layernorm
-    hidden_states, residual = fused.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+    hidden_states, residual = ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states
 
@@ -334,8 +262,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
-        out, logits = fused.sparse_moe_block(hidden_states.reshape(-1, shape[-1]), self.router_weight,
-                                             self.w_gate_up, self.w_down, self.top_k, self.renormalize)
+        out, logits = ops.fused_moe(hidden_states.reshape(-1, shape[-1]), self.router_weight, self.w_gate_up,
+                                    self.w_down, self.top_k, self.renormalize)
         out = out.reshape(shape)
         return (out, logits) if self.return_router_logits else out
 
@@ -344,5 +272,5 @@ class SparseMoeBlock(nn.Module):
         return f"hidden={H}, moe_intermediate={two_i // 2}, experts={E}, top_k={self.top_k}"
 
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "SparseMoeBlock", "apply", "experts_entry_point", "experts_forward", "is_patched",
-           "register", "revert"]
+__all__ = ["EXPERTS_IMPLEMENTATION", "SparseMoeBlock", "apply", "experts_forward", "is_patched", "register",
+           "revert"]

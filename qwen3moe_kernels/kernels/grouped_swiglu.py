@@ -1,53 +1,11 @@
-"""Grouped-GEMM SwiGLU experts of the sparse MoE block, in Triton: forward and backward kernels.
+"""Triton kernels of the grouped-GEMM SwiGLU experts, forward and backward, with their launchers and launch configs.
 
-Forward, for every token-slot ``s = t*k + j`` routed to expert ``e = ids[t, j]``:
-
-    gu[s] = x[t] @ w_gate_up[e].T                 gate = gu[:, :I], up = gu[:, I:]   (w_gate_up[e] = [2I, H])
-    h[s]  = silu(gate) * up                                                    (kernel ``gate_up``)
-    y[s]  = rw[s] * (h[s] @ w_down[e].T)                                       (kernel ``down``; w_down[e] = [H, I])
-    out[t] = sum_j y[t*k + j]        (kernel ``sum_slots``: fp32, fixed order j = 0..k-1: deterministic)
-
-Backward, given ``dout [T, H]``:
-
-    g[s]    = dout[t] @ w_down[e]                  (kernel ``down_bwd``: the forward's gather GEMM with K = H)
-    drw[s]  = <g[s], h[s]>  (= <dout[t], y_unweighted[s]>, with the forward's h; per-N-tile partials, summed
-                             in a fixed order)
-    dh[s]   = rw[s] * g[s];  dgate = dh * up * silu'(gate);  dup = dh * silu(gate)   (same kernel's epilogue)
-    dxs[s]  = dgu[s] @ w_gate_up[e]                (kernel ``dx``, K = 2I; dx[t] = sum_j dxs[t*k+j] as out[t])
-    dWd[e]  = sum_{s in e} (rw[s] dout[t])^T h[s]  (kernel ``wgrad``: per expert A^T B over its slots)
-    dWgu[e] = sum_{s in e} dgu[s]^T x[t]           (kernel ``wgrad``)
-
-Algorithm of the gather GEMMs (gate_up, down, down_bwd, dx): the slots are grouped by expert and each group
-padded to a multiple of ``BLOCK_M`` (``moe_align_block``: ``padded_slots``, ``block_expert``). One program owns
-BLOCK_M padded slots of one expert and a BLOCK_N column tile; its A rows are gathered by index inside the kernel
-(``slot // top_k`` for x and dout, the slot itself for h and dgu), so no permuted copy exists in memory. Outputs
-are written at the slot row, so they are in token order. Programs are numbered GROUP_M-swizzled (``_tile``):
-GROUP_M consecutive M blocks (mostly one expert) sweep the N tiles together, so each weight tile is read from
-HBM once per group and served from L2 to the rest.
-
-The ``wgrad`` kernel (``A^T B`` per expert) uses ``moe_sort``'s unpadded order: program (M tile, N tile, expert)
-loops over that expert's slots ``offsets[e]:offsets[e+1]`` in chunks of BLOCK_K rows, gathering A and B rows by
-index. An expert without slots writes zeros. No atomics anywhere: every result is deterministic.
-
-fp32 inputs use ``tf32x3`` dots (three tf32 tensor-core products: fp32 accuracy on tensor cores); fp16/bf16
-inputs accumulate in fp32.
-
-Layout: x [T, H], w_gate_up [E, 2I, H] (gate rows first, as transformers), w_down [E, H, I], all contiguous;
-h [T*k, I], gu [T*k, 2I] and the per-slot y and dxs [T*k, H] in x's dtype. Padding slots hold the sentinel ``T*k``
-and are masked.
-
-Per-slot outputs in the activations' dtype: ``down`` and ``dx`` round each slot's fp32 accumulator once (``down``
-after applying the routing weight) and store it in x's dtype (fp32 inputs keep fp32); the ops then sum each
-token's k rows with the ``sum_slots`` kernel (what ``moe_unpermute`` computes with unit weights and the identity
-order, bit for bit, in one launch and without those two tensors): fp32 accumulation in the order j = 0..k-1, one
-rounding to x's dtype. The extra per-slot rounding stays within the tests'
-tolerances (tests/_grouped_swiglu_interp.py, bf16 / fp16 within twice PyTorch's own error). Expected effect, NOT
-yet measured on a GPU: at T = 16384, k = 8, H = 2048 (Qwen3-30B-A3B) in bf16 the per-slot buffer shrinks from
-1 GiB fp32 to 512 MiB, and the combine no longer goes through an fp32 [T, H] intermediate and a cast; bytes
-moved per op (kernel store + combine) go from 2368 MiB (1024 written, 1024 read, 128 + 128 + 64 for the fp32 sum
-and cast) to 1089 MiB (512 written, 512 + 1 read, 64 written), 1.34 GB less: ~0.45 ms at 3.0 TB/s for the forward
-combine and again for dx (twice that at Qwen3-235B-A22B's H = 4096). The per-slot buffer's remaining round trip
-(1 GiB, ~0.36 ms per op) is the price of a deterministic combine without atomics.
+Kernels: ``gate_up`` (gather GEMM of x with the [gate; up] weights, SwiGLU in the epilogue), ``down`` (gather GEMM
+with the routing weight in the epilogue), ``sum_slots`` (the fixed-order fp32 k-slot sum), ``down_bwd`` (dgate/dup
+with the SwiGLU backward, and the routing-weight gradient), ``dx``, ``wgrad`` (per-expert A^T B). Layout: x [T, H],
+w_gate_up [E, 2I, H], w_down [E, H, I], contiguous; per-slot rows [T*k, ...] in slot order; slots grouped by
+``moe_align_block`` (gather GEMMs) or ``moe_sort`` (wgrad). Algorithm, rounding and configs:
+``docs/ops/grouped_swiglu.md``; the orchestration: ``ops/grouped_swiglu_triton.py``.
 """
 
 from __future__ import annotations
@@ -373,7 +331,7 @@ def grouped_swiglu_sum_slots_kernel(
 # The wgrad kernel's M x N tile is a block of one expert's weight gradient; its K loop runs over that expert's
 # slots, so decode uses a short BLOCK_K.
 
-# Tuned tables (none shipped yet: they are only written from GPU measurements, by python/tune_grouped_swiglu.py).
+# Tuned tables (none shipped yet: they are only written from GPU measurements, by tools/tune_grouped_swiglu.py).
 # One JSON file per device in ``configs/`` beside this file (what setup.py's package_data ships), named
 # ``grouped_swiglu_<device>.json`` with the device name sanitized (``table_path``), e.g.
 # ``configs/grouped_swiglu_NVIDIA_H100_80GB_HBM3.json``. Its ``entries`` are measured winners, each keyed by

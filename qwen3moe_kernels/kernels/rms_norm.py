@@ -1,17 +1,9 @@
-"""Triton RMSNorm (and fused residual add + RMSNorm) forward and backward over the last dim of ``[rows, H]``.
+"""Triton RMSNorm (and fused residual add + RMSNorm) over the last dim of ``[rows, H]``, forward and backward.
 
-Forward: one program per row; the whole row (padded to BLOCK_H, a power of two >= H, masked) is loaded,
-sum of squares accumulated in fp32, ``normed = x * rsqrt(mean + eps)`` rounded to the input dtype, then
-multiplied by ``weight`` in the input dtype: the rounding steps of Hugging Face's Qwen3MoeRMSNorm. Not bit-exact:
-the sum of squares runs in another order than torch's and ``tl.rsqrt`` is the GPU's approximate rsqrt, so rstd
-may differ by an fp32 ulp or two, which in fp16/bf16 can move an output by up to 2 ulps (the "norm" tolerance).
-Layout: x/residual/out rows may be strided (row stride given), the last dim must be contiguous.
-
-Backward (``rms_norm_bwd_kernel``): a fixed number of programs (``BWD_PROGRAMS``, independent of the device, so
-the result is too), each over a contiguous run of rows: it recomputes rstd, writes
-``dx = rstd * (dn - n * mean(dn * n))`` with ``n = x * rstd``, ``dn = dy * weight``, and sums
-``dy * round(n)`` over its rows into one fp32 partial row. ``col_sum_kernel`` then adds the partials in program
-order: a deterministic two-stage reduction for dweight (no atomics).
+Rows may be strided (row stride an argument), the last dim contiguous; outputs contiguous. Forward: one program
+per row. Backward: ``BWD_PROGRAMS`` programs (fixed, so the result does not depend on the device) write dx and
+fp32 partial rows of dweight, which ``col_sum_kernel`` adds in order: deterministic, no atomics. Rounding and the
+algorithm: ``docs/ops/rms_norm.md``.
 """
 
 import torch

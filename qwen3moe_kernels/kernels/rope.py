@@ -1,31 +1,9 @@
-"""Triton RoPE (rotate-half / neox layout) and Qwen3's fused per-head q/k RMSNorm + RoPE, forward and backward.
+"""Triton RoPE (rotate-half / neox) and Qwen3's fused per-head q/k RMSNorm + RoPE, forward and backward.
 
-Computes, per token (b, s) and head h of q [B, S, Hq, D] and k [B, S, Hk, D]:
-``y = weight * round(x * rsqrt(mean(x^2) + eps))`` (only with HAS_NORM; else ``y = x``), then
-``out[:D/2] = y1*cos1 - y2*sin1``, ``out[D/2:] = y2*cos2 + y1*sin2`` with the rounding steps of transformers'
-``apply_rotary_pos_emb`` (rotate_half) in the input dtype.
-
-* fp16/bf16: every product is rounded to the dtype before the sum (an explicit cast, which no compiler fuses
-  across), so the rotation is eager torch's arithmetic.
-* fp32: those casts are no-ops, and the kernels launch with Triton's default fp fusion (the variant compile-check
-  compiles), so on a GPU ``y1*c1 - y2*s1`` is contracted into one FMA (the sm_90 PTX has them): fp32 outputs are
-  within the "elementwise" tolerance of eager torch, not bit-identical. (The interpreter does not fuse.)
-* the norm: the fp32 sum of squares runs in another order than torch's and ``tl.rsqrt`` is the GPU's approximate
-  rsqrt, so rstd may differ by an fp32 ulp or two (the "norm" tolerance).
-
-The table is either given (cos, sin [B or 1, S, D] in q's dtype) or built in the kernel from FROM_POS
-``position_ids`` (int64) and ``inv_freq`` fp32 [D/2] as Qwen3MoeRotaryEmbedding does: ``f = float(pos) *
-inv_freq`` in fp32, cos/sin accurate to the last fp32 bit (``_cos_sin``), rounded to the input dtype.
-
-Algorithm: grid (tokens, head blocks of q then of k); a program loads BLOCK_HEADS heads of one token as two
-``[BLOCK_HEADS, BLOCK_HALF]`` halves (so the rotation needs no shuffle), forms the token's table once, and writes
-the contiguous output. q/k may be strided views (e.g. of a fused qkv projection): token and head strides are
-arguments; the last dim must be contiguous.
-
-Backward: ``g -> gy = (g1*cos1 + g2*sin2, g2*cos2 - g1*sin1)`` in fp32, then with HAS_NORM the RMSNorm
-backward per head (``dx = rstd*(dn - n*mean(dn*n))``, ``dn = gy*weight``). Weight gradients: a fixed number of
-token-chunk programs (BWD_PROGRAMS, not device-dependent) each write one fp32 partial row per head block, and
-``col_sum_kernel`` adds them in order: deterministic, no atomics.
+q ``[B, S, Hq, D]``, k ``[B, S, Hk, D]`` (token and head strides are arguments, the last dim contiguous); the table
+cos/sin ``[B or 1, S, D]``, or built in the kernel from int64 ``position_ids`` and fp32 ``inv_freq [D/2]``. One
+program per (token, block of heads); the weight gradients reduce in two deterministic stages (``col_sum``).
+Semantics, rounding and the algorithm: ``docs/ops/rope.md``.
 """
 
 import torch

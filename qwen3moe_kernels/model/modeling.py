@@ -1,20 +1,14 @@
 """The thin Qwen3-MoE causal LM: short enough to read in one sitting (gpt-fast / nano-vllm style).
 
-Two backends share one set of weights and can be switched at any time with ``set_backend``:
+Two backends share one set of weights (``set_backend`` switches): ``"eager"`` calls ``qwen3moe_kernels.reference``
+and matches transformers op for op; ``"fused"`` calls the same-named ``qwen3moe_kernels.ops`` (``fused_moe``, the
+norms, ``qk_norm_rope``) and torch's ``scaled_dot_product_attention``. Attention and the dense MLP are torch code
+(recorded in ``implementations()`` under the fused backend, so the report covers every step).
 
-* ``"eager"`` calls only ``qwen3moe_kernels.reference`` functions and matches transformers op for op;
-* ``"fused"`` calls the ``qwen3moe_kernels.fused`` entry points (MoE block, norms, fused residual-add +
-  RMSNorm, q/k-norm + RoPE). Attention and the dense MLP of ``mlp_only_layers`` are torch code in both (the
-  library has no kernel for them, by design); the fused backend records them in
-  ``qwen3moe_kernels.implementations()`` so the report covers every op the model ran.
-
-Data layout: experts stacked as ``w_gate_up [E, 2I, H]`` (gate rows, then up rows) and ``w_down [E, H, I]``,
-router ``[E, H]``; activations ``[B, S, H]``; the KV cache keeps per layer ``k, v [B, Hk, L, D]`` (RoPE already
-applied). A token's position is its index counting the cache (``past + i``) unless ``position_ids`` says
-otherwise; ``generate`` with an ``attention_mask`` passes transformers' positions for left-padded rows.
-
-The decoder layer is written residual-stream style: each layer takes ``(h, residual)`` and adds its input
-to the residual inside ``fused_add_rms_norm``; ``residual + h`` is the same float add transformers does.
+Layout: experts ``w_gate_up [E, 2I, H]`` (gate rows first), ``w_down [E, H, I]``, router ``[E, H]``; activations
+``[B, S, H]``; the KV cache holds ``k, v [B, Hk, L, D]`` per layer (RoPE applied). Positions count the cache
+unless ``position_ids`` says otherwise. Each layer carries ``(h, residual)`` and adds ``h`` to the residual inside
+``fused_add_rms_norm``: the same float add transformers does.
 """
 
 from __future__ import annotations
@@ -25,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import fused, reference
-from ..dispatch import record
+from .. import ops as fused  # the fused backend: reference's functions, on our kernels
+from .. import reference
+from ..recorder import record
 from .config import Qwen3MoeConfig
 
 BACKENDS = {"eager": reference, "fused": fused}
@@ -134,7 +129,7 @@ class SparseMoe(nn.Module):
 
     def forward(self, x, ops):
         shape = x.shape
-        out, logits = ops.sparse_moe_block(
+        out, logits = ops.fused_moe(
             x.reshape(-1, shape[-1]), self.router_weight, self.w_gate_up, self.w_down, self.top_k, self.renormalize
         )
         return out.reshape(shape), logits

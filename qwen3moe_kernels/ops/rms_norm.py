@@ -1,61 +1,46 @@
-"""Public ops ``qwen3moe::rms_norm``, ``qwen3moe::fused_add_rms_norm`` (and their ``rms_norm_backward``).
+"""``rms_norm`` and ``fused_add_rms_norm`` (``torch.ops.qwen3moe.*``, backward ``rms_norm_backward``).
 
-RMSNorm over the last dim of ``x [..., H]``: fp32 sum of squares, ``normed = x * rsqrt(mean + eps)`` rounded
-to the input dtype, output ``weight * normed`` in the input dtype (Hugging Face's Qwen3MoeRMSNorm).
-``fused_add_rms_norm`` first forms ``new_residual = residual + x`` in the input dtype and returns
-``(rms_norm(new_residual), new_residual)``. Rows may be strided; the last dim must be contiguous (otherwise a
-contiguous copy is made). Outputs are contiguous.
-
-Where each piece lives:
-
-* schemas: ``csrc/ops.cpp`` (C++ ``TORCH_LIBRARY``), so a call costs one dispatcher hop and no Python;
-* CPU kernels and the autograd kernels: ``csrc/rms_norm_cpu.cpp`` (one pass per row, at::parallel_for; the
-  backward calls ``qwen3moe::rms_norm_backward`` through the dispatcher; that op is not differentiable, so double
-  backward, ``create_graph=True`` then differentiating the gradients, raises);
-* CUDA kernels: the Triton kernels of ``kernels/rms_norm.py``, registered below for the CUDA key (forward,
-  and a backward with a deterministic two-stage dweight reduction);
-* fake (meta) implementations: below.
-
-Without the compiled extension the functions here run the reference (``dispatch.fallback`` says so).
+RMSNorm over the last dim of ``x [..., H]`` as Hugging Face's Qwen3MoeRMSNorm computes it: fp32 sum of squares,
+``normed = x * rsqrt(mean + eps)`` rounded to x's dtype, out = ``weight * normed`` in x's dtype; the fused op first
+forms ``residual + x`` in x's dtype. Rows may be strided (last dim contiguous); outputs are contiguous.
+Kernels: CPU and autograd ``csrc/rms_norm_cpu.cpp``; CUDA: the Triton kernels of ``kernels/rms_norm.py``,
+registered below. Details: ``docs/ops/rms_norm.md``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from .. import _ext, dispatch, reference
+from .. import _ext, reference
+from ..recorder import fallback, record
+from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_like
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_backward"]
+def _check_shapes(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """What any RMSNorm needs (ValueError): x at least 1-D, weight ``[H]`` on x's device."""
+    check(op, x.dim() >= 1, "x must have at least 1 dim")
+    check(op, weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+          lambda: f"weight must have shape [{x.shape[-1]}] (x's last dim), got {list(weight.shape)}")
+    check_device(op, "weight", weight, x.device)
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, op: str = "rms_norm") -> None:
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dim")
-    torch._check(x.dtype in _DTYPES, lambda: f"{op}: x dtype must be float32/float16/bfloat16, got {x.dtype}")
-    torch._check(
-        weight.dim() == 1 and weight.shape[0] == x.shape[-1],
-        lambda: f"{op}: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}",
-    )
-    torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight dtype {weight.dtype} != x dtype {x.dtype}")
-    torch._check(weight.device == x.device, lambda: f"{op}: weight must be on the device of x")
-    torch._check(eps > 0, lambda: f"{op}: eps must be > 0, got {eps}")
+def _check(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """What the kernels take: the shapes, one fp32/fp16/bf16 dtype, eps > 0."""
+    _check_shapes(op, x, weight, eps)
+    check_dtype(op, "x", x)
+    check_like(op, "weight", weight, x, "x")
+    check(op, eps > 0, lambda: f"eps must be > 0, got {eps}")
 
 
 def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
-    torch._check(residual.shape == x.shape,
-                 lambda: f"fused_add_rms_norm: residual shape {list(residual.shape)} != x shape {list(x.shape)}")
-    torch._check(residual.dtype == x.dtype,
-                 lambda: f"fused_add_rms_norm: residual dtype {residual.dtype} != x dtype {x.dtype}")
-    torch._check(residual.device == x.device, lambda: "fused_add_rms_norm: residual must be on the device of x")
+    check("fused_add_rms_norm", residual.shape == x.shape,
+          lambda: f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    check_like("fused_add_rms_norm", "residual", residual, x, "x")
 
 
 def _check_grad_out(grad_out: torch.Tensor, x: torch.Tensor) -> None:
-    torch._check(grad_out.shape == x.shape and grad_out.dtype == x.dtype,
-                 lambda: f"rms_norm_backward: grad_out must match x in shape and dtype, got {list(grad_out.shape)} "
-                         f"{grad_out.dtype}")
+    check("rms_norm_backward", grad_out.shape == x.shape, lambda: f"grad_out must have x's shape {list(x.shape)}, "
+                                                                  f"got {list(grad_out.shape)}")
+    check_like("rms_norm_backward", "grad_out", grad_out, x, "x")
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -74,27 +59,27 @@ if _ext.AVAILABLE:
 
     @torch.library.register_fake("qwen3moe::rms_norm")
     def _rms_norm_fake(x, weight, eps):
-        _check(x, weight, eps)
+        _check("rms_norm", x, weight, eps)
         return _empty(x)
 
     @torch.library.register_fake("qwen3moe::fused_add_rms_norm")
     def _fused_add_rms_norm_fake(x, residual, weight, eps):
-        _check(x, weight, eps, "fused_add_rms_norm")
+        _check("fused_add_rms_norm", x, weight, eps)
         _check_residual(x, residual)
         return _empty(x), _empty(x)
 
     @torch.library.register_fake("qwen3moe::rms_norm_backward")
     def _rms_norm_backward_fake(grad_out, x, weight, eps):
-        _check(x, weight, eps, "rms_norm_backward")
+        _check("rms_norm_backward", x, weight, eps)
         _check_grad_out(grad_out, x)
         return _empty(x), torch.empty_like(weight)
 
-    # CUDA: the Triton kernels (imported on first use, so importing this module does not import triton). An empty
+    # CUDA: the Triton kernels (imported on first use, so importing the package does not import triton). An empty
     # x (no rows, or H = 0) launches nothing, as on CPU (and out.view(-1, 0) would be ambiguous).
     def _rms_norm_cuda(x, weight, eps):
         from ..kernels import rms_norm as _k
 
-        _check(x, weight, eps)
+        _check("rms_norm", x, weight, eps)
         out = _empty(x)
         if x.numel() == 0:
             return out
@@ -104,7 +89,7 @@ if _ext.AVAILABLE:
     def _fused_add_rms_norm_cuda(x, residual, weight, eps):
         from ..kernels import rms_norm as _k
 
-        _check(x, weight, eps, "fused_add_rms_norm")
+        _check("fused_add_rms_norm", x, weight, eps)
         _check_residual(x, residual)
         out, new_res = _empty(x), _empty(x)
         if x.numel() == 0:
@@ -117,7 +102,7 @@ if _ext.AVAILABLE:
     def _rms_norm_backward_cuda(grad_out, x, weight, eps):
         from ..kernels import rms_norm as _k
 
-        _check(x, weight, eps, "rms_norm_backward")
+        _check("rms_norm_backward", x, weight, eps)
         _check_grad_out(grad_out, x)
         dx = _empty(x)
         if x.numel() == 0:
@@ -132,36 +117,42 @@ if _ext.AVAILABLE:
     torch.library.register_kernel("qwen3moe::rms_norm_backward", "cuda", _rms_norm_backward_cuda)
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _impl(t: torch.Tensor) -> str | None:
-    if not _ext.AVAILABLE:
-        return None
-    return {"cpu": "cpu", "cuda": "triton" if _HAS_TRITON else None}.get(t.device.type)
+def _no_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> str | None:
+    """Why no kernel takes these (valid) inputs, or None."""
+    if _ext.kernel_impl(x.device, triton=True) is None:
+        return _ext.no_kernel_reason(x.device, triton=True)
+    if x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype:
+        return (f"the kernels take one fp32/fp16/bf16 dtype, got x {x.dtype} and weight {weight.dtype} (cast the "
+                f"model to one dtype to run them)")
+    if not eps > 0:
+        return f"the kernels take eps > 0, got {eps}"
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim (autograd supported)."""
-    impl = _impl(x)
-    if impl is None:
-        dispatch.fallback("rms_norm", _ext.no_kernel_reason(x.device))
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim, ``[..., H]`` (differentiable)."""
+    _check_shapes("rms_norm", x, weight, eps)
+    reason = _no_kernel(x, weight, eps)
+    if reason is not None:
+        fallback("rms_norm", reason)
         return reference.rms_norm(x, weight, eps)
-    if not torch.compiler.is_compiling():
-        dispatch.record("rms_norm", impl)
+    record("rms_norm", _ext.kernel_impl(x.device, triton=True))
     return torch.ops.qwen3moe.rms_norm.default(x, weight, eps)
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(residual + x), residual + x)`` in one pass (autograd supported)."""
-    impl = _impl(x)
-    if impl is None:
-        dispatch.fallback("fused_add_rms_norm", _ext.no_kernel_reason(x.device))
+    """``(rms_norm(residual + x), residual + x)`` in one pass (differentiable)."""
+    _check_shapes("fused_add_rms_norm", x, weight, eps)
+    check("fused_add_rms_norm", residual.shape == x.shape,
+          lambda: f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    reason = _no_kernel(x, weight, eps) or (None if residual.dtype == x.dtype else
+                                            f"residual is {residual.dtype}, x {x.dtype}")
+    if reason is not None:
+        fallback("fused_add_rms_norm", reason)
         return reference.fused_add_rms_norm(x, residual, weight, eps)
-    if not torch.compiler.is_compiling():
-        dispatch.record("fused_add_rms_norm", impl)
+    record("fused_add_rms_norm", _ext.kernel_impl(x.device, triton=True))
     return torch.ops.qwen3moe.fused_add_rms_norm.default(x, residual, weight, eps)
 
 

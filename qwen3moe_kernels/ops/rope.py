@@ -1,87 +1,47 @@
-"""Public ops: rotate-half RoPE and Qwen3's fused per-head q/k RMSNorm + RoPE (``torch.ops.qwen3moe.*``).
+"""Rotate-half RoPE and Qwen3's fused per-head q/k RMSNorm + RoPE (``torch.ops.qwen3moe.*``).
 
-* ``rope(q, k, cos, sin)``: transformers' ``apply_rotary_pos_emb`` (neox / rotate-half layout) computed in the
-  dtype of q/k: ``q*cos + rotate_half(q)*sin``, every product and the sum rounded to that dtype.
-* ``rope_positions(q, k, position_ids, inv_freq)``: the same with the table built in the kernel from arbitrary
-  position ids (KV-cache decode, padded batches): ``cos/sin(float(pos) * inv_freq)`` in fp32, rounded to q's
-  dtype, exactly as Qwen3MoeRotaryEmbedding; :func:`rope_by_positions` takes ``theta`` and builds ``inv_freq``.
-* ``qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)`` (and ``qk_norm_rope_positions``): the attention
-  prologue in one pass: per-head RMSNorm over head_dim (fp32 statistics, normed rounded to the dtype, times the
-  [D] weight in the dtype, as Qwen3MoeRMSNorm), then the rotation.
+* ``rope(q, k, cos, sin)``: transformers' ``apply_rotary_pos_emb`` (neox layout), computed in q's dtype;
+  ``rope_positions(q, k, position_ids, inv_freq)`` builds the table in the kernel, as Qwen3MoeRotaryEmbedding.
+* ``qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)`` (and ``qk_norm_rope_positions``): per-head RMSNorm of
+  q and k over head_dim (as Qwen3MoeRMSNorm), then the rotation, in one pass.
 
-Layouts (the reference's): q ``[B, S, Hq, D]``, k ``[B, S, Hk, D]``, cos/sin ``[B or 1, S, D]`` in q's dtype,
-position_ids ``[B or 1, S]`` int32/int64, inv_freq fp32 ``[D/2]``. q/k may be strided views (for example of a
-fused qkv projection: no copy is made); only a non-contiguous last dim is copied. Outputs are contiguous.
-
-Where each piece lives: schemas in ``csrc/ops.cpp``; CPU kernels and the autograd kernels (C++, so no Python on
-the call path) in ``csrc/rope_cpu.cpp``; CUDA kernels: the Triton kernels of ``kernels/rope.py``, registered
-below (in fp32 the GPU contracts the rotation's multiply and add into an FMA: within tolerance of eager torch, not
-bit-identical); fakes below. Backward: ``qwen3moe::qk_norm_rope_backward`` (input grads of q/k, weight grads with a
-deterministic two-stage reduction). Gradients for cos/sin/inv_freq are not computed; requesting them is an error.
-The backward op is not differentiable: double backward (``create_graph=True``, then differentiating the gradients)
-raises.
+Layouts: q ``[B, S, Hq, D]``, k ``[B, S, Hk, D]`` (strided views fine, last dim contiguous), cos/sin
+``[B or 1, S, D]`` in q's dtype, position_ids ``[B or 1, S]`` int, inv_freq fp32 ``[D/2]``; outputs contiguous.
+Kernels: CPU and autograd ``csrc/rope_cpu.cpp``; CUDA: the Triton kernels of ``kernels/rope.py``, registered
+below. Details (rounding, FMA contraction on GPU, the backward): ``docs/ops/rope.md``.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
-from .. import _ext, dispatch, reference
-
-__all__ = ["rope", "rope_by_positions", "qk_norm_rope", "qk_norm_rope_by_positions", "rope_inv_freq",
-           "qk_norm_rope_backward"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .. import _ext, reference
+from ..recorder import fallback, record
+from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_like
 
 
 def _check(op, q, k, qw=None, kw=None, cos=None, sin=None, pos=None, inv_freq=None, eps=1.0):
-    """The argument checks of the C++ kernels (csrc/rope_cpu.cpp), for fakes and the CUDA path."""
-    torch._check(q.dim() == 4, lambda: f"{op}: q must be 4-D [B, S, Hq, D], got {q.dim()} dims")
-    torch._check(k.dim() == 4, lambda: f"{op}: k must be 4-D [B, S, Hk, D], got {k.dim()} dims")
-    torch._check(q.dtype in _DTYPES, lambda: f"{op}: q dtype must be float32/float16/bfloat16, got {q.dtype}")
-    torch._check(k.dtype == q.dtype, lambda: f"{op}: k dtype {k.dtype} != q dtype {q.dtype}")
-    torch._check(k.device == q.device, lambda: f"{op}: k must be on the device of q ({q.device})")
-    B, S, _, D = q.shape
-    torch._check(k.shape[0] == B and k.shape[1] == S and k.shape[3] == D,
-                 lambda: f"{op}: k must be [{B}, {S}, Hk, {D}] like q {list(q.shape)}, got {list(k.shape)}")
-    torch._check(D >= 2 and D % 2 == 0, lambda: f"{op}: head_dim (q.size(3)) must be even and >= 2, got {D}")
-    for w, name in ((qw, "q_weight"), (kw, "k_weight")):
-        if w is None:
-            continue
-        torch._check(w.dim() == 1 and w.shape[0] == D,
-                     lambda: f"{op}: {name} must have shape [{D}], got {list(w.shape)}")
-        torch._check(w.dtype == q.dtype, lambda: f"{op}: {name} dtype {w.dtype} != q dtype {q.dtype}")
-        torch._check(w.device == q.device, lambda: f"{op}: {name} must be on the device of q")
+    """What the kernels take (the C++ kernels check the same): the shapes, then the dtypes and eps."""
+    _check_shapes(op, q, k, qw, kw, cos, sin, pos, inv_freq)
+    check_dtype(op, "q", q)
+    for name, t in (("k", k), ("q_weight", qw), ("k_weight", kw), ("cos", cos), ("sin", sin)):
+        if t is not None:
+            check_like(op, name, t, q, "q")
     if qw is not None or kw is not None:
-        torch._check(eps > 0, lambda: f"{op}: eps must be > 0, got {eps}")
-    if pos is None:
-        for t, name in ((cos, "cos"), (sin, "sin")):
-            torch._check(t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] == S and t.shape[2] == D,
-                         lambda: f"{op}: {name} must be [{B} or 1, {S}, {D}], got {list(t.shape)}")
-            torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} dtype {t.dtype} != q dtype {q.dtype} "
-                                                     "(transformers casts cos/sin to the activations' dtype)")
-            torch._check(t.device == q.device, lambda: f"{op}: {name} must be on the device of q")
-    else:
-        torch._check(pos.dim() == 2 and pos.shape[0] in (1, B) and pos.shape[1] == S,
-                     lambda: f"{op}: position_ids must be [{B} or 1, {S}], got {list(pos.shape)}")
-        torch._check(pos.dtype in (torch.int32, torch.int64),
-                     lambda: f"{op}: position_ids must be int32 or int64, got {pos.dtype}")
-        torch._check(pos.device == q.device, lambda: f"{op}: position_ids must be on the device of q")
-        torch._check(inv_freq.dim() == 1 and inv_freq.shape[0] == D // 2 and inv_freq.dtype == torch.float32,
-                     lambda: f"{op}: inv_freq must be float32 [{D // 2}]")
-        torch._check(inv_freq.device == q.device, lambda: f"{op}: inv_freq must be on the device of q")
+        check(op, eps > 0, lambda: f"eps must be > 0, got {eps}")
+    if pos is not None:
+        check_dtype(op, "position_ids", pos, (torch.int32, torch.int64))
+        check_dtype(op, "inv_freq", inv_freq, (torch.float32,))
 
 
 def _check_grads(grad_q, grad_k, q, k):
     """The backward's extra checks (as csrc/rope_cpu.cpp): output grads shaped and typed like q / k."""
     op = "qk_norm_rope_backward"
-    torch._check(grad_q.shape == q.shape and grad_q.dtype == q.dtype,
-                 lambda: f"{op}: grad_q must match q in shape and dtype")
-    torch._check(grad_k.shape == k.shape and grad_k.dtype == k.dtype,
-                 lambda: f"{op}: grad_k must match k in shape and dtype")
+    for g, t, name in ((grad_q, q, "q"), (grad_k, k, "k")):
+        check(op, g.shape == t.shape, lambda: f"grad_{name} must have {name}'s shape {list(t.shape)}")
+        check_like(op, f"grad_{name}", g, t, name)
 
 
 def _outs(q, k):
@@ -173,20 +133,6 @@ if _ext.AVAILABLE:
     torch.library.register_kernel("qwen3moe::qk_norm_rope_backward", "cuda", _qk_norm_rope_backward_cuda)
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _impl(t: torch.Tensor) -> str | None:
-    if not _ext.AVAILABLE:
-        return None
-    return {"cpu": "cpu", "cuda": "triton" if _HAS_TRITON else None}.get(t.device.type)
-
-
-def _record(op: str, impl: str) -> None:
-    if not torch.compiler.is_compiling():
-        dispatch.record(op, impl)
-
-
 @functools.lru_cache(maxsize=64)
 def _inv_freq_cached(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     # a normal tensor even when first asked for under torch.inference_mode(): an inference tensor in this cache
@@ -208,30 +154,78 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     return _inv_freq_cached(head_dim, float(theta), device)
 
 
+def _check_shapes(op, q, k, qw=None, kw=None, cos=None, sin=None, pos=None, inv_freq=None):
+    """What any (q/k-norm +) RoPE needs (ValueError): the layouts of the module docstring, on q's device."""
+    check(op, q.dim() == 4, lambda: f"q must be 4-D [B, S, Hq, D], got {q.dim()} dims")
+    check(op, k.dim() == 4, lambda: f"k must be 4-D [B, S, Hk, D], got {k.dim()} dims")
+    B, S, _, D = q.shape
+    check(op, k.shape[0] == B and k.shape[1] == S and k.shape[3] == D,
+          lambda: f"k must be [{B}, {S}, Hk, {D}] like q {list(q.shape)}, got {list(k.shape)}")
+    check(op, D >= 2 and D % 2 == 0, lambda: f"head_dim (q.size(3)) must be even and >= 2, got {D}")
+    named = [("k", k), ("q_weight", qw), ("k_weight", kw), ("cos", cos), ("sin", sin), ("position_ids", pos),
+             ("inv_freq", inv_freq)]
+    for name, t in named:
+        if t is not None:
+            check_device(op, name, t, q.device, "q")
+    for w, name in ((qw, "q_weight"), (kw, "k_weight")):
+        if w is not None:
+            check(op, w.dim() == 1 and w.shape[0] == D, lambda: f"{name} must have shape [{D}], got {list(w.shape)}")
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t is not None:
+            check(op, t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] == S and t.shape[2] == D,
+                  lambda: f"{name} must be [{B} or 1, {S}, {D}], got {list(t.shape)}")
+    if pos is not None:
+        check(op, pos.dim() == 2 and pos.shape[0] in (1, B) and pos.shape[1] == S,
+              lambda: f"position_ids must be [{B} or 1, {S}], got {list(pos.shape)}")
+        check(op, inv_freq.dim() == 1 and inv_freq.shape[0] == D // 2,
+              lambda: f"inv_freq must be [{D // 2}], got {list(inv_freq.shape)}")
+
+
+def _no_kernel(q, k, tensors, pos=None, inv_freq=None, eps=1.0) -> str | None:
+    """Why no kernel takes these (valid) inputs, or None: the kernels take one fp32/fp16/bf16 dtype for q, k, the
+    norm weights and cos/sin, int position ids and an fp32 inv_freq, and eps > 0."""
+    if _ext.kernel_impl(q.device, triton=True) is None:
+        return _ext.no_kernel_reason(q.device, triton=True)
+    dtypes = {t.dtype for t in (q, k, *tensors) if t is not None}
+    if q.dtype not in FLOAT_DTYPES or len(dtypes) > 1:
+        return (f"the kernels take one fp32/fp16/bf16 dtype for q, k, weights and cos/sin, got "
+                f"{sorted(str(d) for d in dtypes)} (cast the model to one dtype to run them)")
+    if pos is not None and (pos.dtype not in (torch.int32, torch.int64) or inv_freq.dtype != torch.float32):
+        return f"the kernels take int32/int64 position_ids and fp32 inv_freq, got {pos.dtype} and {inv_freq.dtype}"
+    if not eps > 0:
+        return f"the kernels take eps > 0, got {eps}"
+    return None
+
+
+def _table(position_ids, inv_freq, dtype):
+    """cos, sin ``[B or 1, S, D]`` of ``position_ids`` as the kernels build them (the reference's inputs)."""
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q*cos + rotate_half(q)*sin, k*cos + rotate_half(k)*sin)`` in q's dtype (autograd for q and k)."""
-    impl = _impl(q)
-    if impl is None:
-        dispatch.fallback("rope", _ext.no_kernel_reason(q.device))
+    """``(q*cos + rotate_half(q)*sin, k*cos + rotate_half(k)*sin)`` in q's dtype (differentiable in q and k)."""
+    _check_shapes("rope", q, k, cos=cos, sin=sin)
+    reason = _no_kernel(q, k, (cos, sin))
+    if reason is not None:
+        fallback("rope", reason)
         return reference.rope(q, k, cos, sin)
-    _record("rope", impl)
+    record("rope", _ext.kernel_impl(q.device, triton=True))
     return torch.ops.qwen3moe.rope.default(q, k, cos, sin)
 
 
-def rope_by_positions(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, inv_freq: torch.Tensor | None = None
+def rope_positions(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE at arbitrary ``position_ids [B or 1, S]``; the table is computed in the kernel (default rope, ``theta``,
-    or the given fp32 ``inv_freq [D/2]``)."""
-    if inv_freq is None:
-        inv_freq = rope_inv_freq(q.shape[-1], theta, q.device)
-    impl = _impl(q)
-    if impl is None:
-        dispatch.fallback("rope", _ext.no_kernel_reason(q.device))
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return reference.rope(q, k, emb.cos().to(q.dtype), emb.sin().to(q.dtype))
-    _record("rope", impl)
+    """:func:`rope` at ``position_ids [B or 1, S]``, its table built in the kernel from fp32 ``inv_freq [D/2]``
+    (:func:`rope_inv_freq` gives the default RoPE's)."""
+    _check_shapes("rope_positions", q, k, pos=position_ids, inv_freq=inv_freq)
+    reason = _no_kernel(q, k, (), position_ids, inv_freq)
+    if reason is not None:
+        fallback("rope_positions", reason)
+        return reference.rope(q, k, *_table(position_ids, inv_freq, q.dtype))
+    record("rope_positions", _ext.kernel_impl(q.device, triton=True))
     return torch.ops.qwen3moe.rope_positions.default(q, k, position_ids, inv_freq)
 
 
@@ -240,28 +234,26 @@ def qk_norm_rope(
     sin: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rope(rms_norm(q, q_weight), rms_norm(k, k_weight), cos, sin)`` with per-head norms, in one pass."""
-    impl = _impl(q)
-    if impl is None:
-        dispatch.fallback("qk_norm_rope", _ext.no_kernel_reason(q.device))
+    _check_shapes("qk_norm_rope", q, k, q_weight, k_weight, cos, sin)
+    reason = _no_kernel(q, k, (q_weight, k_weight, cos, sin), eps=eps)
+    if reason is not None:
+        fallback("qk_norm_rope", reason)
         return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
-    _record("qk_norm_rope", impl)
+    record("qk_norm_rope", _ext.kernel_impl(q.device, triton=True))
     return torch.ops.qwen3moe.qk_norm_rope.default(q, k, q_weight, k_weight, cos, sin, eps)
 
 
-def qk_norm_rope_by_positions(
+def qk_norm_rope_positions(
     q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, position_ids: torch.Tensor,
-    theta: float, eps: float, inv_freq: torch.Tensor | None = None,
+    inv_freq: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qk_norm_rope`` with the table computed in the kernel from ``position_ids`` (see rope_by_positions)."""
-    if inv_freq is None:
-        inv_freq = rope_inv_freq(q.shape[-1], theta, q.device)
-    impl = _impl(q)
-    if impl is None:
-        dispatch.fallback("qk_norm_rope", _ext.no_kernel_reason(q.device))
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return reference.qk_norm_rope(q, k, q_weight, k_weight, emb.cos().to(q.dtype), emb.sin().to(q.dtype), eps)
-    _record("qk_norm_rope", impl)
+    """:func:`qk_norm_rope` with the table built in the kernel from ``position_ids`` (see :func:`rope_positions`)."""
+    _check_shapes("qk_norm_rope_positions", q, k, q_weight, k_weight, pos=position_ids, inv_freq=inv_freq)
+    reason = _no_kernel(q, k, (q_weight, k_weight), position_ids, inv_freq, eps)
+    if reason is not None:
+        fallback("qk_norm_rope_positions", reason)
+        return reference.qk_norm_rope(q, k, q_weight, k_weight, *_table(position_ids, inv_freq, q.dtype), eps)
+    record("qk_norm_rope_positions", _ext.kernel_impl(q.device, triton=True))
     return torch.ops.qwen3moe.qk_norm_rope_positions.default(q, k, q_weight, k_weight, position_ids, inv_freq, eps)
 
 

@@ -1,42 +1,33 @@
-"""router_topk: the MoE router's selection step, ``torch.ops.qwen3moe.router_topk``.
+"""``router_topk``: the MoE router's selection step (``torch.ops.qwen3moe.router_topk``).
 
-Computes, for router logits ``[T, E]`` (fp32/bf16/fp16, E <= 512), the fp32 softmax over experts, the top-k
-experts and, with ``renormalize``, their weights divided by their sum. Returns ``(weights fp32 [T, k],
-ids int32 [T, k])`` ordered by descending probability.
-
-Ties are broken by the lowest expert id (a stable descending sort's order, which the reference pins down and
-``torch.topk`` does not promise); a NaN probability counts as the largest value, so a row with a NaN (or +inf)
-logit, whose softmax is NaN everywhere, selects experts 0..k-1 with NaN weights, exactly as the reference.
-
-Algorithm (the per-row code in csrc/router_topk.h is shared by the CPU and CUDA kernels): the softmax with a
-shared branch-free exp (``exp_nonpos``), then the selection. CUDA: one warp per row, the row in registers; each
-probability and its expert id are packed into one 64-bit key whose unsigned order is (probability desc, id asc,
-NaN first), and k rounds of a warp max-reduction over the keys pick the k largest; no host synchronisation.
-CPU: rows in parallel (at::parallel_for); for k <= 32 a one-pass insertion into a sorted top-k on the float
-probabilities (same order; a NaN row directly takes experts 0..k-1), for k > 32 the GPU's 64-bit keys and k
-rounds of argmax, NaN rows included. Both give the reference's order, so the result does not depend on the path.
-
-The C++ op is registered in csrc/ops.cpp; its fake (meta) implementation is here.
+logits ``[T, E]`` (fp32/bf16/fp16, E <= 512) -> ``(weights fp32 [T, k], ids int32 [T, k])``: fp32 softmax, the top-k
+by descending probability (ties: lowest expert id; NaN counts as largest), optionally renormalised to sum 1.
+Kernels: ``csrc/router_topk_cpu.cpp``, ``csrc/router_topk.cu`` (shared row code in ``csrc/router_topk.h``); the
+algorithm is in ``docs/ops/router_topk.md``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext, dispatch, reference
+from .. import _ext, reference
+from ..recorder import fallback, record
+from ._checks import FLOAT_DTYPES, check, check_dtype
 
 MAX_EXPERTS = 512
 
 
-def _check(logits: torch.Tensor, top_k: int) -> None:
-    torch._check(logits.dim() == 2, lambda: f"router_topk: logits must be 2-D [T, E], got {logits.dim()} dims")
-    torch._check(
-        logits.dtype in (torch.float32, torch.bfloat16, torch.float16),
-        lambda: f"router_topk: logits must be float32, bfloat16 or float16, got {logits.dtype}",
-    )
+def _check_shape(logits: torch.Tensor, top_k: int) -> None:
+    check("router_topk", logits.dim() == 2, lambda: f"logits must be 2-D [T, E], got shape {list(logits.shape)}")
     E = logits.shape[1]
-    torch._check(1 <= E <= MAX_EXPERTS, lambda: f"router_topk: logits.size(1) must be in [1, {MAX_EXPERTS}], got {E}")
-    torch._check(1 <= top_k <= E, lambda: f"router_topk: top_k must be in [1, E={E}], got {top_k}")
+    check("router_topk", 1 <= top_k <= E, lambda: f"top_k must be in [1, E={E}], got {top_k}")
+
+
+def _check(logits: torch.Tensor, top_k: int) -> None:
+    _check_shape(logits, top_k)
+    check_dtype("router_topk", "logits", logits)
+    E = logits.shape[1]
+    check("router_topk", E <= MAX_EXPERTS, lambda: f"logits.size(1) = E must be <= {MAX_EXPERTS}, got {E}")
 
 
 if _ext.AVAILABLE:
@@ -50,28 +41,36 @@ if _ext.AVAILABLE:
     @torch.library.register_fake("qwen3moe::router_topk.out")
     def _router_topk_out_fake(logits, top_k, renormalize, *, weights, ids):
         _check(logits, top_k)
-        return None
+
+
+def _no_kernel(logits: torch.Tensor) -> str | None:
+    """Why no kernel takes these (valid) logits, or None."""
+    if _ext.kernel_impl(logits.device) is None:
+        return _ext.no_kernel_reason(logits.device)
+    if logits.dtype not in FLOAT_DTYPES:
+        return f"no kernel for {logits.dtype} logits"
+    if logits.shape[1] > MAX_EXPERTS:
+        return f"the kernel takes at most {MAX_EXPERTS} experts, got {logits.shape[1]}"
+    return None
 
 
 def router_topk(
     logits: torch.Tensor, top_k: int, renormalize: bool, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights fp32 [T, k], ids int32 [T, k])``: softmax, top-k (ties: lowest id), optional renormalisation.
-
-    ``out=(weights, ids)`` writes into preallocated buffers (decode, CUDA graphs) and returns them.
-    """
-    impl = _ext.kernel_impl(logits.device)
-    if impl is None:
-        if not torch.compiler.is_compiling():
-            dispatch.fallback("router_topk", _ext.no_kernel_reason(logits.device))
+    """``(weights fp32 [T, k], ids int32 [T, k])`` of router ``logits [T, E]``: fp32 softmax, top-k (ties: lowest
+    id), optionally renormalised. ``out=(weights, ids)`` writes into preallocated buffers (decode, CUDA graphs).
+    Not differentiable: with a gradient, route with ``reference.router_topk`` (``fused_moe`` does)."""
+    _check_shape(logits, top_k)
+    reason = _no_kernel(logits)
+    if reason is not None:
+        fallback("router_topk", reason)
         w, i = reference.router_topk(logits, top_k, renormalize)
-        if out is not None:
-            out[0].copy_(w), out[1].copy_(i)
-            return out
-        return w, i
-    if not torch.compiler.is_compiling():
-        dispatch.record("router_topk", impl)
-    if out is not None:
-        torch.ops.qwen3moe.router_topk.out(logits, top_k, renormalize, weights=out[0], ids=out[1])
+        if out is None:
+            return w, i
+        out[0].copy_(w), out[1].copy_(i)
         return out
-    return torch.ops.qwen3moe.router_topk(logits, top_k, renormalize)
+    record("router_topk", _ext.kernel_impl(logits.device))
+    if out is None:
+        return torch.ops.qwen3moe.router_topk(logits, top_k, renormalize)
+    torch.ops.qwen3moe.router_topk.out(logits, top_k, renormalize, weights=out[0], ids=out[1])
+    return out

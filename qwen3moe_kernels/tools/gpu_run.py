@@ -1,35 +1,12 @@
-#!/usr/bin/env python3
 """The one-command GPU run: build, test, benchmark and measure on the GPU of the day, in under 10 minutes.
 
-    python python/gpu_run.py [--budget 570] [--no-build] [--out-dir benchmarks/results] [--copy-to DIR]
+    python -m qwen3moe_kernels.tools.gpu_run [--budget 570] [--no-build] [--out-dir benchmarks/results] [--copy-to DIR]
 
-Steps, each in a subprocess (its own process group) with its own time limit cut to what is left of the overall
-budget. A step that runs out is killed with everything it started (the whole process group: pip's ninja and
-nvcc, pytest's workers), recorded as timed out, and the run goes on, so the JSON is always written:
-
-1. environment: GPU name, capability, SM count, memory, driver (nvidia-smi), python/torch/triton/CUDA/nvcc
-   versions, git commit and whether the tree is dirty; a warning (recorded, and the run goes on) where python,
-   torch or triton differ from what the repository is tested with (``PINNED``: e.g. the tests' bf16 interpreter
-   shim relies on Triton 3.8 internals);
-2. build the extension for this GPU's arch only (``pip install --no-build-isolation --no-deps -e .`` with
-   ``TORCH_CUDA_ARCH_LIST`` set to e.g. ``9.0a``; ``MAX_JOBS`` = CPU count), then check that its CUDA kernels load;
-3. ``qwen3moe-kernels compile-check --arch <this GPU's>`` against the freshly built library, with
-   ``QWEN3MOE_REQUIRE_CUDA_BUILD=1`` (skipped on a GPU other than sm_90 / sm_100, which it does not target);
-4. the test suite (``pytest -v tests``: every CUDA and Triton test runs for real on the GPU), as JUnit XML, less
-   the CPU-only compile-check tests (``CPU_ONLY_TESTS``: they repeat step 3 for both archs and take minutes). If
-   pytest stops before writing its JUnit XML (killed on its limit, or crashed), the per-test lines it printed are
-   recorded instead (``partial: true``);
-5. the device limits: bf16 matmul rate and copy bandwidth (:func:`qwen3moe_kernels.roofline.measure_peaks`);
-6. ``qwen3moe-kernels check --device cuda`` and ``qwen3moe-kernels bench --device cuda`` (which reports each
-   result as a fraction of the measured limits).
-
-Writes ``benchmarks/results/gpu_<device>_<UTC date-time>.json`` holding the warnings, every step's status, time
-and output tail, the test counts and failures, the measured peaks, the roofline floors at those peaks and the
-bench rows (the bench's own JSON is saved beside it). ``--copy-to`` copies the files there too (for a machine
-that is given back after the run). Exit status: 0 when every step passed.
-
-Budget (570 s, inside 10 minutes) on one H100 or H200 (16 CPUs): build ~3 min, tests ~2-3 min, peaks ~10 s,
-check + bench ~2 min.
+Run from the repository root (it may start before the extension is built: it builds it). Steps: build for this
+GPU's arch, compile-check that arch, the test suite, the device's matmul rate and copy bandwidth,
+``qwen3moe-kernels check`` and ``bench``; each in its own process group with a time limit cut from the budget.
+Writes ``benchmarks/results/gpu_<device>_<UTC time>.json``; exits 0 when every step passed, 2 without a GPU.
+The steps, the budget and the result file: docs/gpu_verification.md ("The GPU run").
 """
 
 from __future__ import annotations
@@ -46,7 +23,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (this file is qwen3moe_kernels/tools/)
 PY = sys.executable
 
 # What CI tests with: .ci/run installs torch==2.14.1 (which brings triton 3.8) on Python 3.11. Versions are
@@ -130,7 +107,7 @@ COMPILE_CHECK_ARCHS = (90, 100)
 def compile_check_cmd(arch: int) -> list[str]:
     """compile-check for this GPU's arch alone: the library was built for it only, and a check of the other arch
     would fail on the device code the build left out."""
-    return [PY, "-m", "qwen3moe_kernels.compile_check", "--no-json", "--jobs", "8", "--arch", str(arch)]
+    return [PY, "-m", "qwen3moe_kernels.tools.compile_check", "--no-json", "--jobs", "8", "--arch", str(arch)]
 
 
 def pytest_cmd(junit: Path, extra: list[str]) -> list[str]:
@@ -237,7 +214,7 @@ def junit_summary(path: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwen3moe_kernels.tools.gpu_run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=570.0, help="overall seconds (default 570: inside 10 minutes)")
     ap.add_argument("--no-build", action="store_true", help="use the extension already built")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -305,7 +282,8 @@ def main(argv=None) -> int:
         except ValueError:
             bench_rows = None
     report = {
-        "what": "python/gpu_run.py: build, tests, compile-check, measured device limits, check and bench on a GPU",
+        "what": ("qwen3moe_kernels.tools.gpu_run: build, tests, compile-check, measured device limits, check and bench "
+                 "on a GPU"),
         "environment": env,
         "budget_s": a.budget,
         "total_s": round(time.monotonic() - r.t0, 1),

@@ -1,36 +1,11 @@
 """Ahead-of-time compile check of every GPU kernel the library ships, on a machine without a GPU.
 
-What it proves without a GPU, per Triton kernel x shipped launch config x dtype (each module in
-``qwen3moe_kernels/kernels/`` lists them in ``compile_specs()``, see :mod:`qwen3moe_kernels.kernels.spec`):
-
-* it compiles for Hopper (``GPUTarget("cuda", 90, 32)``) and Blackwell (``GPUTarget("cuda", 100, 32)``) with
-  ``triton.compile`` (Triton's own ptxas; no driver, no device);
-* registers, stack frame and local memory (spills) and static shared memory, read from the cubin with the
-  ``cuobjdump --dump-resource-usage`` that Triton ships; the dynamic shared memory Triton launches with from the
-  compiled kernel's metadata;
-* tensor-core use, counted in the PTX: ``wgmma.mma_async`` (sm_90a), ``tcgen05.mma`` (sm_100a), ``mma.sync``
-  (the pre-Hopper path, which Triton also picks on Hopper for tiles narrower than 64 rows);
-* an occupancy estimate (resident warps per SM over the maximum) from registers, shared memory and num_warps
-  with the per-SM limits below.
-
-A config fails on a compile error, any local memory or stack frame (a spill in a shipped config), shared memory
-above the per-block limit, a kernel marked ``gemm=True`` that has no tensor-core instruction, or a GEMM whose
-tile is wide enough for the arch's own instructions (``CompileSpec.requires_native_mma()``: BLOCK_M >= 64 unless
-the spec says otherwise) that has no ``wgmma`` on sm_90 / no ``tcgen05`` on sm_100. Narrower (decode) tiles may
-use ``mma.sync``; the table marks them "(narrow tile)".
-
-The CUDA C++ kernels of the extension (``qwen3moe_kernels/_C*.so``) get the same resource report per kernel and
-arch from the library's embedded device code; their occupancy uses the threads per block each is launched with
-(``CUDA_BLOCK_THREADS``, read off ``csrc/*.cu``; a kernel missing there fails). The library must hold device code
-for every arch its build asked for (``_C_build.json``); a CPU-only build (no device code) is a note, or a failure
-when the environment sets ``QWEN3MOE_REQUIRE_CUDA_BUILD=1`` (``python/gpu_run.py`` does).
-
-``main(argv)`` prints the table, writes ``benchmarks/results/compile_check.json`` (sorted and free of timestamps
-so that a review diff shows only real changes) and returns 1 if anything failed. ``qwen3moe-kernels
-compile-check`` calls it; ``tests/test_compile_check.py`` runs the same code in CI.
-
-Coverage: every ``@triton.jit`` function defined in a kernels module that no other ``@triton.jit`` function in
-that module calls (so a launched kernel, not an inlined helper) must appear in that module's ``compile_specs()``.
+Compiles every Triton kernel x launch config x dtype that a ``qwen3moe_kernels/kernels/`` module lists in
+``compile_specs()`` for sm_90 and sm_100 (``triton.compile``, no driver), reads registers, spills and shared memory
+from the cubin (``cuobjdump``) and tensor-core instructions from the PTX, estimates occupancy, and reports the
+CUDA kernels in ``qwen3moe_kernels/_C*.so`` the same way. ``main`` prints the table, writes
+``benchmarks/results/compile_check.json`` and returns 1 on any failure; ``qwen3moe-kernels compile-check`` and
+``python -m qwen3moe_kernels.tools.compile_check`` run it. The rules and what they prove: docs/gpu_verification.md.
 """
 
 from __future__ import annotations
@@ -52,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 KERNELS_PACKAGE = "qwen3moe_kernels.kernels"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # qwen3moe_kernels/ (this file is in tools/)
 DEFAULT_JSON = PACKAGE_DIR.parent / "benchmarks" / "results" / "compile_check.json"
 ARCHS = (90, 100)
 NATIVE_TC = {90: "wgmma", 100: "tcgen05"}  # each arch's own tensor-core instruction family
@@ -551,7 +526,7 @@ def cuda_report(lib: str | None = None, record: dict | None = None) -> tuple[lis
     rows = [cuda_row(r, names[r["function"]]) for r in res]
     present = {r["arch"] for r in res}
     if record is None:
-        from . import _ext
+        from .. import _ext
 
         record = _ext.BUILD
     for want in build_cuda_archs(record) or []:
@@ -723,7 +698,7 @@ def clean_env() -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if interpreter_on():  # kernels imported here would be interpreter objects: run in a clean process instead
-        return subprocess.run([sys.executable, "-m", "qwen3moe_kernels.compile_check", *argv],
+        return subprocess.run([sys.executable, "-m", "qwen3moe_kernels.tools.compile_check", *argv],
                               env=clean_env()).returncode
     p = argparse.ArgumentParser(prog="qwen3moe-kernels compile-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, action="append", choices=list(LIMITS),

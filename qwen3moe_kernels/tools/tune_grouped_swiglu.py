@@ -1,39 +1,15 @@
-#!/usr/bin/env python3
 """Tune the launch configs of the grouped-GEMM SwiGLU kernels on a GPU and write that device's table.
 
-    python python/tune_grouped_swiglu.py [--models 30B-A3B,235B-A22B] [--tokens 1,8,64,512,2048,8192,16384]
-        [--dtypes bf16] [--kernels gate_up,down,down_bwd,dx,wgrad] [--reps 50] [--warmup 10] [--input-sets 3]
-        [--out-dir qwen3moe_kernels/kernels/configs]
-    TRITON_INTERPRET=1 python python/tune_grouped_swiglu.py --interpret --tiny --out-dir /tmp/tables
+    python -m qwen3moe_kernels.tools.tune_grouped_swiglu [--models 30B-A3B,235B-A22B]
+        [--tokens 1,8,64,512,2048,8192,16384] [--dtypes bf16] [--kernels gate_up,down,down_bwd,dx,wgrad] [--reps 50]
+        [--warmup 10] [--input-sets 3] [--out-dir qwen3moe_kernels/kernels/configs]
+    TRITON_INTERPRET=1 python -m qwen3moe_kernels.tools.tune_grouped_swiglu --interpret --tiny --out-dir /tmp/tables
 
-For every model shape (H, I, E, top_k), token count T (``slots = T * top_k``), dtype and kernel (``gate_up``,
-``down``, ``down_bwd``, ``dx``, ``wgrad``; see qwen3moe_kernels/kernels/grouped_swiglu.py) it
-
-1. lists candidate configs: the heuristic's (``default_config`` without a table) first, then a fixed list per
-   phase (decode: 16-row tiles; otherwise 64/128-row tiles), BLOCK_K halved for fp32, duplicates dropped;
-2. runs each candidate on each of ``--input-sets`` routings (fresh random ids, weights, activations; the expert
-   weights are shared) and checks its result against the torch path of ops/grouped_swiglu.py (the ``_cpu_*``
-   functions, plain torch that runs on any device) within ``tolerances.tol("gemm", dtype)`` scaled by the
-   largest reference value; a candidate that fails a check is recorded with its error and never chosen;
-3. times it on each input set: ``--warmup`` launches, then ``--reps`` launches each timed with its own pair of
-   CUDA events after an L2 flush (a 256 MiB buffer is zeroed before each, as ``triton.testing.do_bench`` does,
-   so the weights are read from HBM as in a real forward); its time is the median over all input sets. The
-   timed call is the kernel launcher alone: the slot alignment (``moe_align_block``, outside the timing) and
-   the k-slot combine after ``down`` / ``dx`` do not depend on the config;
-4. picks the fastest checked candidate and compile-checks it ahead of time for sm_90 and sm_100
-   (``compile_check.compile_spec``, the same rules ``qwen3moe-kernels compile-check`` applies to every shipped
-   table): a winner that spills, exceeds shared memory or misses tensor cores is replaced by the next fastest.
-
-It writes ``grouped_swiglu_<device>.json`` (``kernels.grouped_swiglu.table_path``) into ``--out-dir``, merged
-with an existing table there (entries of the same kernel, dtype, H, I, E and slot count are replaced): device
-name, capability, versions, the method, and per entry the winner, its median time, the heuristic's time and
-every candidate's time or error. The loader (``default_config``) then applies an entry to an exact (kernel,
-dtype, H, I, E) match at the nearest measured slot count. Commit such a table only from a real GPU run.
-
-``--interpret`` runs the mechanics on CPU tensors under ``TRITON_INTERPRET=1`` (wall-clock timing, no compile
-check, device name ``interpreter``); ``--tiny`` tunes one tiny shape (H=64, I=32, E=4, top_k=2, T=8, fp32) with
-two candidates per kernel and one short timing. Together they are what tests/test_grouped_swiglu.py runs; an
-interpreter table must not go into the package (``--out-dir`` is required and may not be the package's).
+Per model shape, token count, dtype and kernel: each candidate config is checked against the CPU implementation
+(``ops.grouped_swiglu_cpu``), timed, and the fastest that passes compile-check for sm_90 and sm_100 goes into
+``grouped_swiglu_<device>.json`` (``kernels.grouped_swiglu.table_path``). ``--interpret --tiny`` runs the
+mechanics on CPU (what tests/test_grouped_swiglu.py does; such a table never goes into the package). The method:
+docs/gpu_verification.md ("Tuning the grouped-GEMM SwiGLU configs"); the table format: kernels/configs/README.md.
 """
 
 from __future__ import annotations
@@ -89,8 +65,8 @@ def candidates(kern, kernel: str, dtype: str, slots: int, tiny: bool = False) ->
 
 
 def close(name: str, got, want, dtype) -> str | None:
-    """None when ``got`` matches the torch path's ``want`` within the gemm tolerance of ``dtype`` (atol scaled
-    by the largest reference value), else what is wrong."""
+    """None when ``got`` matches the CPU implementation's ``want`` within the gemm tolerance of ``dtype`` (atol
+    scaled by the largest reference value), else what is wrong."""
     import torch
 
     from qwen3moe_kernels.tolerances import tol
@@ -113,14 +89,14 @@ def close(name: str, got, want, dtype) -> str | None:
 
 
 class Problem:
-    """One (shape, T, dtype, input set): the inputs, the kernels' slot orders, and the torch path's results."""
+    """One (shape, T, dtype, input set): the inputs, the kernels' slot orders, and the CPU implementation's results."""
 
     def __init__(self, H, I, E, k, T, dtype, device, weights, seed):
         import torch
 
         from qwen3moe_kernels import reference
-        from qwen3moe_kernels.ops import grouped_swiglu as ops
-        from qwen3moe_kernels.ops.moe_permute import moe_sort
+        from qwen3moe_kernels.ops import grouped_swiglu_cpu as cpu
+        from qwen3moe_kernels.ops import moe_sort
 
         self.H, self.I, self.E, self.k, self.T = H, I, E, k, T
         g = torch.Generator(device=device).manual_seed(seed)
@@ -130,17 +106,17 @@ class Problem:
         logits = torch.randn(T, E, generator=g, device=device)
         w, ids = reference.router_topk(logits, k, True)
         self.ids, self.w = ids.to(torch.int32).contiguous(), w.float().contiguous()
-        # the torch path's results: the references, and the inputs of the later kernels
-        self.h, self.gu = ops._cpu_gate_up(self.x, self.wgu, self.ids, True)
-        self.out = ops._cpu_down(self.h, self.wd, self.ids, self.w)
-        self.dgu, self.dwd, self.drw = ops._cpu_down_backward(
-            self.dout, self.h, self.gu, self.wd, self.ids, self.w, True)
-        self.dx, self.dwgu = ops._cpu_gate_up_backward(self.dgu, self.x, self.wgu, self.ids, True)
+        # the CPU implementation's results (plain torch, any device): the references, and the inputs of the later
+        # kernels
+        self.h, self.gu = cpu.gate_up(self.x, self.wgu, self.ids, True)
+        self.out = cpu.down(self.h, self.wd, self.ids, self.w)
+        self.dgu, self.dwd, self.drw = cpu.down_backward(self.dout, self.h, self.gu, self.wd, self.ids, self.w, True)
+        self.dx, self.dwgu = cpu.gate_up_backward(self.dgu, self.x, self.wgu, self.ids, True)
         self.sorted_slots, _, self.offsets = moe_sort(self.ids, E)
         self._aligned = {}
 
     def aligned(self, block_m: int):
-        from qwen3moe_kernels.ops.moe_permute import moe_align_block
+        from qwen3moe_kernels.ops import moe_align_block
 
         if block_m not in self._aligned:
             padded, be, _ = moe_align_block(self.ids, self.E, block_m)
@@ -149,7 +125,7 @@ class Problem:
 
     def launcher(self, kern, kernel: str, cfg: dict):
         """(run, check): ``run()`` launches the kernel(s) as the op does; ``check()`` runs it once and returns
-        None or what differs from the torch path."""
+        None or what differs from the CPU implementation."""
         dt = self.x.dtype
         padded, be = self.aligned(cfg["BLOCK_M"])
         if kernel == "gate_up":
@@ -237,7 +213,7 @@ class Timer:
 
 def compile_ok(kern, kernel, dtype, H, I, E, k, slots, cfg, cache: dict) -> str | None:
     """None when every compile of ``cfg`` passes compile-check's rules on sm_90 and sm_100, else the problems."""
-    from qwen3moe_kernels import compile_check as cc
+    from qwen3moe_kernels.tools import compile_check as cc
 
     specs = kern.kernel_specs(kernel, dtype, H, I, E, slots, cfg, "tune", k)
     key = tuple(s.jit_variant() for s in specs)
@@ -318,7 +294,8 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m qwen3moe_kernels.tools.tune_grouped_swiglu",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--tokens", default="1,8,64,512,2048,8192,16384", help="token counts T (slots = T * top_k)")
     p.add_argument("--dtypes", default="bf16", help=f"comma-separated, of {', '.join(DTYPES)}")
@@ -381,14 +358,14 @@ def main(argv=None) -> int:
                 del problems
             del weights
     header = {
-        "what": "tuned launch configs of the grouped-GEMM SwiGLU kernels (python/tune_grouped_swiglu.py)",
+        "what": "tuned launch configs of the grouped-GEMM SwiGLU kernels (qwen3moe_kernels.tools.tune_grouped_swiglu)",
         "device": name,
         "versions": versions(device),
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "method": (f"{'wall clock (interpreter)' if args.interpret else 'CUDA events after an L2 flush'}, median of "
                    f"{args.reps} runs after {args.warmup} warm-ups on each of {args.input_sets} input sets; every "
-                   f"candidate checked against the torch path first; winners compile-checked for sm_90 and sm_100"
-                   f"{' (skipped under the interpreter)' if args.interpret else ''}"),
+                   f"candidate checked against the CPU implementation first; winners compile-checked for sm_90 and "
+                   f"sm_100{' (skipped under the interpreter)' if args.interpret else ''}"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merge(path, entries, header), indent=1) + "\n")
