@@ -1,24 +1,12 @@
-"""Roofline floors: the FLOPs and bytes each op must spend at the Qwen3-MoE shapes, and the least time that takes.
+"""Roofline floors: the FLOPs and fewest bytes each op must spend at the Qwen3-MoE shapes, and the least time that
+takes on a device. LIMITS, never results: a benchmark's time divided into its floor (:func:`row_floor`) is the
+fraction of the limit reached.
 
-For each op and shape, ``op_cost`` counts the floating-point operations and the fewest bytes the op must move
-through device memory (each input read once, each output written once; expert weights counted only for the
-experts the tokens hit, in expectation under uniform routing: E * (1 - (1 - k/E)^T)). Divided by a device's
-matrix rate and memory bandwidth they give two times; the larger is the floor no kernel beats by much.
-
-These are LIMITS, never results. A benchmark's time divided into the floor is the fraction of the limit reached.
-The device peaks below are of two kinds, labelled as such everywhere they are printed:
-
-* ``nominal``: the vendor's datasheet (dense, no sparsity). Leads only.
-* ``measured``: what a bf16 8192^3 matrix product (random data) and a large device-to-device copy (bytes read
-  plus written) reached on the device. :func:`measure_peaks` measures them on the current GPU; ``python -m qwen3moe_kernels.tools.gpu_run``
-  stores them with its results. The H100/H200 "measured" defaults below were read by this workplace's device
-  notes on its own machines (torch matmul and copy), not by this project's GPU run; B200 has none yet.
-
-Token counts: decode T = 1, 8, 64; prefill T = 512, 2048, 4096, 8192, 16384 (the CUDA bench's and issue 4's).
-The MoE ops and the MoE block also have a backward cost (``op_cost(..., backward=True)``); the table gives the
-block forward and forward + backward. A benchmark row's floor comes from :func:`row_floor`.
-
-Run ``python -m qwen3moe_kernels.roofline [--device H100] [--dtype bf16]`` for the table.
+``op_cost(op, model, T, dtype, backward)`` counts each input read once and each output written once, expert weights
+only for the experts hit in expectation under uniform routing (``E * (1 - (1 - k/E)^T)``). ``PEAKS`` holds each
+device's ``nominal`` (datasheet) and ``measured`` (bf16 8192^3 matmul, device-to-device copy) rates, labelled as such
+wherever printed; :func:`measure_peaks` measures the current GPU. Table: ``python -m qwen3moe_kernels.roofline
+[--device H100] [--dtype bf16]``; the method: ``docs/roofline.md``.
 """
 
 from __future__ import annotations
@@ -77,10 +65,10 @@ def op_cost(op: str, model, T: int, dtype: str = "bf16", backward: bool = False,
 
     Ops: router_linear (x @ Wr^T), router_topk (softmax + top-k of fp32 logits), moe_permute (gather tokens into
     expert order), grouped_swiglu (gate_up GEMM, SwiGLU, down GEMM over the routed rows), moe_unpermute (weighted
-    combine back to tokens), rms_norm, qk_norm_rope (per-head RMSNorm + RoPE of q and k), moe_block (the sum of the
+    combine back to tokens), rms_norm, qk_norm_rope (per-head RMSNorm + RoPE of q and k), fused_moe (the sum of the
     MoE ops, intermediates kept in memory between them as the unfused pipeline does).
 
-    ``backward=True``: the backward pass alone, for the MoE ops and moe_block (the gradients of x, the routing
+    ``backward=True``: the backward pass alone, for the MoE ops and fused_moe (the gradients of x, the routing
     weights and every weight; a forward + backward floor is the sum of both). Its FLOPs are twice the forward
     GEMMs' (the input and the weight gradient) plus the elementwise work; its bytes read the output gradient,
     the forward inputs and the weights once and write each gradient once, the weight gradients as the dense
@@ -94,7 +82,7 @@ def op_cost(op: str, model, T: int, dtype: str = "bf16", backward: bool = False,
     b = _BYTES[dtype]
     R = T * k  # routed rows
     hit = active_experts(T, E, k) if active is None else float(active)
-    if op == "moe_block":
+    if op == "fused_moe":
         costs = [op_cost(p, m, T, dtype, backward, active) for p in MOE_OPS]
         return sum(c[0] for c in costs), sum(c[1] for c in costs)
     if backward:
@@ -111,7 +99,7 @@ def op_cost(op: str, model, T: int, dtype: str = "bf16", backward: bool = False,
             return flops, reads + writes
         if op == "moe_unpermute":  # d(rows out) = w * dy, d(routing weights) = <dy, rows out>
             return 3.0 * R * H, b * (T * H + R * H + R * H) + 4.0 * R + 4.0 * R
-        raise ValueError(f"no backward cost for {op!r}: backward is counted for {MOE_OPS + ('moe_block',)}")
+        raise ValueError(f"no backward cost for {op!r}: backward is counted for {MOE_OPS + ('fused_moe',)}")
     if op == "router_linear":
         return 2.0 * T * H * E, b * (T * H + E * H) + 4.0 * T * E
     if op == "router_topk":  # fp32 logits in; fp32 weights and int32 ids out; exp + compare per logit
@@ -133,7 +121,7 @@ def op_cost(op: str, model, T: int, dtype: str = "bf16", backward: bool = False,
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
-OPS = MOE_OPS + ("rms_norm", "qk_norm_rope", "moe_block")
+OPS = MOE_OPS + ("rms_norm", "qk_norm_rope", "fused_moe")
 DIRECTIONS = ("fwd", "fwd+bwd")
 
 
@@ -157,7 +145,7 @@ def row_floor(op: str, tokens: int, model="Qwen3-30B-A3B", dtype: str = "bf16", 
               peak: dict | None = None, device: str = "H100", active: float | None = None) -> dict:
     """The roofline floor of one benchmark row: what the bench calls for each (op, T) it times.
 
-    ``direction``: "fwd" or "fwd+bwd" (forward plus backward; MoE ops and moe_block only). ``peak``: {"tflops",
+    ``direction``: "fwd" or "fwd+bwd" (forward plus backward; MoE ops and fused_moe only). ``peak``: {"tflops",
     "gbps"} (e.g. :func:`device_peak` on the GPU being benchmarked); without it ``device``'s table entry
     (measured where there is one, else nominal, labelled so). ``active``: distinct experts actually hit.
     Returns flops, bytes, compute_us, memory_us, floor_us, bound ("compute" / "memory"), limit (where the peak
@@ -180,7 +168,7 @@ def row_floor(op: str, tokens: int, model="Qwen3-30B-A3B", dtype: str = "bf16", 
 def floors(device: str = "H100", dtype: str = "bf16", kind: str = "measured", peak: dict | None = None,
            label: str | None = None) -> list[dict]:
     """One row per (model, phase, T, op, pass): FLOPs, bytes and the limit times. ``peak`` overrides the
-    table's. Every op forward; moe_block also forward + backward."""
+    table's. Every op forward; fused_moe also forward + backward."""
     if peak is None:
         peak, label = peak_for(device, kind)
     peak = {**peak, "label": label or f"limit measured on {peak.get('device', 'this GPU')}"}
@@ -188,7 +176,7 @@ def floors(device: str = "H100", dtype: str = "bf16", kind: str = "measured", pe
     for model in MODELS:
         for phase, Ts in (("decode", DECODE_TOKENS), ("prefill", PREFILL_TOKENS)):
             for T in Ts:
-                for op, direction in [(op, "fwd") for op in OPS] + [("moe_block", "fwd+bwd")]:
+                for op, direction in [(op, "fwd") for op in OPS] + [("fused_moe", "fwd+bwd")]:
                     r = row_floor(op, T, model, dtype, direction, peak)
                     rows.append(dict(model=model, phase=phase, tokens=T, op=op, direction=direction, dtype=dtype,
                                      **r))

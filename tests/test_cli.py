@@ -327,7 +327,7 @@ def test_block_rates_use_the_roofline_cost_model_and_a_dtype_aware_peak(monkeypa
     for T in (1, 512):
         flops, nbytes, name = fused_moe.moe_block_cost(T, fused_moe.QWEN3_30B_A3B, torch.bfloat16)
         assert name == "Qwen3-30B-A3B"
-        assert (flops, nbytes) == roofline.op_cost("moe_block", "Qwen3-30B-A3B", T, "bf16")
+        assert (flops, nbytes) == roofline.op_cost("fused_moe", "Qwen3-30B-A3B", T, "bf16")
     quick = dict(fused_moe.QWEN3_30B_A3B, experts=16, top_k=4)
     assert fused_moe.moe_block_cost(1, quick, torch.bfloat16) == (None,) * 3
     measured = {"tflops": 800.0, "gbps": 4000.0}

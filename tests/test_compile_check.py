@@ -461,7 +461,7 @@ def test_roofline_tokens_backward_and_row_floor():
     assert {1, 8, 64, 512, 2048, 8192} <= table and {1, 8, 64, 512, 4096, 16384} <= table
     rows = rl.floors("H100")
     assert {r["tokens"] for r in rows} == table
-    assert {(r["op"], r["direction"]) for r in rows if r["direction"] == "fwd+bwd"} == {("moe_block", "fwd+bwd")}
+    assert {(r["op"], r["direction"]) for r in rows if r["direction"] == "fwd+bwd"} == {("fused_moe", "fwd+bwd")}
     # grouped SwiGLU backward, 30B-A3B at T=4096: twice the forward GEMMs + 8 per [R, I] element; reads d(rows
     # out), rows in and the hit experts' weights, writes d(rows in) and all E experts' weight gradients
     R, H, I, E = 4096 * 8, 2048, 768, 128
@@ -470,26 +470,26 @@ def test_roofline_tokens_backward_and_row_floor():
     hit = rl.active_experts(4096, E, 8)
     assert nb == pytest.approx(2 * (3 * R * H + hit * 3 * H * I + E * 3 * H * I))
     # the block's forward + backward: the sum of its parts both ways, about 3x the forward FLOPs
-    fwd = rl.op_cost("moe_block", "Qwen3-30B-A3B", 4096)
-    bwd = rl.op_cost("moe_block", "Qwen3-30B-A3B", 4096, backward=True)
+    fwd = rl.op_cost("fused_moe", "Qwen3-30B-A3B", 4096)
+    bwd = rl.op_cost("fused_moe", "Qwen3-30B-A3B", 4096, backward=True)
     assert bwd == tuple(map(sum, zip(*[rl.op_cost(p, "Qwen3-30B-A3B", 4096, backward=True) for p in rl.MOE_OPS])))
     assert 2.9 < (fwd[0] + bwd[0]) / fwd[0] < 3.1
     with pytest.raises(ValueError):
         rl.op_cost("rms_norm", "Qwen3-30B-A3B", 1, backward=True)
     # row_floor: what the bench calls per row
     peak = {"tflops": 800.0, "gbps": 3000.0, "device": "NVIDIA H100"}
-    r = rl.row_floor("moe_block", 4096, "Qwen3-30B-A3B", "bf16", "fwd+bwd", peak=peak)
+    r = rl.row_floor("fused_moe", 4096, "Qwen3-30B-A3B", "bf16", "fwd+bwd", peak=peak)
     assert (r["flops"], r["bytes"]) == (fwd[0] + bwd[0], fwd[1] + bwd[1])
     assert r["floor_us"] == max(r["compute_us"], r["memory_us"]) and r["limit"] == "limit measured on NVIDIA H100"
-    assert rl.row_floor("moe_block", 8, peak=peak) == rl.row_floor("moe_block", 8, "Qwen3-30B-A3B", peak=peak)
+    assert rl.row_floor("fused_moe", 8, peak=peak) == rl.row_floor("fused_moe", 8, "Qwen3-30B-A3B", peak=peak)
     # dims instead of a model name, and the experts actually hit instead of the expectation
     dims = {"hidden": 2048, "inter": 768, "experts": 128, "top_k": 8}
-    assert rl.row_floor("moe_block", 8, dims, peak=peak) == rl.row_floor("moe_block", 8, peak=peak)
+    assert rl.row_floor("fused_moe", 8, dims, peak=peak) == rl.row_floor("fused_moe", 8, peak=peak)
     few = rl.row_floor("grouped_swiglu", 8, dims, peak=peak, active=10)
     assert few["bytes"] == 10 * 3 * H * I * 2 + 2 * 2 * 8 * 8 * H
-    assert "NOMINAL" in rl.row_floor("moe_block", 1, device="B200")["limit"]
+    assert "NOMINAL" in rl.row_floor("fused_moe", 1, device="B200")["limit"]
     with pytest.raises(ValueError):
-        rl.row_floor("moe_block", 1, direction="bwd")
+        rl.row_floor("fused_moe", 1, direction="bwd")
 
 
 # ------------------------------------------------------------------------- tools/gpu_run.py's plumbing

@@ -53,12 +53,12 @@ def make_moe_weights(hidden: int, inter: int, experts: int, dtype: torch.dtype, 
 
 
 def moe_block_cost(T: int, shapes: dict[str, int], dtype: torch.dtype) -> tuple[float | None, float | None, str | None]:
-    """(FLOPs, bytes, model name) of one forward from ``roofline.op_cost("moe_block", ...)``, the project's one cost
+    """(FLOPs, bytes, model name) of one forward from ``roofline.op_cost("fused_moe", ...)``, the project's one cost
     model; shapes of no model in ``roofline.MODELS`` (``--quick``'s 16 experts) get None: no rates."""
     want = (shapes["hidden"], shapes["moe_intermediate"], shapes["experts"], shapes["top_k"])
     for name, m in roofline.MODELS.items():
         if (m["hidden"], m["inter"], m["experts"], m["top_k"]) == want:
-            flops, nbytes = roofline.op_cost("moe_block", name, T, dtype_name(dtype))
+            flops, nbytes = roofline.op_cost("fused_moe", name, T, dtype_name(dtype))
             return flops, nbytes, name
     return None, None, None
 

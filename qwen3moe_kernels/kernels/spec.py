@@ -1,32 +1,11 @@
-"""How a Triton kernel module declares the launch configs it can ship, for ahead-of-time compile checks.
+"""``CompileSpec``: one launch config a Triton kernel module can ship, as ``compile-check`` compiles it ahead of time.
 
-Every module in ``qwen3moe_kernels/kernels/`` that holds ``@triton.jit`` kernels defines
-
-    def compile_specs() -> list[CompileSpec]: ...
-
-returning one entry per (kernel, launch config, dtype) the library can pick at the Qwen3-30B-A3B and
-Qwen3-235B-A22B shapes, for decode and prefill. ``qwen3moe-kernels compile-check`` compiles each for sm_90 and
-sm_100 without a GPU and reads registers, spills, shared memory and tensor-core use from the result.
-
-A spec compiles the variant the JIT launches. At launch, Triton's JIT (3.8: ``native_specialize_impl``, called
-from ``triton/runtime/jit.py``) specialises each argument on its value:
-
-* a pointer whose address is a multiple of 16 bytes is marked ``tt.divisibility = 16`` (torch's allocations
-  are 16-byte aligned; a spec takes every pointer to be);
-* an integer equal to 1 becomes the constant 1 (a constexpr);
-* any other integer is typed ``i32`` when it lies in [-2^31, 2^31), ``i64`` when it lies in [-2^63, 2^63) and
-  ``u64`` above, and is marked divisible by 16 when it is a multiple of 16 (0 included).
-
-So a spec gives every integer argument's value at its shape in ``ints``, and :meth:`CompileSpec.jit_signature`
-types those arguments from their values exactly as above (the type written for them in ``signature`` is
-replaced). An AOT compile without this builds a different variant that the library never runs (scalar loads
-where the JIT would vectorise, a 64-bit stride where it uses 32 bits). No kernel here uses ``do_not_specialize``;
-this rule does not model it. ``num_stages`` and ``num_warps`` must be what the launcher passes.
-
-``native_mma`` (GEMMs): whether the spec's ``tl.dot`` must use the arch's own tensor-core instructions (``wgmma``
-on sm_90a, ``tcgen05`` on sm_100a). Left None it follows the tile: a ``BLOCK_M`` of 64 or more must (those
-instructions work on 64-row tiles; Triton takes them for such tiles), a narrower decode tile may run on
-``mma.sync``.
+Every module in ``qwen3moe_kernels/kernels/`` defines ``compile_specs() -> list[CompileSpec]``: one entry per (kernel,
+launch config, dtype) the library can pick at the Qwen3-30B-A3B and 235B-A22B shapes. A spec must compile the
+variant Triton's JIT launches: :meth:`CompileSpec.jit_signature` types each integer argument from its value (``ints``)
+as Triton 3.8 specialises it (1 becomes a constexpr; i32/i64/u64 by range; divisible by 16 when a multiple of 16) and
+takes every pointer to be 16-byte aligned; ``num_stages``/``num_warps`` are the launcher's. A GEMM of 64+ rows must
+use the arch's own tensor cores (``native_mma``). Why and how: ``docs/gpu_verification.md``.
 """
 
 from __future__ import annotations
