@@ -76,4 +76,35 @@ TORCH_LIBRARY(qwen3moe, m) {
       "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, "
       "Tensor? cos, Tensor? sin, Tensor? position_ids, Tensor? inv_freq, float eps) -> "
       "(Tensor grad_q_in, Tensor grad_k_in, Tensor grad_q_weight, Tensor grad_k_weight)");
+
+  // The routed experts (a gated MLP per expert: act(gate) * up, then down). Slot s = t*k + j is token t's j-th choice
+  // e = ids[t, j]; x [T, H], w_gate_up [E, 2I, H] (gate rows first), w_down [E, H, I], ids [T, k] int32/int64 in
+  // [0, E), weights fp32 [T, k] (rounded to x's dtype before use, as transformers does); activation is "silu" (SwiGLU,
+  // Qwen3's), "gelu" (erf), "gelu_tanh" or "relu". Kernels: CPU and CUDA registered by qwen3moe_kernels/ops/
+  // grouped_swiglu.py (docs/ops/grouped_swiglu.md). The whole forward: out [T, H] with the k slots summed in fp32 in
+  // the order j = 0..k-1 (deterministic); h [T*k, I] and gate_up [T*k, 2I] (slot order, the backward's inputs) when
+  // save_activations, else empty [0, ...].
+  m.def(
+      "grouped_swiglu(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor ids, Tensor weights, bool save_activations, "
+      "str activation=\"silu\") -> (Tensor out, Tensor h, Tensor gate_up)");
+  // The whole backward: the gradients asked for (need_*), each not asked for an empty [0, ...]; d_weights fp32 [T, k].
+  m.def(
+      "grouped_swiglu_backward(Tensor dout, Tensor x, Tensor h, Tensor gate_up, Tensor w_gate_up, Tensor w_down, "
+      "Tensor ids, Tensor weights, bool need_dx=True, bool need_dw_gate_up=True, bool need_dw_down=True, "
+      "str activation=\"silu\") -> (Tensor dx, Tensor d_w_gate_up, Tensor d_w_down, Tensor d_weights)");
+  // The forward's parts: h = act(gate) * up per slot (gate_up [T*k, 2I] too when save_gate_up), then the down GEMM
+  // with the routing weight and the fixed-order fp32 combine.
+  m.def(
+      "grouped_swiglu_gate_up(Tensor x, Tensor w_gate_up, Tensor ids, bool save_gate_up, str activation=\"silu\") -> "
+      "(Tensor h, Tensor gate_up)");
+  m.def("grouped_swiglu_down(Tensor h, Tensor w_down, Tensor ids, Tensor weights) -> Tensor out");
+  // The backward's parts: through the down GEMM and the activation to d_gate_up [T*k, 2I] (and d_w_down, d_weights),
+  // then through the gate/up GEMM to dx and d_w_gate_up; a weight gradient not asked for is an empty [0, ...].
+  m.def(
+      "grouped_swiglu_down_backward(Tensor dout, Tensor h, Tensor gate_up, Tensor w_down, Tensor ids, "
+      "Tensor weights, bool need_weight_grad=True, str activation=\"silu\") -> "
+      "(Tensor d_gate_up, Tensor d_w_down, Tensor d_weights)");
+  m.def(
+      "grouped_swiglu_gate_up_backward(Tensor d_gate_up, Tensor x, Tensor w_gate_up, Tensor ids, "
+      "bool need_weight_grad=True) -> (Tensor dx, Tensor d_w_gate_up)");
 }

@@ -127,27 +127,48 @@ def moe_unpermute(y: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor) -> 
 # -------------------------------------------------------------------------------------------- experts
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up = [..., 2I]`` holding gate in the first half, as transformers chunks it."""
+# The gate activations the kernels compute, by the names the ops take; transformers' ``hidden_act`` names map onto
+# them in integrations/transformers.py. The experts and the dense MLP take one of these names or any callable.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # erf
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def activation_fn(activation):
+    """The function of an activation name of :data:`ACTIVATIONS`, or ``activation`` itself if it is callable."""
+    if callable(activation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or a callable, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def swiglu(gate_up: torch.Tensor, activation="silu") -> torch.Tensor:
+    """``act(gate) * up`` for ``gate_up = [..., 2I]`` holding gate in the first half, as transformers chunks it
+    (SiLU: SwiGLU, Qwen3's)."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return activation_fn(activation)(gate) * up
 
 
 def moe_experts(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    activation="silu",
 ) -> torch.Tensor:
     """The experts of the sparse block exactly as transformers' eager ``Qwen3MoeExperts`` loop computes them.
 
     ``weights`` is cast to ``x.dtype`` first (transformers' router returns them in the model dtype); each
     expert runs on its tokens in the model dtype and the results are accumulated with ``index_add_`` into a
-    buffer of ``x.dtype``.
+    buffer of ``x.dtype``. ``activation``: a name of :data:`ACTIVATIONS` or a callable (transformers' ``act_fn``).
     """
     out = torch.zeros_like(x)
     weights = weights.to(x.dtype)
     ids = ids.long()
     for e in torch.unique(ids).tolist():
         token, choice = torch.where(ids == e)
-        h = swiglu(F.linear(x[token], w_gate_up[e]))
+        h = swiglu(F.linear(x[token], w_gate_up[e]), activation)
         y = F.linear(h, w_down[e]) * weights[token, choice, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
@@ -160,16 +181,18 @@ def fused_moe(
     w_down: torch.Tensor,
     top_k: int,
     renormalize: bool,
+    activation="silu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router linear + router_topk + experts, for ``x [T, H]``. Returns ``(out [T, H], router_logits [T, E])``."""
     logits = F.linear(x, router_weight)
     weights, ids = router_topk(logits, top_k, renormalize)
-    return moe_experts(x, w_gate_up, w_down, ids, weights), logits
+    return moe_experts(x, w_gate_up, w_down, ids, weights, activation), logits
 
 
-def mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """The dense SwiGLU MLP of the ``mlp_only_layers``."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+def mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+        activation="silu") -> torch.Tensor:
+    """The dense gated MLP of the ``mlp_only_layers`` (SwiGLU by default)."""
+    return F.linear(activation_fn(activation)(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
 # -------------------------------------------------------------------------------------- norms and rope

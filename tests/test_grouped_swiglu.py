@@ -214,9 +214,56 @@ def test_opcheck(device):
         (OPS.grouped_swiglu_backward, (dout, x, h, gu, wgu, wd, ids.long(), w, True, False, False)),
         (OPS.grouped_swiglu_backward, (dout, x, h, gu, wgu, wd, ids, w, False, True, False)),
         (OPS.grouped_swiglu_backward, (dout[:0], x[:0], h[:0], gu[:0], wgu, wd, ids[:0], w[:0])),
+        (OPS.grouped_swiglu, (x, wgu, wd, ids, w, True, "gelu")),
+        (OPS.grouped_swiglu_gate_up, (x, wgu, ids, False, "relu")),
+        (OPS.grouped_swiglu_down_backward, (dout, h, gu, wd, ids, w, True, "gelu_tanh")),
+        (OPS.grouped_swiglu_backward, (dout, x, h, gu, wgu, wd, ids, w, True, True, True, "gelu")),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_every_activation_forward_backward(activation, dtype):
+    """The forward and the whole backward for each activation the kernels compute, against autograd of
+    reference.moe_experts in float64 (fp32 by the gemm tolerance, bf16 within twice PyTorch's own bf16 error)."""
+    from tolerances import twice_torch_error_bound
+
+    x, ids, w, wgu, wd = _inputs(23, 40, 24, 7, 3, dtype, seed=31)
+    dout = torch.randn(23, 40, generator=torch.Generator().manual_seed(32)).to(dtype)
+    wr = w.to(dtype).float()
+    out, h, gu = OPS.grouped_swiglu(x, wgu, wd, ids, w, True, activation)
+    got = [out, *OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, wr, True, True, True, activation)]
+
+    def ref(cast):
+        ts = [t.detach().to(cast or t.dtype).clone().requires_grad_() for t in (x, wgu, wd, w)]
+        r = reference.moe_experts(ts[0], ts[1], ts[2], ids, ts[3], activation)
+        r.backward(dout.to(r.dtype))
+        return [r.detach(), ts[0].grad, ts[1].grad, ts[2].grad, ts[3].grad]
+
+    r64, lowp = ref(torch.float64), ref(None)
+    for name, a, b, c in zip(("out", "dx", "dw_gate_up", "dw_down", "dweights"), got, r64, lowp):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.double(), b, **tol("gemm", dtype), msg=lambda m: f"{activation} {name}: {m}")
+        else:
+            bound = twice_torch_error_bound(b, c, floor=1e-5 * max(1.0, b.abs().max().item()))
+            assert (a.double() - b).abs().max().item() <= bound, (activation, name)
+
+
+def test_activation_changes_the_result_and_unknown_names_are_refused():
+    """A test that could not fail otherwise: each activation gives different outputs on the same inputs, and a name
+    the kernels do not compute is a ValueError naming the choices."""
+    x, ids, w, wgu, wd = _inputs(9, 32, 16, 5, 2, torch.float32, seed=4)
+    outs = [OPS.grouped_swiglu(x, wgu, wd, ids, w, False, a)[0] for a in ACTIVATIONS]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
+    for op, args in ((OPS.grouped_swiglu, (x, wgu, wd, ids, w, False, "mish")),
+                     (OPS.grouped_swiglu_gate_up, (x, wgu, ids, False, "swish"))):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            op(*args)
 
 
 def test_op_errors_name_the_argument():
@@ -267,29 +314,33 @@ def test_op_errors_name_the_argument():
 SLOT_SWEEP = sorted({1 << i for i in range(17)} | {3, 7, 63, 65, 65 * 8 - 1, 4095, 4097, 12345, 65535})
 
 
-def _spec_keys(specs):
-    return {(s.extra["kernel"], s.extra["dtype"], s.extra["H"], s.extra["I"], s.extra["E"], s.extra["variant"],
-             tuple(sorted(s.extra["config"].items()))) for s in specs if s.gemm}
-
-
-VARIANTS = {"gate_up": ("", "+gu"), "wgrad": ("dWd", "dWgu")}
+def _spec_key(kernel, dtype, H, I, E, variant, cfg):
+    """What identifies a compiled launch config: an activation other than SiLU is compiled at one model shape
+    (the two shapes' ints fall in the same JIT classes, see compile_specs), so its key leaves the shape out."""
+    shape = (H, I, E) if variant in ("", "+gu", "dWd", "dWgu") else None
+    return kernel, dtype, shape, variant, tuple(sorted(cfg.items()))
 
 
 def test_compile_specs_cover_every_heuristic_config():
-    """Whatever default_config returns (no tuned table) at the two model shapes, for any slot count, kernel and
-    dtype, is compiled by compile_specs(), in every variant (gate_up with and without STORE_GU, both wgrads)."""
-    keys = _spec_keys(grouped_swiglu.compile_specs())
+    """Whatever default_config returns (no tuned table) at the two model shapes, for any slot count, kernel, dtype
+    and activation, is compiled by compile_specs(), in every variant (gate_up with and without STORE_GU and
+    down_bwd, each for every activation; both wgrads)."""
+    keys = {_spec_key(s.extra["kernel"], s.extra["dtype"], s.extra["H"], s.extra["I"], s.extra["E"],
+                      s.extra["variant"], s.extra["config"]) for s in grouped_swiglu.compile_specs() if s.gemm}
     missing = set()
     for model, (H, I, E) in grouped_swiglu.MODEL_SHAPES.items():
         for kernel in grouped_swiglu.KERNELS:
             for dt in ("bf16", "fp16", "fp32"):
                 for slots in SLOT_SWEEP:
-                    cfg = grouped_swiglu._launch_opts(grouped_swiglu.default_config(slots, kernel, dt, None, (H, I, E)))
-                    for v in VARIANTS.get(kernel, ("",)):
-                        if (kernel, dt, H, I, E, v, tuple(sorted(cfg.items()))) not in keys:
-                            missing.add((model, kernel, dt, v, slots, tuple(cfg.values())))
+                    cfg = grouped_swiglu.default_config(slots, kernel, dt, None, (H, I, E))
+                    for spec in grouped_swiglu.kernel_specs(kernel, dt, H, I, E, slots, cfg, "sweep"):
+                        key = _spec_key(kernel, dt, H, I, E, spec.extra["variant"], spec.extra["config"])
+                        if key not in keys:
+                            missing.add((model, kernel, dt, spec.extra["variant"], slots, tuple(cfg.values())))
     assert not missing, f"default_config returns configs compile_specs() does not compile: {sorted(missing)[:10]}"
     assert grouped_swiglu.MODEL_SHAPES == {"30B-A3B": (2048, 768, 128), "235B-A22B": (4096, 1536, 128)}
+    variants = {s.extra["variant"] for s in grouped_swiglu.compile_specs() if s.kernel.endswith("gate_up_kernel")}
+    assert variants == {a + g for a in ("", "gelu", "gelu_tanh", "relu") for g in ("", "+gu")}, variants
 
 
 def _entry(kernel, dtype, H, I, E, slots, cfg, top_k=8):

@@ -124,15 +124,20 @@ def test_apply_same_logits_loss_and_gradients():
 
 
 def test_patched_model_is_not_the_class():
-    """Only the patched instance changes: another model in the same process still runs transformers' code."""
+    """Only the patched instances change (each gets a subclass of its transformers class, and the model's config
+    names our experts): another model in the same process still runs transformers' code; revert undoes it all."""
     a = qk_hf.apply(tiny_model())
     b = tiny_model()
     assert qk_hf.is_patched(a) and not qk_hf.is_patched(b)
-    assert "forward" in a.model.layers[0].mlp.gate.__dict__ and "forward" in a.model.layers[0].mlp.experts.__dict__
-    assert "forward" not in b.model.layers[0].mlp.gate.__dict__
+    layer, other = a.model.layers[0], b.model.layers[0]
+    assert type(layer) is not hf.Qwen3MoeDecoderLayer and isinstance(layer, hf.Qwen3MoeDecoderLayer)
+    assert type(layer.mlp.gate) is not hf.Qwen3MoeTopKRouter and type(layer).__name__ == "Qwen3MoeDecoderLayer"
+    assert type(other) is hf.Qwen3MoeDecoderLayer and type(other.mlp.gate) is hf.Qwen3MoeTopKRouter
+    assert a.config._experts_implementation == "qwen3moe_kernels" and b.config._experts_implementation == "eager"
+    assert not any("forward" in m.__dict__ for m in a.modules())  # nothing shadows a class's forward
     qk_hf.revert(a)
-    assert not qk_hf.is_patched(a)
-    assert not any("forward" in m.__dict__ for m in a.modules())
+    assert not qk_hf.is_patched(a) and a.config._experts_implementation == "eager"
+    assert all(type(m).__module__.startswith(("transformers.", "torch.")) for m in a.modules())
 
 
 def _hook_every_router_and_experts(model):
@@ -308,9 +313,9 @@ def test_registered_experts_call_moe_experts(monkeypatch):
     calls = []
     real = ops.moe_experts
 
-    def spy_moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights):
-        calls.append((topk_ids.dtype, topk_weights.dtype, w_gate_up, w_down))
-        return real(x, w_gate_up, w_down, topk_ids, topk_weights)
+    def spy_moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights, activation):
+        calls.append((topk_ids.dtype, topk_weights.dtype, w_gate_up, w_down, activation))
+        return real(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
 
     monkeypatch.setattr(ops, "moe_experts", spy_moe_experts)
     qk_hf.register()
@@ -322,8 +327,8 @@ def test_registered_experts_call_moe_experts(monkeypatch):
     got, got_grads = forward_backward(model, ids, labels)
     assert_no_reference_ran(REGISTERED_OPS)
     assert len(calls) == 2  # one per MoE layer
-    for (id_dtype, w_dtype, wgu, wd), layer in zip(calls, model.model.layers):
-        assert (id_dtype, w_dtype) == (torch.int32, torch.float32)
+    for (id_dtype, w_dtype, wgu, wd, act), layer in zip(calls, model.model.layers):
+        assert (id_dtype, w_dtype, act) == (torch.int32, torch.float32, "silu")
         assert wgu is layer.mlp.experts.gate_up_proj and wd is layer.mlp.experts.down_proj
     assert_same_outputs(ref, got)
     for n in ref_grads:
@@ -383,31 +388,236 @@ def test_refuses_models_that_are_not_qwen3_moe():
     assert not qk_hf.is_patched(other)
 
 
-def test_refuses_unsupported_activation():
-    model = tiny_model(hidden_act="gelu")
-    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+# hidden_act values transformers' ACT2FN takes: the four the kernels compute (under the names configs use) and two
+# they do not, which run the reference with the model's own act_fn
+KERNEL_ACTS = ["silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu"]
+OTHER_ACTS = ["quick_gelu", "mish"]
+
+
+@pytest.mark.parametrize("how", ["apply", "registered experts"])
+@pytest.mark.parametrize("act", KERNEL_ACTS + OTHER_ACTS)
+def test_any_activation_same_outputs_and_gradients(act, how):
+    """Whatever hidden_act a Qwen3-MoE config names (transformers' own tiny test configs use gelu), the patched
+    model or the registered experts give the stock model's logits, losses and gradients; an activation the kernels
+    do not compute runs the reference with a FallbackWarning and implementations() saying why, never an error."""
+    model = tiny_model(hidden_act=act)
+    ids, labels = batch()
+    ref, ref_grads = forward_backward(model, ids, labels)
+    if how == "apply":
         qk_hf.apply(model)
+    else:
+        model.set_experts_implementation(qk_hf.register())
+    qwen3moe_kernels.recorder.reset()
+    if act in KERNEL_ACTS:
+        got, got_grads = forward_backward(model, ids, labels)
+        assert_no_reference_ran(APPLIED_OPS if how == "apply" else REGISTERED_OPS)
+    else:
+        with pytest.warns(FallbackWarning, match="moe_experts runs the pure-PyTorch reference.*activations"):
+            got, got_grads = forward_backward(model, ids, labels)
+        assert qwen3moe_kernels.implementations()["moe_experts"].startswith("reference (")
+    assert_same_outputs(ref, got)
+    assert set(got_grads) == set(ref_grads)
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
 
 
-def test_experts_forward_refuses_other_layouts():
+def test_activation_maps_to_the_kernels_name():
+    for act, want in (("silu", "silu"), ("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("relu", "relu")):
+        assert qk_hf.kernel_activation(tiny_model(hidden_act=act).model.layers[0].mlp.experts) == want
+    experts = tiny_model(hidden_act="mish").model.layers[0].mlp.experts
+    assert qk_hf.kernel_activation(experts) is experts.act_fn
+
+
+def test_set_experts_implementation_after_apply_is_followed():
+    """apply() selects our experts through transformers' experts interface, so a later set_experts_implementation
+    picks what it names (grouped_mm here: transformers' own code runs, ours does not), and back."""
+    model = tiny_model()
+    ids, labels = batch()
+    qk_hf.apply(model)
+    model.set_experts_implementation("grouped_mm")
+    qwen3moe_kernels.recorder.reset()
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert "moe_experts" not in qwen3moe_kernels.implementations()
+    stock = tiny_model()
+    stock.set_experts_implementation("grouped_mm")
+    with torch.no_grad():
+        torch.testing.assert_close(got, stock(input_ids=ids).logits, **tol("gemm", torch.float32))
+    model.set_experts_implementation("qwen3moe_kernels")
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert qwen3moe_kernels.implementations()["moe_experts"] == "cpu"
+    qk_hf.revert(model)
+    assert model.config._experts_implementation == "eager"  # what it had before apply()
+
+
+def test_other_experts_layouts_run_transformers_own_code_visibly():
+    """An experts module whose layout the kernels do not compute (a bias here) runs transformers' eager experts,
+    with a FallbackWarning, rather than raising."""
     model = tiny_model()
     experts = model.model.layers[0].mlp.experts
     experts.has_bias = True
-    with pytest.raises(NotImplementedError, match="biases"):
-        qk_hf.experts_forward(experts, torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+    x, ids, w = torch.randn(2, 64), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
+    with pytest.warns(FallbackWarning, match="biases: transformers' eager experts"):
+        got = qk_hf.experts_forward(experts, x, ids, w)
+    experts.has_bias = False
+    torch.testing.assert_close(got, qk_hf.experts_forward(experts, x, ids, w), **tol("gemm", torch.float32))
 
 
-def test_training_with_gradient_checkpointing():
-    """The patched forwards also run under transformers' gradient checkpointing (recomputed in backward)."""
+def test_expert_parallel_sentinel_slots_contribute_nothing():
+    """transformers' expert parallelism: on a rank holding experts [0, E_local), slots routed to another rank's
+    experts carry the sentinel id E_local and weight 0. They contribute nothing: the output and every gradient
+    (x, the local experts' weights, and the routing weights, whose sentinel entries get exactly 0) equal those of
+    the same call with the sentinel slots left out."""
+    from qwen3moe_kernels import reference
+
     model = tiny_model()
-    model.train()
-    ids, labels = batch()
-    ref, ref_grads = forward_backward(model, ids, labels)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    qk_hf.apply(model)
-    qwen3moe_kernels.recorder.reset()
-    got, got_grads = forward_backward(model, ids, labels)
-    assert_no_reference_ran(APPLIED_OPS)
+    experts = model.model.layers[0].mlp.experts
+    E = experts.gate_up_proj.shape[0]
+    experts._is_expert_parallel = True
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 64, generator=g)
+    ids = torch.randint(0, E, (9, 3), generator=g)
+    sentinel = torch.rand(9, 3, generator=g) < 0.4
+    sentinel[0] = True  # a token with no local slot at all
+    ids[sentinel] = E
+    w = torch.rand(9, 3, generator=g).masked_fill(sentinel, 0.0)
+
+    def run(fn):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        experts.zero_grad(set_to_none=True)
+        out = fn(xs, ws)
+        out.backward(torch.randn(9, 64, generator=torch.Generator().manual_seed(6)))
+        return out.detach(), xs.grad, ws.grad, experts.gate_up_proj.grad, experts.down_proj.grad
+
+    def owned_only(xs, ws):  # the reference over the owned slots: each one alone, summed per token
+        keep = ~sentinel
+        tok, col = keep.nonzero(as_tuple=True)
+        ys = reference.moe_experts(xs[tok], experts.gate_up_proj, experts.down_proj, ids[keep][:, None],
+                                   ws[tok, col][:, None])
+        return torch.zeros_like(xs).index_add(0, tok, ys)
+
+    got = run(lambda xs, ws: qk_hf.experts_forward(experts, xs, ids, ws))
+    want = run(owned_only)
+    for name, a, b in zip(("out", "dx", "dweights", "dw_gate_up", "dw_down"), got, want):
+        torch.testing.assert_close(a, b, **tol("gemm", torch.float32), msg=name)
+    assert (got[2][sentinel] == 0).all() and (got[0][0] == 0).all()
+
+
+def _enable_checkpointing(model, use_reentrant):
+    # transformers 5.2x calls it activation checkpointing; 5.17 gradient checkpointing
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def _count_checkpoint_calls(model):
+    """Wrap each decoder layer's checkpoint function with a counter; returns the list of counts."""
+    counts = []
+    for layer in model.model.layers:
+        fn, i = layer._gradient_checkpointing_func, len(counts)
+        counts.append(0)
+
+        def counted(*args, fn=fn, i=i, **kwargs):
+            counts[i] += 1
+            return fn(*args, **kwargs)
+
+        layer._gradient_checkpointing_func = counted
+    return counts
+
+
+def _count_attention_runs(model):
+    """Count each attention module's forward runs (a checkpointed layer runs it again in the backward)."""
+    runs = []
+    for layer in model.model.layers:
+        runs.append(0)
+        layer.self_attn.register_forward_pre_hook(lambda m, a, i=len(runs) - 1: runs.__setitem__(i, runs[i] + 1))
+    return runs
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("when", ["before apply", "after apply"])
+def test_activation_checkpointing_still_checkpoints(when, use_reentrant):
+    """With checkpointing enabled (before or after apply, reentrant or not) each patched decoder layer goes through
+    transformers' checkpoint function as the stock one does, is recomputed in the backward (its attention runs
+    twice per forward + backward), and the loss and every gradient equal the stock model's."""
+    results = {}
+    for patched in (False, True):
+        model = tiny_model()
+        model.train()
+        if patched and when == "before apply":
+            _enable_checkpointing(model, use_reentrant)
+            qk_hf.apply(model)
+        elif patched:
+            qk_hf.apply(model)
+            _enable_checkpointing(model, use_reentrant)
+        else:
+            _enable_checkpointing(model, use_reentrant)
+        calls, runs = _count_checkpoint_calls(model), _count_attention_runs(model)
+        ids, labels = batch()
+        qwen3moe_kernels.recorder.reset()
+        out, grads = forward_backward(model, ids, labels)
+        if patched:
+            assert_no_reference_ran(APPLIED_OPS)
+        results[patched] = out, grads, calls, runs
+    (ref, ref_grads, ref_calls, ref_runs), (got, got_grads, got_calls, got_runs) = results[False], results[True]
+    assert ref_calls == got_calls == [1, 1], (ref_calls, got_calls)
+    assert ref_runs == got_runs == [2, 2], (ref_runs, got_runs)  # forward, then the recompute in backward
     torch.testing.assert_close(got.loss, ref.loss, **tol("gemm", torch.float32))
+    assert set(got_grads) == set(ref_grads)
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], **tol("gemm", torch.float32), msg=n)
+
+
+def saved_activation_bytes(model, ids, labels) -> int:
+    """Bytes of the tensors autograd saves for the backward in one training forward (what activation
+    checkpointing trades for recompute), counted with saved-tensor hooks; parameters are not activations."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=labels).loss.backward()
+    return total[0]
+
+
+def test_checkpointing_cuts_saved_activations_as_for_the_stock_model():
+    """Activation memory with and without checkpointing: it falls on the patched model as it does on the stock one
+    (the numbers are printed; docs/integrations.md has them at a larger size)."""
+    ids, labels = batch(B=2, S=64)
+    got = {}
+    for patched in (False, True):
+        for ckpt in (False, True):
+            model = tiny_model()
+            model.train()
+            if ckpt:
+                _enable_checkpointing(model, use_reentrant=False)
+            if patched:
+                qk_hf.apply(model)
+            got[patched, ckpt] = saved_activation_bytes(model, ids, labels)
+    print({k: v / 2**20 for k, v in got.items()})
+    for patched in (False, True):
+        assert got[patched, True] < 0.5 * got[patched, False], got
+    ratio = lambda p: got[p, True] / got[p, False]  # noqa: E731
+    assert ratio(True) <= 1.5 * ratio(False), got  # the patched model saves no more than stock does, relatively
+
+
+def test_installed_transformers_is_a_supported_version():
+    """The drop-in's tests run against the transformers installed; it must be one pyproject.toml declares (CI runs
+    them on the newest and the oldest)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    spec = next(d for d in tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+                ["optional-dependencies"]["test"] if d.startswith("transformers"))
+    lo, hi = re.search(r">=\s*([\d.]+),\s*<\s*([\d.]+)", spec).groups()
+    assert Version(lo) <= Version(transformers.__version__) < Version(hi), (transformers.__version__, spec)

@@ -1,19 +1,20 @@
-"""Drop-in for Hugging Face transformers' Qwen3-MoE models.
+"""Drop-in for Hugging Face transformers' Qwen3-MoE models (transformers 5.17 to 5.25).
 
 * :func:`register` adds ``"qwen3moe_kernels"`` to transformers' experts interface, so
   ``from_pretrained(..., experts_implementation="qwen3moe_kernels")`` runs the experts with ``ops.moe_experts``.
-* :func:`apply` patches a ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel`` in place: routers (``ops.router_topk``),
-  experts (``ops.moe_experts``), RMSNorms, q/k-norm + RoPE and each layer's residual add + norm; :func:`revert`
-  undoes it. Only module instances are patched; their own ``nn.Parameter``s are read on every call.
+* :func:`apply` patches a ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel`` in place: the experts through that interface,
+  and routers (``ops.router_topk``), RMSNorms, q/k-norm + RoPE and each layer's residual add + norm by giving those
+  module instances a subclass of their transformers class; :func:`revert` undoes it.
 * :class:`SparseMoeBlock` (``from_hf``) is our block module over theirs.
 
-What stays as transformers does it (hooks, mixed-precision fallbacks) and what a hook can observe differently is
-in ``docs/integrations.md``.
+What stays as transformers does it (hooks, activation checkpointing, the experts interface, fallbacks) and what a
+hook can observe differently: ``docs/integrations.md``.
 """
 
 from __future__ import annotations
 
-import types
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -21,9 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
+from ..recorder import fallback
 
 EXPERTS_IMPLEMENTATION = "qwen3moe_kernels"
-_PATCHED = "_qwen3moe_kernels_patched"
+# transformers' hidden_act names the kernels compute, by the op's activation name; any other runs the reference
+# with the model's own act_fn, visibly
+KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
+                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                      "relu": "relu"}
+_BASE = "_qwen3moe_kernels_base"  # on a patched subclass: the transformers class it patches
+_PREVIOUS_EXPERTS = "_qwen3moe_kernels_previous_experts"  # on a patched model: its experts implementation before
 
 
 def _hf():
@@ -31,7 +39,7 @@ def _hf():
         from transformers.models.qwen3_moe import modeling_qwen3_moe
     except ImportError as exc:  # an optional dependency: say what to install
         raise ImportError(
-            "qwen3moe_kernels.integrations.transformers needs transformers>=5 (pip install 'transformers>=5')"
+            "qwen3moe_kernels.integrations.transformers needs transformers>=5.17 (pip install 'transformers>=5.17')"
         ) from exc
     return modeling_qwen3_moe
 
@@ -39,37 +47,38 @@ def _hf():
 # ------------------------------------------------------------------------------------------- experts
 
 
-def _check_experts_layout(experts: nn.Module) -> None:
-    problems = []
-    if not getattr(experts, "has_gate", True):
-        problems.append("no gate projection")
-    if getattr(experts, "has_bias", False):
-        problems.append("biases")
-    if getattr(experts, "is_transposed", False):
-        problems.append("transposed weights")
-    if not getattr(experts, "is_concatenated", True):
-        problems.append("interleaved gate/up rows")
-    if getattr(experts, "has_post_expert_norm", False):
-        problems.append("a post-expert norm")
-    if getattr(experts, "_is_expert_parallel", False):
-        problems.append("expert parallelism")
+def _layout_problems(experts: nn.Module) -> list[str]:
+    """What an experts module has that the kernels do not compute (Qwen3-MoE's own experts have none of it)."""
+    checks = (("has_gate", True, "no gate projection"), ("has_bias", False, "biases"),
+              ("is_transposed", False, "transposed weights"), ("is_concatenated", True, "interleaved gate/up rows"),
+              ("has_post_expert_norm", False, "a post-expert norm"))
+    return [why for attr, ok, why in checks if getattr(experts, attr, ok) != ok]
+
+
+def kernel_activation(experts: nn.Module):
+    """The activation name the kernels take for this experts module's ``hidden_act``, else its ``act_fn``."""
     act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-    if act != "silu":
-        problems.append(f"activation {act!r}")
-    if problems:
-        raise NotImplementedError(
-            f"experts_implementation={EXPERTS_IMPLEMENTATION!r} computes Qwen3-MoE experts (stacked [gate; up] "
-            f"weights [E, 2I, H], down [E, H, I], SiLU, no bias); {type(experts).__name__} has {', '.join(problems)}"
-        )
+    return KERNEL_ACTIVATIONS.get(act) if isinstance(act, str) and act in KERNEL_ACTIVATIONS else experts.act_fn
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' experts interface: ``(experts module, x [T, H], ids [T, k], weights [T, k]) -> [T, H]``."""
-    _check_experts_layout(self)
+    """transformers' experts interface: ``(experts module, x [T, H], ids [T, k], weights [T, k]) -> [T, H]``.
+
+    Under transformers' expert parallelism (``_is_expert_parallel``) a slot owned by another rank carries the
+    sentinel id ``num_local_experts`` and weight 0: it contributes nothing, forward or backward (it is computed on
+    local expert 0 with weight 0, and the weight's gradient is masked)."""
+    problems = _layout_problems(self)
+    if problems:  # not a Qwen3-MoE experts module: its own implementation, visibly
+        fallback("moe_experts", f"{type(self).__name__} has {', '.join(problems)}: transformers' eager experts")
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    ids, weights = top_k_index, top_k_weights
+    if getattr(self, "_is_expert_parallel", False):
+        owned = ids < self.gate_up_proj.shape[0]
+        ids, weights = torch.where(owned, ids, 0), torch.where(owned, weights, 0)
     # the package's conventions: int32 expert ids, fp32 routing weights (exact from transformers' bf16 weights)
-    return ops.moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index.to(torch.int32),
-                           top_k_weights.float())
+    return ops.moe_experts(hidden_states, self.gate_up_proj, self.down_proj, ids.to(torch.int32), weights.float(),
+                           activation=kernel_activation(self))
 
 
 def register(name: str = EXPERTS_IMPLEMENTATION) -> str:
@@ -103,11 +112,18 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+@functools.cache
+def _cache_kwarg() -> str:
+    """The attention's KV-cache argument: ``cache`` (transformers >= 5.2x, whose ``update`` takes the call's kwargs)
+    or ``past_key_values`` (5.17-5.1x, ``update(k, v, layer_idx)``)."""
+    return "cache" if "cache" in inspect.signature(_hf().Qwen3MoeAttention.forward).parameters else "past_key_values"
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs):
     """Qwen3MoeAttention.forward with q_norm/k_norm + RoPE fused; everything else as transformers does it."""
     hf = _hf()
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+    name = _cache_kwarg()
+    cache = args[0] if args else kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(hidden_shape)  # [B, S, Hq, D]: the layout qk_norm_rope takes
@@ -122,7 +138,10 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
         q, k = reference.rope(q, k, cos, sin)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        if name == "cache":
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        else:
+            k, v = cache.update(k, v, self.layer_idx)
     attention_interface = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, hf.eager_attention_forward
     )
@@ -141,22 +160,12 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     return self.o_proj(attn_output), attn_weights
 
 
-def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                           position_embeddings=None, **kwargs):
-    """Qwen3MoeDecoderLayer.forward with the residual add and post-attention RMSNorm fused."""
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+def _decoder_layer_forward(self, hidden_states, **kwargs):
+    """Qwen3MoeDecoderLayer.forward with the residual add and post-attention RMSNorm fused; the attention gets the
+    layer's keyword arguments as transformers passes them (their names differ between versions)."""
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=use_cache,
-        position_embeddings=position_embeddings,
-        **kwargs,
-    )
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     norm = self.post_attention_layernorm
     hidden_states, residual = ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
     hidden_states = self.mlp(hidden_states)
@@ -164,6 +173,15 @@ def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_id
 
 
 # --------------------------------------------------------------------------------------------- apply
+
+
+@functools.cache
+def _patched_class(base: type, forward) -> type:
+    """``base`` with our ``forward``: a subclass, so that what transformers does around a module's forward still
+    happens, e.g. ``GradientCheckpointingLayer`` wrapping every subclass's forward in its checkpoint function (an
+    instance attribute ``forward`` would bypass it). Same name, so repr and name-based lookups are unchanged."""
+    return type(base.__name__, (base,), {"forward": forward, "__qualname__": base.__qualname__,
+                                         "__module__": __name__, _BASE: base})
 
 
 def _require_qwen3_moe(model: Any) -> None:
@@ -175,37 +193,38 @@ def _require_qwen3_moe(model: Any) -> None:
             "(a transformers Qwen3MoePreTrainedModel such as Qwen3MoeForCausalLM, config.model_type 'qwen3_moe'); "
             f"got {type(model).__module__}.{type(model).__name__} with model_type {model_type!r}"
         )
-    act = getattr(model.config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"qwen3moe_kernels computes SiLU experts; this Qwen3-MoE config has hidden_act={act!r}")
 
 
 def apply(model, *, moe: bool = True, rms_norm: bool = True, qk_norm_rope: bool = True,
           add_rms_norm: bool = True):
-    """Patch a transformers Qwen3-MoE model in place to run the fused backend; returns the same model.
+    """Patch a transformers Qwen3-MoE model in place to run our kernels; returns the same model.
 
-    The switches leave a kind of module as transformers wrote it (for bisecting a difference); ``moe`` covers the
-    routers and the experts modules (the MoE block itself always keeps transformers' forward). Raises
-    ``TypeError`` for a model that is not Qwen3-MoE. Calling it twice is harmless.
+    The experts switch to ``experts_implementation="qwen3moe_kernels"`` (so a later ``set_experts_implementation``
+    picks what it names); routers, RMSNorms, attentions and decoder layers get a subclass of their class whose
+    forward calls our ops. The switches leave a kind of module as transformers wrote it (for bisecting a
+    difference); ``moe`` covers the routers and the experts. Raises ``TypeError`` for a model that is not
+    Qwen3-MoE. Calling it twice is harmless.
     """
     hf = _hf()
     _require_qwen3_moe(model)
     wanted = {
         hf.Qwen3MoeTopKRouter: (moe, _router_forward),
-        hf.Qwen3MoeExperts: (moe, experts_forward),
         hf.Qwen3MoeRMSNorm: (rms_norm, _rms_norm_forward),
         hf.Qwen3MoeAttention: (qk_norm_rope, _attention_forward),
         hf.Qwen3MoeDecoderLayer: (add_rms_norm, _decoder_layer_forward),
     }
     counts = {cls.__name__: 0 for cls in wanted}
     for module in model.modules():
-        for cls, (on, forward) in wanted.items():
-            if on and type(module) is cls:
-                if cls is hf.Qwen3MoeExperts:
-                    _check_experts_layout(module)
-                module.forward = types.MethodType(forward, module)
-                setattr(module, _PATCHED, True)
-                counts[cls.__name__] += 1
+        on, forward = wanted.get(type(module), (False, None))
+        if on:
+            module.__class__ = _patched_class(type(module), forward)
+            counts[type(module).__name__] += 1
+    experts = sum(isinstance(m, hf.Qwen3MoeExperts) for m in model.modules())
+    if moe and experts:
+        if _PREVIOUS_EXPERTS not in model.__dict__:
+            model.__dict__[_PREVIOUS_EXPERTS] = model.config._experts_implementation
+        model.set_experts_implementation(register())
+    counts["Qwen3MoeExperts"] = experts if moe else 0
     if not any(counts.values()):
         raise ValueError(f"found no Qwen3-MoE modules to patch in {type(model).__name__}")
     model._qwen3moe_kernels_patch_counts = counts
@@ -213,16 +232,22 @@ def apply(model, *, moe: bool = True, rms_norm: bool = True, qk_norm_rope: bool 
 
 
 def revert(model):
-    """Undo :func:`apply`: the patched modules run transformers' own forward again. Returns the model."""
+    """Undo :func:`apply`: transformers' own classes and the experts implementation the model had. Returns it."""
     for module in model.modules():
-        if module.__dict__.pop(_PATCHED, False):
-            module.__dict__.pop("forward", None)
+        base = getattr(type(module), _BASE, None)
+        if base is not None and type(module).__module__ == __name__:
+            module.__class__ = base
+    previous = model.__dict__.pop(_PREVIOUS_EXPERTS, None)
+    if previous is not None and model.config._experts_implementation == EXPERTS_IMPLEMENTATION:
+        model.set_experts_implementation(previous)
     model.__dict__.pop("_qwen3moe_kernels_patch_counts", None)
     return model
 
 
 def is_patched(model) -> bool:
-    return any(getattr(m, _PATCHED, False) for m in model.modules())
+    """Whether :func:`apply` patched any module of ``model`` (and it was not reverted)."""
+    return _PREVIOUS_EXPERTS in model.__dict__ or any(
+        getattr(type(m), _BASE, None) is not None for m in model.modules())
 
 
 # ------------------------------------------------------------------------------------------- our block
@@ -256,7 +281,6 @@ class SparseMoeBlock(nn.Module):
         if not isinstance(block, hf.Qwen3MoeSparseMoeBlock):
             raise TypeError(f"SparseMoeBlock.from_hf expects a transformers Qwen3MoeSparseMoeBlock, got "
                             f"{type(block).__module__}.{type(block).__name__}")
-        _check_experts_layout(block.experts)
         return cls(block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj, block.gate.top_k,
                    block.gate.norm_topk_prob, return_router_logits)
 

@@ -33,6 +33,45 @@ def _tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# The gate's activation, a constexpr of the gate_up and down_bwd kernels: its index in ACTIVATIONS.
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# gelu_tanh's sqrt(2 / pi) and cubic coefficient (a @triton.jit function reads only constexpr globals)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_TANH_C = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _act(g, ACTIVATION: tl.constexpr):
+    """act(g) of an fp32 tile: silu, gelu (erf), gelu (tanh approximation) or relu."""
+    if ACTIVATION == 0:
+        return g / (1.0 + tl.exp(-g))
+    elif ACTIVATION == 1:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        u = _SQRT_2_OVER_PI * (g + _GELU_TANH_C * g * g * g)
+        return 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * u)))  # 1 + tanh(u) = 2 * sigmoid(2u)
+    else:
+        return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def _act_and_grad(g, ACTIVATION: tl.constexpr):
+    """(act(g), act'(g)) of an fp32 tile, for the backward epilogue."""
+    if ACTIVATION == 0:
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    elif ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    elif ACTIVATION == 2:
+        u = _SQRT_2_OVER_PI * (g + _GELU_TANH_C * g * g * g)
+        t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0  # tanh(u)
+        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+            1.0 + 3.0 * _GELU_TANH_C * g * g)
+    else:
+        return tl.maximum(g, 0.0), tl.where(g > 0.0, 1.0, 0.0)
+
+
 @triton.jit
 def grouped_swiglu_gate_up_kernel(
     x_ptr,  # [T, H] activations
@@ -47,6 +86,7 @@ def grouped_swiglu_gate_up_kernel(
     I,
     TOP_K: tl.constexpr,
     STORE_GU: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # the gate's activation: its index in ACTIVATIONS
     PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32x3" for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -82,7 +122,7 @@ def grouped_swiglu_gate_up_kernel(
         gu_rows = gu_ptr + out_rows[:, None] * 2 * I + offs_n[None, :]
         tl.store(gu_rows, acc_g.to(gu_ptr.dtype.element_ty), mask=mask)
         tl.store(gu_rows + I, acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h = _act(acc_g, ACTIVATION) * acc_u
     tl.store(h_ptr + out_rows[:, None] * I + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -148,6 +188,7 @@ def grouped_swiglu_down_bwd_kernel(
     H,
     I,
     TOP_K: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -174,25 +215,24 @@ def grouped_swiglu_down_bwd_kernel(
         a = tl.load(dout_ptr + tokens[:, None] * H + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_base + kk[:, None].to(tl.int64) * I + offs_n[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    # Epilogue: SwiGLU backward and this tile's share of the routing-weight gradient.
-    # The SwiGLU backward reads gate/up as the forward stored them (rounded to the activations' dtype), while the
-    # forward's h came from the fp32 accumulators: for 16-bit inputs silu'(gate) and up carry one extra rounding
-    # (~2^-8 relative in bf16), well within the gradient tolerances (twice PyTorch's own bf16 error, which rounds
-    # gate/up too). Keeping them exact would need an fp32 gu buffer: twice its memory and traffic.
+    # Epilogue: the gated activation's backward and this tile's share of the routing-weight gradient.
+    # It reads gate/up as the forward stored them (rounded to the activations' dtype), while the forward's h came
+    # from the fp32 accumulators: for 16-bit inputs act'(gate) and up carry one extra rounding (~2^-8 relative in
+    # bf16), well within the gradient tolerances (twice PyTorch's own bf16 error, which rounds gate/up too). Keeping
+    # them exact would need an fp32 gu buffer: twice its memory and traffic.
     mask = row_ok[:, None] & col_ok[None, :]
     gu_rows = gu_ptr + rows[:, None] * 2 * I + offs_n[None, :]
     gate = tl.load(gu_rows, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_rows + I, mask=mask, other=0.0).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-gate))
-    silu = gate * sig
+    act, act_grad = _act_and_grad(gate, ACTIVATION)
     # h exactly as the forward used it (not recomputed from the rounded gate/up): drw = <dout, y_unweighted>
     h = tl.load(h_ptr + rows[:, None] * I + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     part = tl.sum(tl.where(mask, acc * h, 0.0), axis=1)
     tl.store(drw_ptr + pid_n.to(tl.int64) * num_slots + rows, part, mask=row_ok)
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(h_ptr.dtype.element_ty).to(tl.float32)  # as the forward
     dh = acc * rw[:, None]
-    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    dup = dh * silu
+    dgate = dh * up * act_grad
+    dup = dh * act
     dgu_rows = dgu_ptr + rows[:, None] * 2 * I + offs_n[None, :]
     tl.store(dgu_rows, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
     tl.store(dgu_rows + I, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
@@ -455,7 +495,8 @@ def m_blocks(num_blocks: int, num_slots: int, num_experts: int, block_m: int) ->
     return min(num_blocks, triton.cdiv(num_slots, block_m) + min(num_experts, num_slots))
 
 
-def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, store_gu: bool = False):
+def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, store_gu: bool = False,
+            activation: str = "silu"):
     """Kernel 1. Returns ``(h [T*k, I], gu [T*k, 2I] or None)`` in x's dtype."""
     import torch
 
@@ -467,7 +508,8 @@ def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, 
     grid = (nm * triton.cdiv(I, config["BLOCK_N"]),)
     grouped_swiglu_gate_up_kernel[grid](
         x, w_gate_up, h, gu, padded_slots, block_expert, T * top_k, nm, H, I,
-        TOP_K=top_k, STORE_GU=store_gu, PRECISION=_precision(x.dtype), **_launch_opts(config))
+        TOP_K=top_k, STORE_GU=store_gu, ACTIVATION=ACTIVATIONS.index(activation), PRECISION=_precision(x.dtype),
+        **_launch_opts(config))
     return h, (gu if store_gu else None)
 
 
@@ -487,7 +529,8 @@ def down(h, w_down, routing_weights, padded_slots, block_expert, config: dict):
     return y
 
 
-def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, top_k: int, config: dict):
+def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, top_k: int, config: dict,
+             activation: str = "silu"):
     """Backward of kernel 2 and the SwiGLU: returns ``(dgu [T*k, 2I] in gu's dtype, drw [T, k] fp32)``."""
     import torch
 
@@ -500,7 +543,8 @@ def down_bwd(dout, w_down, h, gu, routing_weights, padded_slots, block_expert, t
     nm = m_blocks(block_expert.numel(), S, w_down.shape[0], config["BLOCK_M"])
     grouped_swiglu_down_bwd_kernel[(nm * n_tiles,)](
         dout, w_down, h, gu, routing_weights.reshape(-1).float().contiguous(), dgu, parts, padded_slots, block_expert,
-        S, nm, H, I, TOP_K=top_k, PRECISION=_precision(gu.dtype), **_launch_opts(config))
+        S, nm, H, I, TOP_K=top_k, ACTIVATION=ACTIVATIONS.index(activation), PRECISION=_precision(gu.dtype),
+        **_launch_opts(config))
     return dgu, parts.sum(0).reshape(T, top_k)  # fixed-order sum of the per-tile parts: deterministic
 
 
@@ -570,25 +614,31 @@ def _p_max(slots: int, bm: int, experts: int) -> int:
     return (slots + experts * (bm - 1) + bm - 1) // bm * bm
 
 
-def _variants(kernel: str, p: str, H: int, I: int, slots: int, num_pid_m: int, top_k: int):
+def _variants(kernel: str, p: str, H: int, I: int, slots: int, num_pid_m: int, top_k: int, activations):
     """(variant, kernel name, fn, signature without tiles, constexprs, ints) of each compile of ``kernel``: gate_up
-    with and without STORE_GU (inference skips it), wgrad for dWd and dWgu (different M, N, divisors)."""
+    with and without STORE_GU (inference skips it) and down_bwd for each of ``activations``, wgrad for dWd and
+    dWgu (different M, N, divisors)."""
     rows = {"num_slots": slots, "num_pid_m": num_pid_m}
     if kernel == "gate_up":
         sig = {"x_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, **_IDX, "H": "i32", "I": "i32",
-               "TOP_K": "constexpr", "STORE_GU": "constexpr", "PRECISION": "constexpr"}
-        for store_gu in (False, True):
-            yield ("+gu" if store_gu else "", "grouped_swiglu_gate_up_kernel", grouped_swiglu_gate_up_kernel, sig,
-                   {"TOP_K": top_k, "STORE_GU": store_gu}, {**rows, "H": H, "I": I})
+               "TOP_K": "constexpr", "STORE_GU": "constexpr", "ACTIVATION": "constexpr", "PRECISION": "constexpr"}
+        for act in activations:
+            for store_gu in (False, True):
+                variant = ("" if act == "silu" else act) + ("+gu" if store_gu else "")
+                yield (variant, "grouped_swiglu_gate_up_kernel", grouped_swiglu_gate_up_kernel, sig,
+                       {"TOP_K": top_k, "STORE_GU": store_gu, "ACTIVATION": ACTIVATIONS.index(act)},
+                       {**rows, "H": H, "I": I})
     elif kernel == "down":
         sig = {"h_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": p, **_IDX, "H": "i32", "I": "i32",
                "PRECISION": "constexpr"}
         yield "", "grouped_swiglu_down_kernel", grouped_swiglu_down_kernel, sig, {}, {**rows, "H": H, "I": I}
     elif kernel == "down_bwd":
         sig = {"dout_ptr": p, "w_ptr": p, "h_ptr": p, "gu_ptr": p, "rw_ptr": "*fp32", "dgu_ptr": p, "drw_ptr": "*fp32",
-               **_IDX, "H": "i32", "I": "i32", "TOP_K": "constexpr", "PRECISION": "constexpr"}
-        yield ("", "grouped_swiglu_down_bwd_kernel", grouped_swiglu_down_bwd_kernel, sig, {"TOP_K": top_k},
-               {**rows, "H": H, "I": I})
+               **_IDX, "H": "i32", "I": "i32", "TOP_K": "constexpr", "ACTIVATION": "constexpr",
+               "PRECISION": "constexpr"}
+        for act in activations:
+            yield ("" if act == "silu" else act, "grouped_swiglu_down_bwd_kernel", grouped_swiglu_down_bwd_kernel, sig,
+                   {"TOP_K": top_k, "ACTIVATION": ACTIVATIONS.index(act)}, {**rows, "H": H, "I": I})
     elif kernel == "dx":
         sig = {"dgu_ptr": p, "w_ptr": p, "dxs_ptr": p, **_IDX, "H": "i32", "I2": "i32", "PRECISION": "constexpr"}
         yield "", "grouped_swiglu_dx_kernel", grouped_swiglu_dx_kernel, sig, {}, {**rows, "H": H, "I2": 2 * I}
@@ -605,15 +655,17 @@ def _variants(kernel: str, p: str, H: int, I: int, slots: int, num_pid_m: int, t
 
 
 def kernel_specs(kernel: str, dtype: str, H: int, I: int, E: int, slots: int, config: dict, label: str,
-                 top_k: int = TOP_K) -> list:
-    """The CompileSpecs of one launch ``config`` of ``kernel`` in ``dtype`` at shape (H, I, E) and ``slots = T*k``.
-    ``extra`` records (kernel, dtype, H, I, E, variant, config) for the coverage tests."""
+                 top_k: int = TOP_K, activations=ACTIVATIONS) -> list:
+    """The CompileSpecs of one launch ``config`` of ``kernel`` in ``dtype`` at shape (H, I, E) and ``slots = T*k``,
+    for each of ``activations`` where the kernel has one. ``extra`` records (kernel, dtype, H, I, E, variant, config)
+    for the coverage tests."""
     cfg = _launch_opts(config)
     tiles = {k: cfg[k] for k in _TILES}
     num_pid_m = m_blocks(_p_max(slots, cfg["BLOCK_M"], E) // cfg["BLOCK_M"], slots, E, cfg["BLOCK_M"])
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     specs = []
-    for variant, name, fn, sig, constexprs, ints in _variants(kernel, _DT[dtype], H, I, slots, num_pid_m, top_k):
+    for variant, name, fn, sig, constexprs, ints in _variants(kernel, _DT[dtype], H, I, slots, num_pid_m, top_k,
+                                                              activations):
         specs.append(CompileSpec(
             kernel=name, fn=fn, signature={**sig, **dict.fromkeys(_TILES, "constexpr")},
             constexprs={**constexprs, "PRECISION": prec, **tiles},
@@ -627,14 +679,16 @@ def kernel_specs(kernel: str, dtype: str, H: int, I: int, E: int, slots: int, co
 def compile_specs() -> list[CompileSpec]:
     """The heuristic's configs at both model shapes for every phase and dtype, then every entry of every tuned
     table in ``configs/`` (skipping a compile that is already in the list: same kernel, dtypes, constexprs,
-    warps, stages and divisibility)."""
+    warps, stages and divisibility). The activations other than SiLU are compiled at the first model's shape only:
+    the two shapes' ints fall in the same JIT classes, so they launch the same variants (the coverage test checks
+    every launch's variant is compiled)."""
     specs = []
-    for model, (H, I, E) in MODEL_SHAPES.items():
+    for m, (model, (H, I, E)) in enumerate(MODEL_SHAPES.items()):
         for phase, slots in _PHASES:
             for dt in _DT:
                 for kernel in KERNELS:
                     specs += kernel_specs(kernel, dt, H, I, E, slots, default_config(slots, kernel, dt),
-                                          f"{model} {phase} {dt}")
+                                          f"{model} {phase} {dt}", activations=ACTIVATIONS if m == 0 else ("silu",))
     sums = []
     for model, (H, I, E) in MODEL_SHAPES.items():
         for dt, p in _DT.items():

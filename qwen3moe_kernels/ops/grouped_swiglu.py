@@ -13,17 +13,16 @@ Implementations: CUDA (and CPU under ``TRITON_INTERPRET=1``) ``ops/grouped_swigl
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import _ext, reference
 from ..recorder import fallback, record
-from . import grouped_swiglu_cpu as _cpu
+from . import grouped_swiglu_cpu as _torch_impl
 from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_like
 
 _IDS = (torch.int32, torch.int64)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # the gate's activation the kernels compute
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -120,145 +119,139 @@ def _check_backward(op, dout, x, h, gate_up, w_gate_up, w_down, ids, weights):
     return T, H, E, I, k
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA; on CPU tensors too under Triton's interpreter (``TRITON_INTERPRET=1``: how the tests in
-    ``tests/interp/`` run the Triton path without a GPU)."""
-    if not _ext.HAS_TRITON:
-        return False
-    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+def _check_activation(op: str, activation: str) -> None:
+    check(op, activation in ACTIVATIONS, lambda: f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def _impl(op: str, t: torch.Tensor):
-    """The implementation module for ``t`` (recorded): Triton (:func:`_use_triton`), else torch."""
-    if _use_triton(t):
-        from . import grouped_swiglu_triton
-
-        record(op, "triton")
-        return grouped_swiglu_triton
-    if t.device.type == "cpu":
-        record(op, "cpu")
-    else:  # a GPU without triton: the torch products run there (correct, not fast)
-        fallback(op, f"no Triton for {t.device.type} tensors: per-expert torch matrix products")
-    return _cpu
+# ---------------------------------------------------------------------------------- kernels and fakes
+#
+# One body per op, shared by its CPU and CUDA kernels: the checks, empty inputs, then the implementation module
+# (``ops/grouped_swiglu_cpu.py`` or ``ops/grouped_swiglu_triton.py``). The schemas are in csrc/ops.cpp.
 
 
-# ------------------------------------------------------------------------------------------------- ops
-
-
-@torch.library.custom_op("qwen3moe::grouped_swiglu_gate_up", mutates_args=())
-def grouped_swiglu_gate_up(
-    x: torch.Tensor, w_gate_up: torch.Tensor, ids: torch.Tensor, save_gate_up: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    T, H, E, I, k = _check_gate_up("grouped_swiglu_gate_up", x, w_gate_up, ids)
-    impl = _impl("grouped_swiglu_gate_up", x)
+def _gate_up(op, impl, x, w_gate_up, ids, save_gate_up, activation="silu"):
+    T, H, E, I, k = _check_gate_up(op, x, w_gate_up, ids)
+    _check_activation(op, activation)
     if T == 0:
         return x.new_empty((0, I)), x.new_empty((0, 2 * I))
-    return impl.gate_up(x, w_gate_up, ids, save_gate_up)[:2]
+    return impl.gate_up(x, w_gate_up, ids, save_gate_up, activation)[:2]
 
 
-@grouped_swiglu_gate_up.register_fake
-def _(x, w_gate_up, ids, save_gate_up):
-    T, H, E, I, k = _check_gate_up("grouped_swiglu_gate_up", x, w_gate_up, ids)
-    return x.new_empty((T * k, I)), x.new_empty((T * k if save_gate_up else 0, 2 * I))
-
-
-@torch.library.custom_op("qwen3moe::grouped_swiglu_down", mutates_args=())
-def grouped_swiglu_down(
-    h: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    T, H, E, I, k = _check_down("grouped_swiglu_down", h, w_down, ids, weights)
-    impl = _impl("grouped_swiglu_down", h)
+def _down(op, impl, h, w_down, ids, weights):
+    T, H, E, I, k = _check_down(op, h, w_down, ids, weights)
     if T == 0:
         return h.new_empty((0, H))
     return impl.down(h, w_down, ids, weights)
 
 
-@grouped_swiglu_down.register_fake
-def _(h, w_down, ids, weights):
-    T, H, E, I, k = _check_down("grouped_swiglu_down", h, w_down, ids, weights)
-    return h.new_empty((T, H))
-
-
-@torch.library.custom_op("qwen3moe::grouped_swiglu", mutates_args=())
-def grouped_swiglu(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-    save_activations: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, H, E, I, k = _check_experts("grouped_swiglu", x, w_gate_up, w_down, ids, weights)
-    impl = _impl("grouped_swiglu", x)
+def _experts(op, impl, x, w_gate_up, w_down, ids, weights, save_activations, activation="silu"):
+    T, H, E, I, k = _check_experts(op, x, w_gate_up, w_down, ids, weights)
+    _check_activation(op, activation)
     if T == 0:
         return x.new_empty((0, H)), x.new_empty((0, I)), x.new_empty((0, 2 * I))
-    return impl.experts(x, w_gate_up, w_down, ids, weights, save_activations)
+    return impl.experts(x, w_gate_up, w_down, ids, weights, save_activations, activation)
 
 
-@grouped_swiglu.register_fake
-def _(x, w_gate_up, w_down, ids, weights, save_activations):
-    T, H, E, I, k = _check_experts("grouped_swiglu", x, w_gate_up, w_down, ids, weights)
-    rows = T * k if save_activations else 0
-    return x.new_empty((T, H)), x.new_empty((rows, I)), x.new_empty((rows, 2 * I))
-
-
-@torch.library.custom_op("qwen3moe::grouped_swiglu_down_backward", mutates_args=())
-def grouped_swiglu_down_backward(
-    dout: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-    weights: torch.Tensor, need_weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, H, E, I, k = _check_down_backward("grouped_swiglu_down_backward", dout, h, gate_up, w_down, ids, weights)
-    impl = _impl("grouped_swiglu_down_backward", h)
+def _down_backward(op, impl, dout, h, gate_up, w_down, ids, weights, need_weight_grad=True, activation="silu"):
+    T, H, E, I, k = _check_down_backward(op, dout, h, gate_up, w_down, ids, weights)
+    _check_activation(op, activation)
     if T == 0:
         dwd = torch.zeros_like(w_down) if need_weight_grad else w_down.new_empty((0, H, I))
         return h.new_empty((0, 2 * I)), dwd, weights.new_empty((0, k))
-    return impl.down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad)[:3]
+    return impl.down_backward(dout, h, gate_up, w_down, ids, weights, need_weight_grad, activation)[:3]
 
 
-@grouped_swiglu_down_backward.register_fake
-def _(dout, h, gate_up, w_down, ids, weights, need_weight_grad=True):
-    T, H, E, I, k = _check_down_backward("grouped_swiglu_down_backward", dout, h, gate_up, w_down, ids, weights)
-    dwd = torch.empty_like(w_down) if need_weight_grad else w_down.new_empty((0, H, I))
-    return h.new_empty((T * k, 2 * I)), dwd, weights.new_empty((T, k))
-
-
-@torch.library.custom_op("qwen3moe::grouped_swiglu_gate_up_backward", mutates_args=())
-def grouped_swiglu_gate_up_backward(
-    d_gate_up: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, ids: torch.Tensor, need_weight_grad: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    T, H, E, I, k = _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
-    impl = _impl("grouped_swiglu_gate_up_backward", x)
+def _gate_up_backward(op, impl, d_gate_up, x, w_gate_up, ids, need_weight_grad=True):
+    T, H, E, I, k = _check_gate_up_backward(op, d_gate_up, x, w_gate_up, ids)
     if T == 0:
         dw = torch.zeros_like(w_gate_up) if need_weight_grad else w_gate_up.new_empty((0, 2 * I, H))
         return x.new_empty((0, H)), dw
     return impl.gate_up_backward(d_gate_up, x, w_gate_up, ids, need_weight_grad)[:2]
 
 
-@grouped_swiglu_gate_up_backward.register_fake
-def _(d_gate_up, x, w_gate_up, ids, need_weight_grad=True):
-    T, H, E, I, k = _check_gate_up_backward("grouped_swiglu_gate_up_backward", d_gate_up, x, w_gate_up, ids)
-    dw = torch.empty_like(w_gate_up) if need_weight_grad else w_gate_up.new_empty((0, 2 * I, H))
-    return torch.empty_like(x), dw
-
-
-@torch.library.custom_op("qwen3moe::grouped_swiglu_backward", mutates_args=())
-def grouped_swiglu_backward(
-    dout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gate_up: torch.Tensor, w_gate_up: torch.Tensor,
-    w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, need_dx: bool = True,
-    need_dw_gate_up: bool = True, need_dw_down: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, H, E, I, k = _check_backward("grouped_swiglu_backward", dout, x, h, gate_up, w_gate_up, w_down, ids, weights)
-    impl = _impl("grouped_swiglu_backward", x)
+def _backward(op, impl, dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx=True, need_dw_gate_up=True,
+              need_dw_down=True, activation="silu"):
+    T, H, E, I, k = _check_backward(op, dout, x, h, gate_up, w_gate_up, w_down, ids, weights)
+    _check_activation(op, activation)
     if T == 0:
         dwgu = torch.zeros_like(w_gate_up) if need_dw_gate_up else w_gate_up.new_empty((0, 2 * I, H))
         dwd = torch.zeros_like(w_down) if need_dw_down else w_down.new_empty((0, H, I))
         return x.new_empty((0, H)), dwgu, dwd, weights.new_empty((0, k))
-    return impl.backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dw_gate_up,
-                         need_dw_down)
+    return impl.backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dw_gate_up, need_dw_down,
+                         activation)
 
 
-@grouped_swiglu_backward.register_fake
-def _(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx=True, need_dw_gate_up=True, need_dw_down=True):
-    T, H, E, I, k = _check_backward("grouped_swiglu_backward", dout, x, h, gate_up, w_gate_up, w_down, ids, weights)
-    dwgu = torch.empty_like(w_gate_up) if need_dw_gate_up else w_gate_up.new_empty((0, 2 * I, H))
-    dwd = torch.empty_like(w_down) if need_dw_down else w_down.new_empty((0, H, I))
-    return x.new_empty((T if need_dx else 0, H)), dwgu, dwd, weights.new_empty((T, k))
+BODIES = {"grouped_swiglu_gate_up": _gate_up, "grouped_swiglu_down": _down, "grouped_swiglu": _experts,
+          "grouped_swiglu_down_backward": _down_backward, "grouped_swiglu_gate_up_backward": _gate_up_backward,
+          "grouped_swiglu_backward": _backward}
+
+
+def _cpu(op: str):
+    record(op, "cpu")
+    return _torch_impl
+
+
+def _cuda(op: str):
+    if _ext.HAS_TRITON:
+        from . import grouped_swiglu_triton
+
+        record(op, "triton")
+        return grouped_swiglu_triton
+    fallback(op, "triton is not installed: per-expert torch matrix products on the GPU")
+    return _torch_impl
+
+
+def _register(op: str, body) -> None:
+    def cpu_kernel(*args):
+        return body(op, _cpu(op), *args)
+
+    def cuda_kernel(*args):
+        return body(op, _cuda(op), *args)
+
+    torch.library.register_kernel(f"qwen3moe::{op}", "cpu", cpu_kernel)
+    torch.library.register_kernel(f"qwen3moe::{op}", "cuda", cuda_kernel)
+
+
+class _FakeImpl:
+    """What the implementations return, as empty tensors of the right shapes (the fakes' implementation)."""
+
+    @staticmethod
+    def gate_up(x, w_gate_up, ids, save, activation):
+        S, I = x.shape[0] * ids.shape[1], w_gate_up.shape[1] // 2
+        return x.new_empty((S, I)), x.new_empty((S if save else 0, 2 * I))
+
+    @staticmethod
+    def down(h, w_down, ids, weights):
+        return h.new_empty((weights.shape[0], w_down.shape[1]))
+
+    @staticmethod
+    def experts(x, w_gate_up, w_down, ids, weights, save, activation):
+        h, gu = _FakeImpl.gate_up(x, w_gate_up, ids, save, activation)
+        return x.new_empty(x.shape), (h if save else h[:0]), gu
+
+    @staticmethod
+    def down_backward(dout, h, gate_up, w_down, ids, weights, need_w, activation):
+        dwd = torch.empty_like(w_down) if need_w else w_down.new_empty((0,) + tuple(w_down.shape[1:]))
+        return torch.empty_like(gate_up), dwd, weights.new_empty(weights.shape)
+
+    @staticmethod
+    def gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
+        dw = torch.empty_like(w_gate_up) if need_w else w_gate_up.new_empty((0,) + tuple(w_gate_up.shape[1:]))
+        return torch.empty_like(x), dw
+
+    @staticmethod
+    def backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd, activation):
+        dx = torch.empty_like(x) if need_dx else x.new_empty((0, x.shape[1]))
+        dwgu = _FakeImpl.gate_up_backward(None, x, w_gate_up, ids, need_dwgu)[1]
+        dwd = _FakeImpl.down_backward(None, h, gate_up, w_down, ids, weights, need_dwd, activation)[1]
+        return dx, dwgu, dwd, weights.new_empty(weights.shape)
+
+
+if _ext.AVAILABLE:
+    for _op, _body in BODIES.items():
+        _register(_op, _body)
+        torch.library.register_fake(f"qwen3moe::{_op}")(
+            lambda *args, _op=_op, _body=_body: _body(_op, _FakeImpl, *args))
 
 
 # ------------------------------------------------------------------------------------------- moe_experts
@@ -268,20 +261,21 @@ class _MoeExperts(torch.autograd.Function):
     """The registered forward op, keeping what the registered backward op needs."""
 
     @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, ids, weights):
-        out, h, gu = torch.ops.qwen3moe.grouped_swiglu(x, w_gate_up, w_down, ids, weights, True)
+    def forward(ctx, x, w_gate_up, w_down, ids, weights, activation):
+        out, h, gu = torch.ops.qwen3moe.grouped_swiglu(x, w_gate_up, w_down, ids, weights, True, activation)
         ctx.save_for_backward(x, w_gate_up, w_down, ids, weights, h, gu)
+        ctx.activation = activation
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, w_gate_up, w_down, ids, weights, h, gu = ctx.saved_tensors
-        need_x, need_wgu, need_wd, _, need_rw = ctx.needs_input_grad
+        need_x, need_wgu, need_wd, _, need_rw, _ = ctx.needs_input_grad
         # frozen experts: their weight gradients (a third of the backward's GEMM work) are skipped
         dx, dwgu, dwd, drw = torch.ops.qwen3moe.grouped_swiglu_backward(
-            dout.contiguous(), x, h, gu, w_gate_up, w_down, ids, weights, need_x, need_wgu, need_wd)
+            dout.contiguous(), x, h, gu, w_gate_up, w_down, ids, weights, need_x, need_wgu, need_wd, ctx.activation)
         return (dx if need_x else None, dwgu if need_wgu else None, dwd if need_wd else None, None,
-                drw if need_rw else None)
+                drw if need_rw else None, None)
 
 
 def _check_moe_experts(x, w_gate_up, w_down, ids, weights) -> None:
@@ -303,24 +297,42 @@ def _check_moe_experts(x, w_gate_up, w_down, ids, weights) -> None:
     _check_ids(op, ids, T, E, x.device)
 
 
-def moe_experts(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """The routed SwiGLU experts, ``[T, H]`` in x's dtype: ``out[t] = sum_j weights[t, j] * expert_e(x[t])``,
-    ``e = ids[t, j]`` (``reference.moe_experts``). Differentiable in x, w_gate_up, w_down and weights.
+def _no_kernel(x: torch.Tensor, activation) -> str | None:
+    """Why no kernel takes these (valid) experts inputs, or None."""
+    if not _ext.AVAILABLE or x.device.type not in ("cpu", "cuda"):
+        return _ext.no_kernel_reason(x.device)
+    if x.dtype not in FLOAT_DTYPES:
+        return f"the kernels take fp32/fp16/bf16, got {x.dtype}"
+    if activation not in ACTIVATIONS:
+        return f"the kernels compute the activations {ACTIVATIONS}, not {getattr(activation, '__name__', activation)!r}"
+    return None
 
-    x [T, H]; w_gate_up [E, 2I, H] and w_down [E, H, I] in x's dtype; ids [T, k] int32/int64 in [0, E); weights
-    [T, k] float (rounded to x's dtype first, as transformers does). The kernels take fp32/fp16/bf16; other float
-    dtypes run the reference, visibly.
+
+def moe_experts(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    activation="silu",
+) -> torch.Tensor:
+    """The routed experts, ``[T, H]`` in x's dtype: ``out[t] = sum_j weights[t, j] * expert_e(x[t])`` with
+    ``expert_e(x) = (act(x @ gate_e.T) * (x @ up_e.T)) @ w_down[e].T``, ``e = ids[t, j]`` (``reference.moe_experts``).
+    Differentiable in x, w_gate_up, w_down and weights.
+
+    x [T, H]; w_gate_up [E, 2I, H] (gate rows first) and w_down [E, H, I] in x's dtype; ids [T, k] int32/int64 in
+    [0, E); weights [T, k] float (rounded to x's dtype first, as transformers does). ``activation``: "silu" (SwiGLU),
+    "gelu", "gelu_tanh" or "relu" run the kernels; any other callable (transformers' ``act_fn``), another float dtype
+    or a device without kernels runs the reference, visibly.
     """
     _check_moe_experts(x, w_gate_up, w_down, ids, weights)
-    if x.dtype not in FLOAT_DTYPES:
-        fallback("moe_experts", f"the kernels take fp32/fp16/bf16, got {x.dtype}")
-        return reference.moe_experts(x, w_gate_up, w_down, ids, weights)
-    record("moe_experts", "triton" if _use_triton(x) else x.device.type)
+    if isinstance(activation, str):
+        check("moe_experts", activation in ACTIVATIONS,
+              lambda: f"activation must be one of {ACTIVATIONS} or a callable, got {activation!r}")
+    reason = _no_kernel(x, activation)
+    if reason is not None:
+        fallback("moe_experts", reason)
+        return reference.moe_experts(x, w_gate_up, w_down, ids, weights, activation)
+    record("moe_experts", "triton" if x.is_cuda and _ext.HAS_TRITON else x.device.type)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down)):
         # the rounding in autograd too: the weights' gradient is the rounding's (as in the reference)
-        return _MoeExperts.apply(x, w_gate_up, w_down, ids, weights.to(x.dtype).float())
+        return _MoeExperts.apply(x, w_gate_up, w_down, ids, weights.to(x.dtype).float(), activation)
     # no gradient: the op rounds the fp32 router weights itself (in the down kernel on CUDA: no cast launches)
     weights = weights if weights.dtype == torch.float32 else weights.float()  # exact from fp16/bf16
-    return torch.ops.qwen3moe.grouped_swiglu(x, w_gate_up, w_down, ids, weights, False)[0]
+    return torch.ops.qwen3moe.grouped_swiglu(x, w_gate_up, w_down, ids, weights, False, activation)[0]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from ..cpu import cpu_compute_dtype
+from ..reference import ACTIVATIONS
 from .moe_permute import moe_permute, moe_sort, moe_unpermute
 
 
@@ -115,18 +115,38 @@ def _rounded(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weights if dtype == torch.float32 else weights.to(dtype).float()
 
 
-def _gate_up_sorted(x, w_gate_up, order, save):
-    # Per expert: one GEMM over its contiguous (expert-ordered) rows, then SwiGLU in fp32 with one rounding (as the
-    # Triton epilogue). Returns h (and gate_up when save) in expert order.
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_C = 0.044715
+
+
+def activation_grad(activation: str, gate: torch.Tensor) -> torch.Tensor:
+    """d act(gate) / d gate for fp32 ``gate`` (what the Triton backward epilogue computes)."""
+    if activation == "silu":
+        sig = torch.sigmoid(gate)
+        return sig * (1 + gate * (1 - sig))
+    if activation == "gelu":  # Phi(g) + g * phi(g), the standard normal's CDF and density
+        cdf = 0.5 * (1 + torch.erf(gate * 0.7071067811865476))
+        return cdf + gate * torch.exp(-0.5 * gate * gate) * 0.3989422804014327
+    if activation == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (gate + _GELU_TANH_C * gate * gate * gate))
+        return 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * gate * gate)
+    if activation == "relu":
+        return (gate > 0).to(gate.dtype)
+    raise ValueError(f"no gradient for activation {activation!r}")
+
+
+def _gate_up_sorted(x, w_gate_up, order, save, activation):
+    # Per expert: one GEMM over its contiguous (expert-ordered) rows, then act(gate) * up in fp32 with one rounding
+    # (as the Triton epilogue). Returns h (and gate_up when save) in expert order.
     I = w_gate_up.shape[1] // 2
     gu = _expert_mm(order.tokens(x), w_gate_up, order, transpose_w=True)
-    hs = (F.silu(gu[:, :I].float()) * gu[:, I:].float()).to(x.dtype)
+    hs = (ACTIVATIONS[activation](gu[:, :I].float()) * gu[:, I:].float()).to(x.dtype)
     return hs, (gu.to(x.dtype) if save else None)
 
 
-def gate_up(x, w_gate_up, ids, save):
+def gate_up(x, w_gate_up, ids, save, activation="silu"):
     order = _Order(ids, w_gate_up.shape[0])
-    hs, gus = _gate_up_sorted(x, w_gate_up, order, save)
+    hs, gus = _gate_up_sorted(x, w_gate_up, order, save, activation)
     return order.back(hs), (order.back(gus) if save else x.new_empty((0, w_gate_up.shape[1])))
 
 
@@ -143,18 +163,18 @@ def down(h, w_down, ids, weights):
     return _down_sorted(order.rows(h), w_down, order, weights)
 
 
-def experts(x, w_gate_up, w_down, ids, weights, save):
+def experts(x, w_gate_up, w_down, ids, weights, save, activation="silu"):
     # one grouping of the slots for both GEMMs, and h stays in expert order between them (slot order only for
     # the backward)
     order = _Order(ids, w_gate_up.shape[0])
-    hs, gus = _gate_up_sorted(x, w_gate_up, order, save)
+    hs, gus = _gate_up_sorted(x, w_gate_up, order, save, activation)
     out = _down_sorted(hs, w_down, order, weights)
     if not save:
         return out, x.new_empty((0, hs.shape[1])), x.new_empty((0, w_gate_up.shape[1]))
     return out, order.back(hs), order.back(gus)
 
 
-def _down_bwd_sorted(dout, hs, gus, w_down, order, weights, need_w):
+def _down_bwd_sorted(dout, hs, gus, w_down, order, weights, need_w, activation):
     # hs, gus: the forward's h and gate_up in expert order. Returns d_gate_up in expert order, d_w_down, d_weights.
     E, H, I = w_down.shape
     T, k = weights.shape
@@ -170,15 +190,16 @@ def _down_bwd_sorted(dout, hs, gus, w_down, order, weights, need_w):
     gf = g.float()
     drw = (gf * hs.float()).sum(1)[order.inv.long()]
     gate, up = gus.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
     dh = gf * rw[:, None]
-    dgus = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], 1).to(hs.dtype)
+    dgate = dh * up * activation_grad(activation, gate)
+    dgus = torch.cat([dgate, dh * ACTIVATIONS[activation](gate)], 1).to(hs.dtype)
     return dgus, dwd, drw.view(T, k)
 
 
-def down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
+def down_backward(dout, h, gate_up, w_down, ids, weights, need_w, activation="silu"):
     order = _Order(ids, w_down.shape[0])
-    dgus, dwd, drw = _down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_w)
+    dgus, dwd, drw = _down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_w,
+                                      activation)
     return order.back(dgus), dwd, drw
 
 
@@ -201,10 +222,11 @@ def gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
     return _gate_up_bwd_sorted(order.rows(d_gate_up), x, w_gate_up, order, True, need_w)
 
 
-def backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd):
+def backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd, activation="silu"):
     # one grouping of the slots for both halves; d_gate_up stays in expert order between them
     order = _Order(ids, w_gate_up.shape[0])
-    dgus, dwd, drw = _down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_dwd)
+    dgus, dwd, drw = _down_bwd_sorted(dout, order.rows(h), order.rows(gate_up), w_down, order, weights, need_dwd,
+                                      activation)
     dx, dwgu = _gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_dx, need_dwgu)  # nothing asked: no work
     return dx, dwgu, dwd, drw
 

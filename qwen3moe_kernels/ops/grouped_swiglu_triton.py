@@ -31,14 +31,15 @@ def _cfg(kernel: str, slots: int, dtype: torch.dtype, device: torch.device, shap
     return kern.default_config(slots, kernel, kern.dtype_name(dtype), name, shape)
 
 
-def gate_up(x, w_gate_up, ids, save):
+def gate_up(x, w_gate_up, ids, save, activation="silu"):
     """``(h, gate_up or an empty [0, 2I], the alignment used)``."""
     T, H = x.shape
     E, I2 = w_gate_up.shape[0], w_gate_up.shape[1]
     k = ids.shape[1]
     cfg = _cfg("gate_up", T * k, x.dtype, x.device, (H, I2 // 2, E))
     align = _align(ids, E, cfg)
-    h, gu = kern.gate_up(x.contiguous(), w_gate_up.contiguous(), align[0], align[1], k, cfg, store_gu=save)
+    h, gu = kern.gate_up(x.contiguous(), w_gate_up.contiguous(), align[0], align[1], k, cfg, store_gu=save,
+                         activation=activation)
     return h, (gu if save else x.new_empty((0, I2))), align
 
 
@@ -51,15 +52,15 @@ def down(h, w_down, ids, weights, reuse=None):
     return kern.sum_slots(y, k)
 
 
-def experts(x, w_gate_up, w_down, ids, weights, save):
+def experts(x, w_gate_up, w_down, ids, weights, save, activation="silu"):
     # gate_up's alignment serves down too when their configs share BLOCK_M (every heuristic phase does): one
     # moe_align_block (4 CUDA launches) per forward instead of two
-    h, gu, align = gate_up(x, w_gate_up, ids, save)
+    h, gu, align = gate_up(x, w_gate_up, ids, save, activation)
     out = down(h, w_down, ids, weights, align)
     return out, (h if save else x.new_empty((0, h.shape[1]))), gu
 
 
-def down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
+def down_backward(dout, h, gate_up, w_down, ids, weights, need_w, activation="silu"):
     """``(d_gate_up, d_w_down, d_weights, alignment, order)``: the alignment and the ``moe_sort`` result (None
     without the weight gradient) it used, for the gate/up part to reuse."""
     E, H, I = w_down.shape
@@ -67,7 +68,7 @@ def down_backward(dout, h, gate_up, w_down, ids, weights, need_w):
     dout, h, gate_up, w_down = (t.contiguous() for t in (dout, h, gate_up, w_down))
     cfg = _cfg("down_bwd", T * k, h.dtype, h.device, (H, I, E))
     align = _align(ids, E, cfg)
-    dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, align[0], align[1], k, cfg)
+    dgu, drw = kern.down_bwd(dout, w_down, h, gate_up, weights, align[0], align[1], k, cfg, activation=activation)
     if not need_w:
         return dgu, w_down.new_empty((0, H, I)), drw, align, None
     order = moe_sort(ids, E)
@@ -95,8 +96,8 @@ def gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w, need_x=True, align=No
     return dx, kern.wgrad(d_gate_up, x, None, sorted_slots, offsets, E, 1, k, wcfg)
 
 
-def backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd):
+def backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need_dwgu, need_dwd, activation="silu"):
     # down_bwd's alignment serves dx when their configs share BLOCK_M, one moe_sort serves both weight gradients
-    dgu, dwd, drw, align, order = down_backward(dout, h, gate_up, w_down, ids, weights, need_dwd)
+    dgu, dwd, drw, align, order = down_backward(dout, h, gate_up, w_down, ids, weights, need_dwd, activation)
     dx, dwgu = gate_up_backward(dgu, x, w_gate_up, ids, need_dwgu, need_dx, align, order)
     return dx, dwgu, dwd, drw

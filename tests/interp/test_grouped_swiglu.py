@@ -1,19 +1,22 @@
-"""The grouped-GEMM experts' Triton path (alignment, gather GEMMs, SwiGLU epilogues, backward kernels, fixed-order
-sums) through the ops and autograd, against autograd of ``reference.moe_experts`` in float64: with small tiles,
-the shipped heuristic and its prefill tiles; then the inference path, the whole-pass ops against their parts, the
-sum kernel, what a forward and a backward launch, and the per-slot buffers' dtype."""
+"""The experts' Triton path (``ops/grouped_swiglu_triton.py``: alignment, gather GEMMs, activation epilogues,
+backward kernels, fixed-order sums), what the ops run on CUDA, here on CPU tensors: forward and backward against
+autograd of ``reference.moe_experts`` in float64 for every activation, with small tiles, the shipped heuristic and
+its prefill tiles; then the inference path, the whole passes against their parts, the sum kernel, what a forward
+and a backward launch, and the per-slot buffers' dtype. (The ops' checks and autograd glue, shared by every device,
+are tested on CPU in tests/test_grouped_swiglu.py and tests/test_fused_moe.py.)"""
 
 import pytest
 import torch
 
 import triton_interp
-from qwen3moe_kernels import recorder, reference
+from qwen3moe_kernels import reference
 from qwen3moe_kernels.kernels import grouped_swiglu as kern
-from qwen3moe_kernels.ops import moe_align_block, moe_experts, moe_unpermute
+from qwen3moe_kernels.ops import grouped_swiglu_triton as tri
+from qwen3moe_kernels.ops import moe_align_block, moe_unpermute
 from tolerances import tol, twice_torch_error_bound
 
-OPS = torch.ops.qwen3moe
 _default_config = kern.default_config
+ACTIVATIONS = kern.ACTIVATIONS
 
 
 def small_tiles(num_slots, kernel="gate_up", dtype="bf16", device_name=None, shape=None):
@@ -78,72 +81,82 @@ CASES = {
 }
 
 
+def triton_forward_backward(x, wgu, wd, ids, w, dout, activation="silu", need=(True, True, True)):
+    """What moe_experts runs with a gradient, on the Triton path: the forward saving its activations, then the whole
+    backward (weights rounded to x's dtype first, as moe_experts does in autograd). ``need``: dx, dW_gate_up, dW_down.
+    Returns (out, dx, dw_gate_up, dw_down, d_weights)."""
+    w = w.to(x.dtype).float()
+    out, h, gu = tri.experts(x, wgu, wd, ids, w, True, activation)
+    dx, dwgu, dwd, drw = tri.backward(dout, x, h, gu, wgu, wd, ids, w, *need, activation)
+    return out, dx, dwgu, dwd, drw
+
+
+def reference_grads(x, wgu, wd, ids, w, dout, activation="silu", dtype=None):
+    """(out, dx, dw_gate_up, dw_down, d_weights) of autograd through reference.moe_experts in ``dtype``."""
+    ts = [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in (x, wgu, wd, w)]
+    out = reference.moe_experts(ts[0], ts[1], ts[2], ids, ts[3], activation)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + [t.grad for t in ts]
+
+
+def check_all(got, dtype, x, wgu, wd, ids, w, dout, activation="silu"):
+    """Every output against float64, fp16/bf16 within twice PyTorch's own error in that dtype."""
+    ref64 = reference_grads(x, wgu, wd, ids, w, dout, activation, torch.float64)
+    lowp = reference_grads(x, wgu, wd, ids, w, dout, activation) if dtype != torch.float32 else [None] * 5
+    for name, a, b, c in zip(("out", "dx", "dw_gate_up", "dw_down", "dweights"), got, ref64, lowp):
+        check(name, a, b, c, dtype)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_backward_match_reference(case, dtype, monkeypatch):
     T, H, I, E, k, routing, tiles = CASES[case]
     monkeypatch.setattr(kern, "default_config", TILES[tiles])
     USED.clear()
     x, wgu, wd, ids, w, dout = inputs(T, H, I, E, k, dtype, routing, seed=T * 131 + H + E)
-    ours = [t.clone().requires_grad_() for t in (x, wgu, wd, w)]
-    out = moe_experts(ours[0], ours[1], ours[2], ids, ours[3])
-    out.backward(dout)
-    assert recorder.implementations().get("grouped_swiglu_backward") == "triton"
-    # float64 reference, and PyTorch's own computation in this dtype (the error scale for fp16/bf16)
-    r64 = [t.double().requires_grad_() for t in (x, wgu, wd, w)]
-    ref = reference.moe_experts(r64[0], r64[1], r64[2], ids, r64[3])
-    ref.backward(dout.double())
-    lowp = [t.clone().requires_grad_() for t in (x, wgu, wd, w)]
-    ref_lowp = None
-    if dtype != torch.float32:
-        ref_lowp = reference.moe_experts(lowp[0], lowp[1], lowp[2], ids, lowp[3])
-        ref_lowp.backward(dout)
-    check("out", out, ref.detach(), ref_lowp, dtype)
-    for name, a, b, c in zip(("dx", "dw_gate_up", "dw_down", "dweights"), ours, r64, lowp):
-        check(name, a.grad, b.grad, c.grad if ref_lowp is not None else None, dtype)
+    check_all(triton_forward_backward(x, wgu, wd, ids, w, dout), dtype, x, wgu, wd, ids, w, dout)
     if tiles == "prefill":  # the prefill tiles really ran, for every kernel
         assert {kn for kn, _ in USED} == set(kern.KERNELS), USED
         assert all(c["BLOCK_M"] == 128 for kn, c in USED if kn != "down_bwd"), USED  # 16-bit down_bwd: 64 x 64
 
 
+@pytest.mark.parametrize("case", ["odd_sizes", "prefill_tiles"])
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "silu"])
+def test_every_activation(activation, case, dtype, monkeypatch):
+    """The gate_up and down_bwd epilogues of each activation (small tiles, and the prefill tiles' kernels)."""
+    T, H, I, E, k, routing, tiles = CASES[case]
+    monkeypatch.setattr(kern, "default_config", TILES[tiles])
+    x, wgu, wd, ids, w, dout = inputs(T, H, I, E, k, dtype, routing, seed=T + 7)
+    got = triton_forward_backward(x, wgu, wd, ids, w, dout, activation)
+    check_all(got, dtype, x, wgu, wd, ids, w, dout, activation)
+
+
 def test_deterministic(dtype):
     x, wgu, wd, ids, w, dout = inputs(23, 64, 40, 5, 3, dtype, seed=1)
-    res = []
-    for _ in range(2):
-        ours = [t.clone().requires_grad_() for t in (x, wgu, wd, w)]
-        out = moe_experts(ours[0], ours[1], ours[2], ids, ours[3])
-        out.backward(dout)
-        res.append([out.detach()] + [t.grad for t in ours])
-    for a, b in zip(*res):
+    first, again = (triton_forward_backward(x, wgu, wd, ids, w, dout) for _ in range(2))
+    for a, b in zip(first, again):
         assert torch.equal(a, b), "two runs differ: the kernels must be deterministic"
 
 
 def test_frozen_experts(dtype):
     """Only x needs a gradient: the Triton backward skips the weight-gradient kernels, dx still matches."""
     x, wgu, wd, ids, w, dout = inputs(17, 48, 40, 6, 2, dtype, seed=2)
-    xg = x.clone().requires_grad_()
-    moe_experts(xg, wgu, wd, ids, w).backward(dout)
-    x64 = x.double().requires_grad_()
-    reference.moe_experts(x64, wgu.double(), wd.double(), ids, w.double()).backward(dout.double())
-    lowp = None
-    if dtype != torch.float32:
-        lowp = x.clone().requires_grad_()
-        reference.moe_experts(lowp, wgu, wd, ids, w).backward(dout)
-        lowp = lowp.grad
-    check("dx (frozen experts)", xg.grad, x64.grad, lowp, dtype)
-    assert wgu.grad is None and wd.grad is None
+    _, dx, dwgu, dwd, _ = triton_forward_backward(x, wgu, wd, ids, w, dout, need=(True, False, False))
+    ref64 = reference_grads(x, wgu, wd, ids, w, dout, dtype=torch.float64)
+    lowp = reference_grads(x, wgu, wd, ids, w, dout)[1] if dtype != torch.float32 else None
+    check("dx (frozen experts)", dx, ref64[1], lowp, dtype)
+    assert dwgu.shape[0] == 0 and dwd.shape[0] == 0
 
 
 def test_inference_path(dtype):
     """The no-grad path: gate_up with STORE_GU=False (no gate/up buffer) gives the same h, bit for bit, as with
-    STORE_GU=True, and moe_experts matches the reference."""
+    STORE_GU=True, and the forward matches the reference."""
     x, wgu, wd, ids, w, _ = inputs(21, 72, 40, 6, 3, dtype, seed=4)
-    h_inf, empty = OPS.grouped_swiglu_gate_up(x, wgu, ids, False)
-    assert recorder.implementations().get("grouped_swiglu_gate_up") == "triton"
-    h_train, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
+    h_inf, empty = tri.gate_up(x, wgu, ids, False)[:2]
+    h_train, gu = tri.gate_up(x, wgu, ids, True)[:2]
     assert empty.shape == (0, 80) and gu.shape == (63, 80)
     assert torch.isfinite(h_inf.double()).all() and torch.equal(h_inf, h_train), "STORE_GU=False changes h"
-    with torch.no_grad():
-        out = moe_experts(x, wgu, wd, ids, w)
+    out, h, gu = tri.experts(x, wgu, wd, ids, w, False)
+    assert h.shape == (0, 40) and gu.shape == (0, 80)
     ref = reference.moe_experts(x.double(), wgu.double(), wd.double(), ids, w.double())
     check("out (no grad, STORE_GU=False)", out, ref, reference.moe_experts(x, wgu, wd, ids, w), dtype)
 
@@ -155,17 +168,17 @@ def test_whole_pass_ops_are_their_parts(dtype):
     backward against its two parts, for each set of gradients asked for."""
     x, wgu, wd, ids, w, dout = inputs(19, 72, 40, 7, 3, dtype, seed=8)
     w = w + 1e-3  # not representable in fp16/bf16
-    h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
-    want = OPS.grouped_swiglu_down(h, wd, ids, w.to(dtype).float())
-    out, h2, gu2 = OPS.grouped_swiglu(x, wgu, wd, ids, w, True)
-    assert torch.equal(out, want) and torch.equal(h2, h) and torch.equal(gu2, gu), "grouped_swiglu != gate_up + down"
-    out3, h3, gu3 = OPS.grouped_swiglu(x, wgu, wd, ids, w, False)
+    h, gu = tri.gate_up(x, wgu, ids, True)[:2]
+    want = tri.down(h, wd, ids, w.to(dtype).float())
+    out, h2, gu2 = tri.experts(x, wgu, wd, ids, w, True)
+    assert torch.equal(out, want) and torch.equal(h2, h) and torch.equal(gu2, gu), "experts != gate_up + down"
+    out3, h3, gu3 = tri.experts(x, wgu, wd, ids, w, False)
     assert torch.equal(out3, want) and h3.shape == (0, 40) and gu3.shape == (0, 80)
-    assert torch.equal(OPS.grouped_swiglu_down(h, wd, ids, w), want)  # down rounds the weights itself
-    dgu, dwd, drw = OPS.grouped_swiglu_down_backward(dout, h, gu, wd, ids, w)
-    dx, dwgu = OPS.grouped_swiglu_gate_up_backward(dgu, x, wgu, ids)
+    assert torch.equal(tri.down(h, wd, ids, w), want)  # down rounds the weights itself
+    dgu, dwd, drw = tri.down_backward(dout, h, gu, wd, ids, w, True)[:3]
+    dx, dwgu = tri.gate_up_backward(dgu, x, wgu, ids, True)
     for flags in ((True, True, True), (True, False, False), (False, True, True), (False, False, False)):
-        got = OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, w, *flags)
+        got = tri.backward(dout, x, h, gu, wgu, wd, ids, w, *flags)
         for name, t, ref, need in zip(("dx", "dwgu", "dwd", "drw"), got, (dx, dwgu, dwd, drw), flags + (True,)):
             assert torch.equal(t, ref) if need else t.shape[0] == 0, (name, flags)
 
@@ -185,8 +198,6 @@ def test_launches(dtype, monkeypatch):
     """What the no-grad forward launches (the decode path on CUDA, where every launch counts against ~20 us of
     weight reads): one moe_align_block shared by both GEMMs, gate_up, down, the sum kernel; no moe_unpermute
     (its unit weights and identity order cost two more launches) and no second alignment. And the backward's."""
-    from qwen3moe_kernels.ops import grouped_swiglu_triton as orchestration
-
     calls = []
 
     def spy(mod, name):
@@ -194,20 +205,18 @@ def test_launches(dtype, monkeypatch):
         monkeypatch.setattr(mod, name, lambda *a, **kw: calls.append(name) or fn(*a, **kw))
 
     for name in ("moe_align_block", "moe_sort"):
-        spy(orchestration, name)
+        spy(tri, name)
     for name in ("gate_up", "down", "sum_slots", "down_bwd", "dx", "wgrad"):
         spy(kern, name)
     for T in (1, 5):
         x, wgu, wd, ids, w, dout = inputs(T, 64, 48, 6, 2, dtype, seed=9)
         calls.clear()
-        with torch.no_grad():
-            moe_experts(x, wgu, wd, ids, w)
+        out, h, gu = tri.experts(x, wgu, wd, ids, w, False)
         assert calls == ["moe_align_block", "gate_up", "down", "sum_slots"], (T, calls)
         # training: the backward aligns once for down_bwd and dx and sorts once for both weight gradients
-        ours = [t.clone().requires_grad_() for t in (x, wgu, wd, w)]
-        out = moe_experts(ours[0], ours[1], ours[2], ids, ours[3])
+        out, h, gu = tri.experts(x, wgu, wd, ids, w, True)
         calls.clear()
-        out.backward(dout)
+        tri.backward(dout, x, h, gu, wgu, wd, ids, w, True, True, True)
         assert calls == ["moe_align_block", "down_bwd", "moe_sort", "wgrad", "dx", "sum_slots", "wgrad"], calls
 
 
