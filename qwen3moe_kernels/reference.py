@@ -137,6 +137,11 @@ ACTIVATIONS = {
 }
 
 
+# transformers' hidden_act names (ACT2FN) of the activations above, by our name
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
+                  "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
 def activation_fn(activation):
     """The function of an activation name of :data:`ACTIVATIONS`, or ``activation`` itself if it is callable."""
     if callable(activation):

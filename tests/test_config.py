@@ -74,7 +74,7 @@ def test_head_dim_default():
         ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "disagree"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "linear"),
-        ({"hidden_act": "gelu"}, "silu"),
+        ({"hidden_act": "mish"}, "hidden_act must be one of"),
         ({"use_sliding_window": True}, "sliding"),
         ({"moe_layer_freq": 2}, "unknown .*moe_layer_freq"),
         ({"model_type": "llama"}, "model_type"),
@@ -133,3 +133,10 @@ def test_bad_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="object"):
         Qwen3MoeConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("act,name", [("silu", "silu"), ("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"),
+                                      ("gelu_new", "gelu_tanh"), ("relu", "relu")])
+def test_activations_the_kernels_compute_are_accepted(act, name):
+    cfg = Qwen3MoeConfig.from_dict({**BASE, "hidden_act": act})
+    assert cfg.hidden_act == act and cfg.activation == name

@@ -25,11 +25,6 @@ from .. import ops, reference
 from ..recorder import fallback
 
 EXPERTS_IMPLEMENTATION = "qwen3moe_kernels"
-# transformers' hidden_act names the kernels compute, by the op's activation name; any other runs the reference
-# with the model's own act_fn, visibly
-KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
-                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                      "relu": "relu"}
 _BASE = "_qwen3moe_kernels_base"  # on a patched subclass: the transformers class it patches
 _PREVIOUS_EXPERTS = "_qwen3moe_kernels_previous_experts"  # on a patched model: its experts implementation before
 
@@ -56,9 +51,10 @@ def _layout_problems(experts: nn.Module) -> list[str]:
 
 
 def kernel_activation(experts: nn.Module):
-    """The activation name the kernels take for this experts module's ``hidden_act``, else its ``act_fn``."""
+    """The activation name the kernels take for this experts module's ``hidden_act``
+    (``reference.HF_ACTIVATIONS``), else its ``act_fn``: any other activation runs the reference, visibly."""
     act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-    return KERNEL_ACTIVATIONS.get(act) if isinstance(act, str) and act in KERNEL_ACTIVATIONS else experts.act_fn
+    return reference.HF_ACTIVATIONS[act] if act in reference.HF_ACTIVATIONS else experts.act_fn
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -8,7 +8,7 @@ transformers' modeling reads it.
 Accepts both spellings real files use (``num_experts`` / ``num_local_experts``; ``rope_theta`` /
 ``rope_parameters = {"rope_type": "default", "rope_theta": ...}``). Every field is checked: a value of the
 wrong type (``"false"`` for a bool, ``True`` or ``2.0`` for an int, ``"x"`` for a number) raises ``TypeError``;
-values out of range, that we cannot honour (RoPE scaling, sliding windows, an activation other than SiLU) or
+values out of range, that we cannot honour (RoPE scaling, sliding windows, an activation the kernels do not compute) or
 that contradict each other raise ``ValueError``. Both name the key. HF bookkeeping keys (architectures,
 torch_dtype, token ids, ...) are ignored.
 """
@@ -20,6 +20,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+
+from ..reference import HF_ACTIVATIONS
 
 # Field kinds, for the per-field checks (the rest is checked by hand in validate).
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -59,6 +61,7 @@ class Qwen3MoeConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
     tie_word_embeddings: bool = False
+    hidden_act: str = "silu"  # transformers' name; one of reference.HF_ACTIVATIONS
 
     def __post_init__(self) -> None:
         if self.mlp_only_layers is None:
@@ -99,6 +102,16 @@ class Qwen3MoeConfig:
         layers = self.mlp_only_layers
         if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
             fail("mlp_only_layers", "a list of layer indices (ints)", TypeError)
+        if not isinstance(self.hidden_act, str):
+            fail("hidden_act", "an activation name", TypeError)
+        if self.hidden_act not in HF_ACTIVATIONS:
+            fail("hidden_act", f"one of {sorted(HF_ACTIVATIONS)} (the activations the kernels compute; the "
+                               f"transformers drop-in runs any)")
+
+    @property
+    def activation(self) -> str:
+        """The activation's name in the ops (``reference.ACTIVATIONS``)."""
+        return HF_ACTIVATIONS[self.hidden_act]
 
     def validate(self) -> None:
         """Check every field, then the constraints between fields; raises TypeError/ValueError naming the key."""
@@ -169,9 +182,6 @@ class Qwen3MoeConfig:
                     raise ValueError(f"rope_theta ({d['rope_theta']}) and rope_parameters.rope_theta "
                                      f"({r['rope_theta']}) disagree")
                 d["rope_theta"] = r["rope_theta"]
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act must be 'silu', got {d['hidden_act']!r}")
-        d.pop("hidden_act", None)
         if d.get("use_sliding_window") not in (None, False):  # a string "false" is no false
             raise ValueError(f"use_sliding_window must be false (sliding windows are not supported), "
                              f"got {d['use_sliding_window']!r}")
