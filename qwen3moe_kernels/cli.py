@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from . import ops, recorder, reference
-from .bench import fused_moe, model, moe_permute, rms_norm, rope, router_topk
+from .bench import ep, fused_moe, model, moe_permute, rms_norm, rope, router_topk
 from .bench.checks import close_bound, close_ok, experts_fp32, max_abs_err
 from .bench.fused_moe import QWEN3_30B_A3B, make_moe_weights
 from .bench.machine import DEFAULT_TOKENS, DTYPES, QUICK_TOKENS, cpu_bench_dtype, device_label, dtype_name, machine_info
@@ -303,6 +303,8 @@ BENCHMARKS = {"fused_moe": fused_moe, "moe_permute": moe_permute, "rms_norm": rm
               "router_topk": router_topk, "model": model}
 # what ``--ops all`` adds to the default run: the model benchmark takes minutes anywhere
 ON_REQUEST = ("model",)
+# benchmarks that start processes of their own, run only when named (``--ops ep``): expert parallelism over gloo
+NAMED_ONLY = {"ep": ep}
 
 
 def select_benchmarks(device: str, quick_shapes: bool, ops_arg: str | None) -> tuple[list[str], bool, list[str]]:
@@ -362,9 +364,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results: list[dict] = []
     for op in wanted:
-        mod = BENCHMARKS.get(op)
+        mod = BENCHMARKS.get(op) or NAMED_ONLY.get(op)
         if mod is None:
-            why_not = f"no benchmark {op!r}; choose from {', '.join(BENCHMARKS)} or all"
+            why_not = f"no benchmark {op!r}; choose from {', '.join([*BENCHMARKS, *NAMED_ONLY])} or all"
             notes.append(f"{op}: {why_not}")
             results.append({"op": op, "impl": "-", "error": why_not})
             continue
@@ -446,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU; on CPU by capability")
     b.add_argument("--tokens", help="comma-separated token counts (default: decode and prefill counts per device)")
-    b.add_argument("--ops", help=f"comma-separated from {', '.join(BENCHMARKS)}; or 'all' (default: every benchmark "
-                                 "but model, and on a CPU at full shapes fused_moe without its slow forward+backward; "
-                                 "'all': all of those and the model benchmark)")
+    b.add_argument("--ops", help=f"comma-separated from {', '.join([*BENCHMARKS, *NAMED_ONLY])}; or 'all' (default: "
+                                 "every benchmark but model and ep, and on a CPU at full shapes fused_moe without its "
+                                 "slow forward+backward; 'all': all of those and the model benchmark; ep, expert "
+                                 "parallelism over gloo processes, runs only when named)")
     b.add_argument("--out", help="JSON path (default benchmarks/results/bench_<device>_<utc time>.json)")
     b.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
     b.add_argument("--no-plot", action="store_true", help="do not draw the PNG")

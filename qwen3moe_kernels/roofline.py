@@ -275,5 +275,109 @@ def main(argv=None) -> int:
     return 0
 
 
+
+# ------------------------------------------------------------------ expert parallelism: communication on paper
+
+# Per GPU and per direction, GB/s: NOMINAL link rates (datasheets), not measured.
+LINKS = {
+    "nvlink": {"gbps": 450.0, "source": "H100 SXM NVLink 4: 900 GB/s bidirectional, 450 GB/s per direction"},
+    "infiniband": {"gbps": 50.0, "source": "one 400 Gb/s InfiniBand NIC per GPU (DGX H100): 50 GB/s per direction"},
+}
+# Where the experts of one layer are spread: nodes x GPUs per node; NVLink inside a node, InfiniBand between.
+EP_SETUPS = {"1 node x 8": (1, 8), "2 nodes x 8": (2, 8), "4 nodes x 8": (4, 8)}
+EP_TOKENS = (1, 8, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def ep_token_bytes(model, dtype: str = "bf16") -> float:
+    """Bytes one token moves per MoE layer under expert parallelism: its k rows of H to the experts' ranks
+    (dispatch) and back (combine), ``2 * k * H * dtype size`` (Qwen3-235B-A22B in bf16: 131 KB)."""
+    m = model_dims(model)
+    return 2.0 * m["top_k"] * m["hidden"] * _BYTES[dtype]
+
+
+def ep_layer_time(model, tokens_per_rank: int, nodes: int, gpus_per_node: int, dtype: str = "bf16",
+                  peak: dict | None = None, device: str = "H100") -> dict:
+    """One MoE layer on one rank of ``nodes x gpus_per_node`` under expert parallelism, at the limits (uniform,
+    balanced routing; no overlap assumed or needed to compare the two):
+
+    * exchange: of a token's ``ep_token_bytes``, the share whose expert is on another GPU of the node crosses
+      NVLink ((g-1)/world), on another node InfiniBand ((world-g)/world); dispatch and combine each run both ways
+      at once, so each link's time is its bytes over its per-direction rate; the two links work in parallel;
+    * experts: the rows this rank receives (T*k in expectation) through its E/world experts, ``grouped_swiglu``'s
+      floor (``op_cost``) at the device's peak (measured where there is one).
+
+    Link latency (tens of microseconds per all-to-all, the decode cost) is not in this bandwidth model."""
+    m = model_dims(model)
+    world = nodes * gpus_per_node
+    per_token = ep_token_bytes(m, dtype) * tokens_per_rank
+    nvlink_bytes = per_token * (gpus_per_node - 1) / world
+    ib_bytes = per_token * (world - gpus_per_node) / world
+    nvlink_us = nvlink_bytes / (LINKS["nvlink"]["gbps"] * 1e9) * 1e6
+    ib_us = ib_bytes / (LINKS["infiniband"]["gbps"] * 1e9) * 1e6
+    local = {**m, "experts": m["experts"] // world, "top_k": 1}  # the rows received, each for one local expert
+    flops, nbytes = op_cost("grouped_swiglu", local, tokens_per_rank * m["top_k"], dtype)
+    if peak is None:
+        peak, _ = peak_for(device)
+    experts = limit_time(flops, nbytes, peak)
+    comm_us = max(nvlink_us, ib_us)
+    return {"tokens_per_rank": tokens_per_rank, "world": world, "bytes_per_token": ep_token_bytes(m, dtype),
+            "nvlink_us": nvlink_us, "infiniband_us": ib_us, "comm_us": comm_us, "experts_us": experts["floor_us"],
+            "experts_bound": experts["bound"], "comm_over_experts": comm_us / experts["floor_us"],
+            "bandwidth_bound": comm_us > experts["floor_us"]}
+
+
+def ep_bandwidth_bound_from(model, nodes: int, gpus_per_node: int, dtype: str = "bf16", device: str = "H100",
+                            max_tokens: int = 1 << 20) -> int | None:
+    """The fewest tokens per rank at which the exchange outlasts the experts' floor, or None if it never does up
+    to ``max_tokens``. Bisection: the ratio grows with T (the exchange is linear in T; the floor is flat while it
+    reads the weights, sublinear while more experts get hit, linear once compute-bound), so once bound, always."""
+    def bound(t):
+        return ep_layer_time(model, t, nodes, gpus_per_node, dtype, device=device)["bandwidth_bound"]
+
+    if not bound(max_tokens):
+        return None
+    lo, hi = 0, max_tokens  # not bound at lo (T = 0 moves nothing), bound at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if bound(mid) else (mid, hi)
+    return hi
+
+
+def ep_rows(dtype: str = "bf16", device: str = "H100", tokens=EP_TOKENS) -> list[dict]:
+    """The communication model's table: per model, setup and tokens per rank (see :func:`ep_layer_time`)."""
+    rows = []
+    for model in MODELS:
+        for setup, (nodes, g) in EP_SETUPS.items():
+            for t in tokens:
+                rows.append(dict(model=model, setup=setup, **ep_layer_time(model, t, nodes, g, dtype,
+                                                                           device=device)))
+    return rows
+
+
+def ep_main(argv=None) -> int:
+    """``python -m qwen3moe_kernels.roofline ep [--device H100] [--dtype bf16]``: the EP communication table."""
+    p = argparse.ArgumentParser(prog="python -m qwen3moe_kernels.roofline ep",
+                                description="expert parallelism on paper: exchange vs the experts' floor (limits)")
+    p.add_argument("--device", default="H100", choices=list(PEAKS))
+    p.add_argument("--dtype", default="bf16", choices=list(_BYTES))
+    a = p.parse_args(argv)
+    _, label = peak_for(a.device)
+    print(f"LIMITS: experts at {label}; links NOMINAL: " + "; ".join(v["source"] for v in LINKS.values()))
+    print(f"{'model':16} {'setup':12} {'T/rank':>6} {'KB/token':>8} {'NVLink us':>9} {'IB us':>8} "
+          f"{'experts us':>10} {'comm/exp':>8} bound")
+    for r in ep_rows(a.dtype, a.device):
+        print(f"{r['model']:16} {r['setup']:12} {r['tokens_per_rank']:>6} {r['bytes_per_token'] / 1e3:>8.1f} "
+              f"{r['nvlink_us']:>9.1f} {r['infiniband_us']:>8.1f} {r['experts_us']:>10.1f} "
+              f"{r['comm_over_experts']:>8.2f} {'exchange' if r['bandwidth_bound'] else 'experts'}")
+    for model in MODELS:
+        for setup, (nodes, g) in EP_SETUPS.items():
+            t = ep_bandwidth_bound_from(model, nodes, g, a.dtype, a.device)
+            print(f"{model} on {setup}: " + ("never bandwidth-bound" if t is None
+                                            else f"bandwidth-bound from {t} tokens per rank"))
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    raise SystemExit(ep_main(sys.argv[2:]) if sys.argv[1:2] == ["ep"] else main())

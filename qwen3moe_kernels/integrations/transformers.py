@@ -257,7 +257,7 @@ class SparseMoeBlock(nn.Module):
     """
 
     def __init__(self, router_weight: nn.Parameter, w_gate_up: nn.Parameter, w_down: nn.Parameter, top_k: int,
-                 renormalize: bool = True, return_router_logits: bool = False):
+                 renormalize: bool = True, return_router_logits: bool = False, activation="silu"):
         super().__init__()
         E, two_i, H = w_gate_up.shape
         if router_weight.shape != (E, H) or w_down.shape != (E, H, two_i // 2) or two_i % 2:
@@ -269,6 +269,7 @@ class SparseMoeBlock(nn.Module):
             raise ValueError(f"top_k must be in [1, {E}] (the number of experts), got {top_k}")
         self.router_weight, self.w_gate_up, self.w_down = router_weight, w_gate_up, w_down
         self.top_k, self.renormalize, self.return_router_logits = top_k, renormalize, return_router_logits
+        self.activation = activation  # a name the ops take, or a callable (the reference runs it)
 
     @classmethod
     def from_hf(cls, block: nn.Module, return_router_logits: bool = False) -> "SparseMoeBlock":
@@ -278,12 +279,12 @@ class SparseMoeBlock(nn.Module):
             raise TypeError(f"SparseMoeBlock.from_hf expects a transformers Qwen3MoeSparseMoeBlock, got "
                             f"{type(block).__module__}.{type(block).__name__}")
         return cls(block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj, block.gate.top_k,
-                   block.gate.norm_topk_prob, return_router_logits)
+                   block.gate.norm_topk_prob, return_router_logits, kernel_activation(block.experts))
 
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         out, logits = ops.fused_moe(hidden_states.reshape(-1, shape[-1]), self.router_weight, self.w_gate_up,
-                                    self.w_down, self.top_k, self.renormalize)
+                                    self.w_down, self.top_k, self.renormalize, self.activation)
         out = out.reshape(shape)
         return (out, logits) if self.return_router_logits else out
 

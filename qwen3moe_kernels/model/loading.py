@@ -16,6 +16,10 @@ w_gate_up[j, I:]``; ``experts.{j}.down_proj.weight -> w_down[j]``; every other n
 Missing, unexpected, duplicated, misshapen or non-floating-point tensors raise ``ValueError`` naming the
 tensor; so does a shard index whose ``weight_map`` disagrees with what the shards hold. ``dtype`` and
 ``device`` are checked before any file is read.
+
+Expert parallelism (``ep_group``): rank r's model holds experts ``[r*E/world, (r+1)*E/world)`` only. Their
+per-expert tensors are read, the other experts' are never read (only their names, in the file header); a fused
+``[E, ...]`` tensor is read as its ``[first:end]`` slice (safetensors reads just those bytes).
 """
 
 from __future__ import annotations
@@ -32,18 +36,29 @@ from .config import Qwen3MoeConfig
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)$")
 _FUSED_NAMES = {"gate.weight": "router_weight", "experts.gate_up_proj": "w_gate_up", "experts.down_proj": "w_down"}
+# map_name's answer for a per-expert tensor of an expert another rank holds (expert parallelism): not read
+ELSEWHERE = ("", None, "elsewhere")
 
 
-def map_name(name: str, params: dict[str, torch.Tensor]):
-    """Checkpoint name -> ``(param name, index into it or None, piece key)``; None when it is not ours."""
+def map_name(name: str, params: dict[str, torch.Tensor], experts: tuple[int, int] | None = None):
+    """Checkpoint name -> ``(param name, index into it or None, piece key)``; None when it is not ours.
+
+    ``experts=(first, end)``: the model holds only those experts (expert parallelism), at local index
+    ``j - first``; a per-expert tensor of another expert in ``[0, E)`` maps to :data:`ELSEWHERE`."""
     m = _PER_EXPERT.match(name)
     if m:
         prefix, j, kind = m.group(1), int(m.group(2)), m.group(3)
         target = f"{prefix}.w_down" if kind == "down_proj" else f"{prefix}.w_gate_up"
         if target not in params:
             return None
+        if experts is not None:
+            first, end = experts
+            router = params.get(f"{prefix}.router_weight")
+            if not first <= j < end and j < (end if router is None else router.shape[0]):
+                return ELSEWHERE
+            j -= first
         E = params[target].shape[0]
-        if j >= E:
+        if not 0 <= j < E:
             return None
         if kind == "down_proj":
             return target, (j,), (j, kind)
@@ -65,18 +80,25 @@ def _pieces_needed(pname: str, param: torch.Tensor) -> int:
     return 1
 
 
-def _missing_names(pname: str, param: torch.Tensor, done: set) -> list[str]:
-    """Checkpoint names (with expected shapes) still needed for ``pname``, in the layout already begun."""
+def _missing_names(pname: str, param: torch.Tensor, done: set, experts: tuple[int, int, int] | None = None
+                   ) -> list[str]:
+    """Checkpoint names (with expected shapes) still needed for ``pname``, in the layout already begun;
+    ``experts=(first, end, E)`` under expert parallelism."""
     stem = pname.rsplit(".", 1)[0]
-    if pname.endswith((".w_gate_up", ".w_down")) and done:
+    is_experts = pname.endswith((".w_gate_up", ".w_down"))
+    first = experts[0] if experts is not None and is_experts else 0
+    if is_experts and done:
         kinds = ("down_proj",) if pname.endswith(".w_down") else ("gate_proj", "up_proj")
         rows = param.shape[1] // len(kinds)
-        return [f"{stem}.experts.{j}.{k}.weight {(rows, param.shape[2])}"
+        return [f"{stem}.experts.{first + j}.{k}.weight {(rows, param.shape[2])}"
                 for j in range(param.shape[0]) for k in kinds if (j, k) not in done]
     fused = {"router_weight": "gate.weight", "w_gate_up": "experts.gate_up_proj", "w_down": "experts.down_proj"}
     leaf = pname.rsplit(".", 1)[1]
     name = f"{stem}.{fused[leaf]}" if leaf in fused and stem.endswith(".mlp") else pname
-    return [f"{name} {tuple(param.shape)}"]
+    shape = tuple(param.shape)
+    if experts is not None and is_experts:
+        shape = (experts[2],) + shape[1:]
+    return [f"{name} {shape}"]
 
 
 def _read_weight_map(index: str) -> dict[str, str]:
@@ -144,15 +166,20 @@ def _check_device(device) -> torch.device:
     return dev
 
 
-def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager"):
+def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend=None, ep_group=None):
     path = os.fspath(path)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     device = _check_device(device)
     config = Qwen3MoeConfig.from_pretrained(path)
+    experts = None
+    if ep_group is not None:
+        from ..parallel import expert_range
+
+        experts = expert_range(config.num_experts, ep_group)  # ValueError unless E % world == 0
     files = _shards(path)
     with torch.device("meta"):
-        model = cls(config, backend=backend)
+        model = cls(config, backend=backend, ep_group=ep_group)
     model = model.to(dtype).to_empty(device=device)  # on meta, .to(dtype) allocates nothing
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -163,19 +190,25 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager
             for name in f.keys():
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # some tied checkpoints carry a copy; the embedding is the weight
-                target = map_name(name, params)
+                target = map_name(name, params, experts)
                 if target is None:
                     raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(fname)}")
+                if target is ELSEWHERE:
+                    continue  # another rank's expert: not read
                 pname, index, piece = target
                 dest = params[pname] if index is None else params[pname][index]
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(dest.shape):
-                    raise ValueError(f"tensor {name!r} has shape {shape}, expected {tuple(dest.shape)}")
+                rows = None  # under expert parallelism a fused [E, ...] tensor is read as this rank's rows
+                want = tuple(dest.shape)
+                if experts is not None and index is None and pname.endswith((".w_gate_up", ".w_down")):
+                    rows, want = slice(*experts), (config.num_experts,) + want[1:]
+                if shape != want:
+                    raise ValueError(f"tensor {name!r} has shape {shape}, expected {want}")
                 if piece in done[pname]:
                     raise ValueError(f"tensor {name!r} is given twice")
                 if done[pname] and (piece == "all") != ("all" in done[pname]):
                     raise ValueError(f"tensor {name!r}: {pname} given both fused and per expert")
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
                 if not tensor.dtype.is_floating_point:
                     # copy_ would convert it silently: integer weights mean a quantized or broken checkpoint
                     raise ValueError(f"tensor {name!r} in {os.path.basename(fname)} has dtype {tensor.dtype}, "
@@ -186,7 +219,8 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager
     missing = []
     for pname, param in params.items():
         if "all" not in done[pname] and len(done[pname]) != _pieces_needed(pname, param):
-            missing.extend(_missing_names(pname, param, done[pname]))
+            missing.extend(_missing_names(pname, param, done[pname],
+                                          None if experts is None else (*experts, config.num_experts)))
     if missing:
         raise ValueError(f"missing tensors in checkpoint {path}: {missing[:10]}"
                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))

@@ -9,6 +9,11 @@ Layout: experts ``w_gate_up [E, 2I, H]`` (gate rows first), ``w_down [E, H, I]``
 ``[B, S, H]``; the KV cache holds ``k, v [B, Hk, L, D]`` per layer (RoPE applied). Positions count the cache
 unless ``position_ids`` says otherwise. Each layer carries ``(h, residual)`` and adds ``h`` to the residual inside
 ``fused_add_rms_norm``: the same float add transformers does.
+
+Expert parallelism (``ep_group``, fused backend): each rank holds the full model but only its experts
+``[r*E/world, (r+1)*E/world)`` (``w_gate_up [E/world, 2I, H]``, ``w_down [E/world, H, I]``) and runs its own batch;
+attention is data-parallel, each MoE layer exchanges the routed rows (``qwen3moe_kernels.parallel``,
+``docs/parallel.md``). Every rank must run the same forward/generate calls.
 """
 
 from __future__ import annotations
@@ -109,40 +114,51 @@ class RMSNormWeight(nn.Module):
 class DenseMLP(nn.Module):
     def __init__(self, cfg: Qwen3MoeConfig):
         super().__init__()
+        self.activation = cfg.activation
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, ops):
-        _record_torch(ops, "mlp", "torch (F.linear SwiGLU)")
-        return reference.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight), None
+        _record_torch(ops, "mlp", "torch (F.linear gated MLP)")
+        return reference.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                             self.activation), None
 
 
 class SparseMoe(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig):
+    def __init__(self, cfg: Qwen3MoeConfig, ep_group=None):
         super().__init__()
         E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.top_k, self.renormalize, self.activation = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.activation
+        self.ep_group, self.first_expert = ep_group, 0
+        local = E
+        if ep_group is not None:  # this rank's experts only: [first_expert, first_expert + local)
+            from ..parallel import expert_range
+
+            self.first_expert, end = expert_range(E, ep_group)
+            local = end - self.first_expert
         self.router_weight = nn.Parameter(torch.zeros(E, H))
-        self.w_gate_up = nn.Parameter(torch.zeros(E, 2 * I, H))
-        self.w_down = nn.Parameter(torch.zeros(E, H, I))
+        self.w_gate_up = nn.Parameter(torch.zeros(local, 2 * I, H))
+        self.w_down = nn.Parameter(torch.zeros(local, H, I))
 
     def forward(self, x, ops):
         shape = x.shape
+        ep = {} if self.ep_group is None else {"ep_group": self.ep_group}
         out, logits = ops.fused_moe(
-            x.reshape(-1, shape[-1]), self.router_weight, self.w_gate_up, self.w_down, self.top_k, self.renormalize
+            x.reshape(-1, shape[-1]), self.router_weight, self.w_gate_up, self.w_down, self.top_k, self.renormalize,
+            self.activation, **ep
         )
         return out.reshape(shape), logits
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, layer: int):
+    def __init__(self, cfg: Qwen3MoeConfig, layer: int, ep_group=None):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNormWeight(cfg.hidden_size)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size)
-        self.mlp = SparseMoe(cfg) if cfg.is_sparse(layer) else DenseMLP(cfg)
+        self.mlp = SparseMoe(cfg, ep_group) if cfg.is_sparse(layer) else DenseMLP(cfg)
 
     def forward(self, h, residual, cos, sin, mask, cache, ops):
         if residual is None:
@@ -156,34 +172,53 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3MoeModel(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig):
+    def __init__(self, cfg: Qwen3MoeConfig, ep_group=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ep_group) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNormWeight(cfg.hidden_size)
 
 
 class Qwen3MoeForCausalLM(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig, backend: str = "eager"):
+    def __init__(self, config: Qwen3MoeConfig, backend: str | None = None, ep_group=None):
+        """``backend``: "eager" or "fused" (default: "eager", or "fused" with ``ep_group``: the eager reference has
+        no expert-parallel form). ``ep_group``: a ``torch.distributed`` group to shard the experts over."""
         super().__init__()
         self.config = config
-        self.model = Qwen3MoeModel(config)
+        self.ep_group = ep_group
+        self.model = Qwen3MoeModel(config, ep_group)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.set_backend(backend)
+        self.set_backend(backend or ("eager" if ep_group is None else "fused"))
 
     def set_backend(self, backend: str) -> "Qwen3MoeForCausalLM":
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        if self.ep_group is not None and backend != "fused":
+            raise ValueError(f"expert parallelism (ep_group) runs on the fused backend; the {backend!r} backend "
+                             f"computes the experts of one process only")
         self.backend = backend
         return self
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", backend="eager") -> "Qwen3MoeForCausalLM":
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", backend=None,
+                        ep_group=None) -> "Qwen3MoeForCausalLM":
+        """Load a Hugging Face checkpoint directory. With ``ep_group`` only this rank's experts are read from the
+        safetensors files (``model/loading.py``)."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
+        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend, ep_group=ep_group)
+
+    def _ep_agree(self, check) -> None:
+        """Run ``check()`` (input validation); under expert parallelism every rank learns whether any rank's
+        failed and raises too, so a bad batch on one rank never leaves the others waiting in an exchange."""
+        if self.ep_group is None:
+            check()
+            return
+        from ..parallel import raise_together
+
+        raise_together(check, self.ep_group, "Qwen3MoeForCausalLM")
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -201,27 +236,34 @@ class Qwen3MoeForCausalLM(nn.Module):
                 past_key_values=None, use_cache=False, position_ids=None) -> CausalLMOutput:
         """``attention_mask [B, past+S]`` (0 = padding) masks keys; ``position_ids [B or 1, S]`` default to
         ``past + arange(S)``, as transformers' forward (which, like this one, does not derive them from the mask)."""
-        self._check_input_ids(input_ids)
         cfg, ops = self.config, BACKENDS[self.backend]
-        B, S = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(cfg.num_hidden_layers)
         past = 0 if cache is None else cache.get_seq_length()
-        if attention_mask is not None:
-            if attention_mask.shape != (B, past + S):
-                raise ValueError(f"attention_mask must be [batch, past+seq] = {(B, past + S)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            if attention_mask.device != input_ids.device:
-                raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+
+        def check():
+            self._check_input_ids(input_ids)
+            B, S = input_ids.shape
+            if attention_mask is not None:
+                if attention_mask.shape != (B, past + S):
+                    raise ValueError(f"attention_mask must be [batch, past+seq] = {(B, past + S)}, "
+                                     f"got {tuple(attention_mask.shape)}")
+                if attention_mask.device != input_ids.device:
+                    raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+            device = self.lm_head.weight.device
+            if position_ids is not None and (
+                    not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32)
+                    or tuple(position_ids.shape) not in ((B, S), (1, S)) or position_ids.device != device):
+                raise ValueError(f"position_ids must be an int64/int32 tensor [batch or 1, seq] = {(B, S)} on "
+                                 f"{device}, got {getattr(position_ids, 'dtype', type(position_ids))} "
+                                 f"{tuple(getattr(position_ids, 'shape', ()))}")
+
+        self._ep_agree(check)
+        B, S = input_ids.shape
         h = self.model.embed_tokens(input_ids)
         if position_ids is None:
             positions = torch.arange(past, past + S, device=h.device)[None].expand(B, S)
-        elif (not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32)
-              or tuple(position_ids.shape) not in ((B, S), (1, S)) or position_ids.device != h.device):
-            raise ValueError(f"position_ids must be an int64/int32 tensor [batch or 1, seq] = {(B, S)} on "
-                             f"{h.device}, got {getattr(position_ids, 'dtype', type(position_ids))} "
-                             f"{tuple(getattr(position_ids, 'shape', ()))}")
         else:
             positions = position_ids
         cos, sin = reference.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
@@ -248,6 +290,14 @@ class Qwen3MoeForCausalLM(nn.Module):
             past_key_values=cache if use_cache else None,
         )
 
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Every row finished: here, or under expert parallelism on every rank of the group."""
+        if self.ep_group is None:
+            return bool(done.all())
+        from ..parallel.comm import gather_ints
+
+        return all(v[0] for v in gather_ints([int(done.all())], self.ep_group))
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
@@ -261,25 +311,38 @@ class Qwen3MoeForCausalLM(nn.Module):
         every token is real. A row that has produced ``eos_token_id`` is filled with ``pad_token_id`` (default:
         the eos id) from then on; decoding stops early once every row has. ``do_sample=True`` needs
         ``temperature > 0`` (transformers refuses 0 too: greedy decoding is ``do_sample=False``).
+        Under expert parallelism every rank decodes its own batch with the same ``max_new_tokens`` (checked), and
+        stops early only once every rank's rows have all finished.
         """
-        self._check_input_ids(input_ids)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}; "
-                             f"use do_sample=False for greedy decoding")
         if pad_token_id is None:
             pad_token_id = eos_token_id
-        V = self.config.vocab_size
-        for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-            # both are fed back into the model (a finished row's next input is the pad), so both must be ids
-            if tok is not None and (not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < V):
-                raise ValueError(f"{name} must be a token id in [0, vocab_size={V}), got {tok!r}")
-        positions = None
-        if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+
+        def check():
+            self._check_input_ids(input_ids)
+            if max_new_tokens < 0:
+                raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            if do_sample and not temperature > 0:
+                raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}; "
+                                 f"use do_sample=False for greedy decoding")
+            V = self.config.vocab_size
+            for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+                # both are fed back into the model (a finished row's next input is the pad), so both must be ids
+                if tok is not None and (not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < V):
+                    raise ValueError(f"{name} must be a token id in [0, vocab_size={V}), got {tok!r}")
+            if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                               or attention_mask.shape != input_ids.shape):
                 raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask)}")
+
+        if self.ep_group is None:
+            check()
+        else:  # the same number of steps everywhere: each step's MoE layers are collectives
+            from ..parallel import raise_together
+
+            raise_together(check, self.ep_group, "generate", agree={"max_new_tokens": int(max_new_tokens),
+                                                                   "eos_token_id set": eos_token_id is not None})
+        positions = None
+        if attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out, cache, step = input_ids, None, input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -300,6 +363,6 @@ class Qwen3MoeForCausalLM(nn.Module):
             if attention_mask is not None:  # the new token is real; the next one sits one position further
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(step.shape)], dim=1)
                 positions = positions[:, -1:] + 1
-            if eos_token_id is not None and bool(done.all()):
+            if eos_token_id is not None and self._all_done(done):
                 break
         return out

@@ -1,0 +1,212 @@
+"""Expert parallelism on CPU: ``world`` gloo processes (default 2) x 1 thread, each with its own T tokens and its
+1/world of the Qwen3-30B-A3B experts (H=2048, I=768, E=128, top-8).
+
+Rows per T (tokens per rank), each the slowest rank's median: ``ep_dispatch``, ``ep_experts`` (``moe_experts`` on
+the rows received) and ``ep_combine``, timed apart, with the all-to-all time inside them (``alltoall_ms``, waiting
+for the other rank included); ``ep_fused_moe``, the whole block (``ops.fused_moe(..., ep_group=)``, router
+included), with the three steps' medians and the all-to-all share of their sum; and ``fused_moe`` on one process
+with all the experts on the same T tokens (impl "1 process"). Checked first against single-process ``fused_moe``
+on every rank's tokens. On GPUs the same code runs under torchrun (``docs/parallel.md``); this module is CPU only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import statistics
+import tempfile
+import time
+import traceback
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .fused_moe import QWEN3_30B_A3B, make_moe_weights
+from .machine import default_dtype, dtype_name, machine_info
+from .report import op_row
+from .timing import summarize
+
+COLLECTIVE_TIMEOUT_S = 600
+
+
+def _runs(fn, budget_s: float, min_runs: int, max_runs: int, group) -> list[float]:
+    """Time ``fn()`` (returning its own seconds) the same number of times on every rank: the ranks agree on the
+    count from a timed first call (the slowest rank's), since each call is a collective."""
+    from ..parallel.comm import gather_ints
+
+    first = fn()
+    want = max(min_runs, min(max_runs, int(budget_s / max(first, 1e-6))))
+    n = max(v[0] for v in gather_ints([want], group))
+    return [fn() for _ in range(n)]
+
+
+def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch.dtype, shapes: dict,
+                budget_s: float, min_runs: int) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+
+    from .. import ops, parallel
+    from ..tolerances import tol
+
+    group = dist.group.WORLD
+    H, I, E, k = shapes["hidden"], shapes["moe_intermediate"], shapes["experts"], shapes["top_k"]
+    info = machine_info("cpu")
+    full = make_moe_weights(H, I, E, dtype, "cpu", seed=0)  # the same on every rank
+    router = full["router_weight"]
+    wgu, wd = (parallel.shard_experts(full[n], group).clone() for n in ("w_gate_up", "w_down"))
+    impl = f"gloo {world} ranks x 1 thread"
+    rows = []
+    for T in token_counts:
+        g = torch.Generator().manual_seed(1000 + T)
+        xs = [torch.randn(T, H, generator=g).to(dtype) for _ in range(world)]
+        x = xs[rank]
+        mine = slice(T * rank, T * (rank + 1))
+        with torch.inference_mode():
+            out, _ = ops.fused_moe(x, router, wgu, wd, k, True, ep_group=group)
+            ref = ops.fused_moe(torch.cat(xs), router, full["w_gate_up"], full["w_down"], k, True)[0][mine]
+            try:
+                torch.testing.assert_close(out, ref, **tol("gemm", dtype))
+                check = "pass"
+            except AssertionError:
+                check = "FAIL"
+            identical = bool(torch.equal(out, ref))
+            weights, ids = ops.router_topk(F.linear(x, router), k, True)
+
+            def steps():
+                dist.barrier(group=group)  # the ranks start together: a wait inside is the exchange's
+                with parallel.collective_timer() as a2a_d:
+                    t0 = time.perf_counter()
+                    rows_in, handle = parallel.dispatch(x, ids, weights, group, E)
+                    t1 = time.perf_counter()
+                unit = torch.ones((rows_in.shape[0], 1))
+                t2 = time.perf_counter()
+                y = ops.moe_experts(rows_in, wgu, wd, handle.expert_ids[:, None], unit)
+                t3 = time.perf_counter()
+                with parallel.collective_timer() as a2a_c:
+                    parallel.combine(y, handle)
+                    t4 = time.perf_counter()
+                step_times.append((t1 - t0, t3 - t2, t4 - t3, a2a_d["seconds"], a2a_c["seconds"]))
+                return t4 - t0
+
+            def block():
+                dist.barrier(group=group)
+                t0 = time.perf_counter()
+                ops.fused_moe(x, router, wgu, wd, k, True, ep_group=group)
+                return time.perf_counter() - t0
+
+            def single():
+                t0 = time.perf_counter()
+                ops.fused_moe(x, router, full["w_gate_up"], full["w_down"], k, True)
+                return time.perf_counter() - t0
+
+            step_times: list[tuple] = []
+            steps()  # warm-up
+            step_times.clear()
+            _runs(steps, budget_s, min_runs, 200, group)
+            block()
+            block_s = _runs(block, budget_s, min_runs, 200, group)
+            single()
+            single_s = _runs(single, budget_s, min_runs, 200, group)
+
+        def ms(values):
+            return summarize([v * 1e3 for v in values])
+
+        cols = list(zip(*step_times))
+        a2a = [d + c for d, c in zip(cols[3], cols[4])]
+        step_sum = [d + e + c for d, e, c in zip(cols[0], cols[1], cols[2])]
+        common = dict(shape=f"H={H} I={I} E={E} k={k}, {E // world} experts per rank", ranks=world,
+                      threads_per_rank=torch.get_num_threads(), rank=rank, check=check, bit_identical=identical)
+        for op, values, extra in (("ep_dispatch", cols[0], {"alltoall_ms": ms(cols[3])["median_ms"]}),
+                                  ("ep_experts", cols[1], {}),
+                                  ("ep_combine", cols[2], {"alltoall_ms": ms(cols[4])["median_ms"]})):
+            rows.append(op_row(op, impl, T, dtype, info, ms(values), **extra, **common))
+        rows.append(op_row("ep_fused_moe", impl, T, dtype, info, ms(block_s),
+                           alltoall_share_this_rank=statistics.median(a / s for a, s in zip(a2a, step_sum)),
+                           **common))
+        rows.append(op_row("fused_moe", "1 process (all experts)", T, dtype, info, ms(single_s), **common))
+    return rows
+
+
+def _rank_main(rank: int, world: int, store: str, out_dir: str, kwargs: dict) -> None:
+    try:
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        payload = ("ok", _bench_rank(rank, world, **kwargs))
+        dist.destroy_process_group()
+    except BaseException:  # reported by the parent as an error row
+        payload = ("error", traceback.format_exc())
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(payload, f)
+
+
+def _slowest(per_rank: list[list[dict]]) -> list[dict]:
+    """One row per (op, impl, T): the slowest rank's, with every rank's median beside it. The block's row takes
+    its step times from the steps' rows (each the slowest rank's), so that they add up as printed."""
+    out = []
+    for rows in zip(*per_rank):
+        worst = dict(max(rows, key=lambda r: r["median_ms"]))
+        worst["per_rank_median_ms"] = [r["median_ms"] for r in rows]
+        worst["check"] = "FAIL" if any(r["check"] == "FAIL" for r in rows) else "pass"
+        worst["bit_identical"] = all(r["bit_identical"] for r in rows)
+        out.append(worst)
+    steps = {(r["op"], r["tokens"]): r for r in out}
+    for r in out:
+        if r["op"] == "ep_fused_moe":
+            d, e, c = (steps[(op, r["tokens"])] for op in ("ep_dispatch", "ep_experts", "ep_combine"))
+            r.update(dispatch_ms=d["median_ms"], experts_ms=e["median_ms"], combine_ms=c["median_ms"],
+                     alltoall_ms=d["alltoall_ms"] + c["alltoall_ms"])
+            r["alltoall_share"] = r["alltoall_ms"] / (r["dispatch_ms"] + r["experts_ms"] + r["combine_ms"])
+    return out
+
+
+def run(device, token_counts: Sequence[int], dtype: torch.dtype | None = None, shapes: dict | None = None,
+        world: int = 2, budget_s: float = 1.0, min_runs: int = 5, log=print) -> list[dict[str, Any]]:
+    """Rows for each T of ``token_counts`` (tokens per rank); see the module doc. CPU only."""
+    if torch.device(device).type != "cpu":
+        raise ValueError("the ep benchmark runs CPU processes over gloo; on GPUs run the same code under torchrun "
+                         "(docs/parallel.md)")
+    dtype = dtype or default_dtype("cpu")
+    shapes = dict(QWEN3_30B_A3B, **(shapes or {}))
+    kwargs = dict(token_counts=list(token_counts), dtype=dtype, shapes=shapes, budget_s=budget_s, min_runs=min_runs)
+    ctx = mp.get_context("spawn")
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the ranks: 1 thread each from their start
+    try:
+        with tempfile.TemporaryDirectory(prefix="qwen3moe_bench_ep_") as tmp:
+            procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(tmp, "store"), tmp, kwargs))
+                     for r in range(world)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            results = []
+            for r in range(world):
+                path = os.path.join(tmp, f"rank{r}.pkl")
+                if not os.path.exists(path):
+                    raise RuntimeError(f"ep benchmark: rank {r} exited with code {procs[r].exitcode} and no result")
+                with open(path, "rb") as f:
+                    status, value = pickle.load(f)
+                if status == "error":
+                    raise RuntimeError(f"ep benchmark: rank {r} raised:\n{value}")
+                results.append(value)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    rows = _slowest(results)
+    if log:
+        log(f"ep: {world} gloo ranks x 1 thread, {dtype_name(dtype)}, {shapes}; per T (tokens per rank), the "
+            f"slowest rank's medians:")
+        for r in rows:
+            if r["op"] == "ep_fused_moe":
+                log(f"  T={r['tokens']:>4}: block {r['median_ms']:8.2f} ms = dispatch {r['dispatch_ms']:.2f} + "
+                    f"experts {r['experts_ms']:.2f} + combine {r['combine_ms']:.2f} (+ router); all-to-all "
+                    f"{r['alltoall_ms']:.2f} ms = {100 * r['alltoall_share']:.1f}% of the three steps "
+                    f"({r['check']}{', bit-identical' if r['bit_identical'] else ''})")
+    return rows
