@@ -88,10 +88,11 @@ QWEN3MOE_LOCAL float round_to(float v) {
 // ------------------------------------------------------------------------------------------ one call
 
 // One forward call as the op translation unit hands it to the kernels. Slot s = t*k + j; the slots of hit expert h
-// are sorted[hit_begin[h] .. hit_begin[h+1]) (ascending). An expert is "wide" (hit_wide) when it has enough rows for
-// the row-lanes microkernels; its h then lives in hp, packed with the rows on the vector lanes: for the bf16
-// dot-product path 32-bit (h[2i], h[2i+1]) words [ceil(I/2)][m_pad], else fp32 [I][m_pad], m_pad = the expert's row
-// count rounded up to Kernels::lanes, at byte offset hit_hp[h]. A narrow expert's h is in h_rows (slot order).
+// are sorted[hit_begin[h] .. hit_begin[h+1]) (ascending). Its first hit_wide_rows[h] rows take the "wide" kernels
+// (the rows on the vector lanes) and the rest the "narrow" ones (the rows one by one, K on the lanes). The wide rows'
+// h lives in hp at byte offset hit_hp[h], packed with the rows on the lanes: for the bf16 dot-product path 32-bit
+// (h[2i], h[2i+1]) words [ceil(I/2)][m_pad], else fp32 [I][m_pad], m_pad = hit_wide_rows[h] rounded up to
+// Kernels::lanes; the narrow rows' h is in h_rows (slot order).
 struct Problem {
   DType dtype;
   Act act;
@@ -105,7 +106,7 @@ struct Problem {
   int64_t n_hit;                // experts with rows
   const int32_t* hit_expert;    // [n_hit]
   const int64_t* hit_begin;     // [n_hit + 1]
-  const uint8_t* hit_wide;      // [n_hit]
+  const int64_t* hit_wide_rows; // [n_hit]
   const int64_t* hit_hp;        // [n_hit] byte offsets into hp (wide experts)
   void* h_rows;                 // [S, I] dtype: narrow experts' h; every expert's when save
   void* gate_up;                // [S, 2I] dtype when save, else null
@@ -120,8 +121,8 @@ struct Kernels {
   int lanes;           // m_pad granularity of the packed layouts (the vector width in fp32 lanes)
   bool bf16_pairs;     // bf16 inputs take the dot-product (pair) path: hp holds 32-bit pair words
   int col_step;        // gate_up column blocks are multiples of this (pairs of the packed h stay in one block)
-  // rows from which an expert takes the row-lanes (wide) microkernels, per dtype (index DType)
-  int64_t wide_rows[3];
+  int64_t wide_rows;   // an expert with at least this many rows takes the wide kernels ...
+  int64_t narrow_rem;  // ... but up to this many rows past a multiple of lanes go narrow instead of padding
   // per-thread scratch bytes for gate_up blocks of up to `cols` columns and down blocks of `hb` columns
   int64_t (*scratch_bytes)(const Problem&, int64_t cols, int64_t hb);
   // gate_up of hit expert `hit`, columns [c0, c1) of I: h (packed or rows), gate_up rows when save

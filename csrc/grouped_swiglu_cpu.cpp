@@ -258,30 +258,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tens
 
   // hit experts; the wide ones get their packed h laid out here
   const bool pairs = K.bf16_pairs && P.dtype == DType::bf16;
-  const int64_t wide_rows = K.wide_rows[static_cast<int>(P.dtype)];
   std::vector<int32_t> hit_expert;
-  std::vector<int64_t> hit_begin, hit_hp;
-  std::vector<uint8_t> hit_wide;
+  std::vector<int64_t> hit_begin, hit_hp, hit_wide_rows;
   int64_t hp_bytes = 0;
+  int64_t dev_wide = K.wide_rows, dev_rem = K.narrow_rem;  // TEMPORARY
+  if (const char* d = std::getenv("QWEN3MOE_DEV_WIDE_ROWS")) dev_wide = std::atoll(d);
+  if (const char* d = std::getenv("QWEN3MOE_DEV_NARROW_REM")) dev_rem = std::atoll(d);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t M = count[e + 1] - count[e];
     if (M == 0) continue;
     hit_expert.push_back(static_cast<int32_t>(e));
     hit_begin.push_back(count[e]);
-    const bool wide = M >= wide_rows;
-    hit_wide.push_back(wide ? 1 : 0);
+    // wide rows: 0 (few rows), all of them (padded to a whole vector of lanes), or all but a narrow remainder
+    const int64_t rem = M % K.lanes;
+    const int64_t mw = M < dev_wide ? 0 : (rem != 0 && rem <= dev_rem ? M - rem : M);
+    hit_wide_rows.push_back(mw);
     hit_hp.push_back(hp_bytes);
-    if (wide) {
-      const int64_t m_pad = (M + K.lanes - 1) / K.lanes * K.lanes;
-      hp_bytes += ((pairs ? (I + 1) / 2 : I) * m_pad * 4 + 63) / 64 * 64;
-    }
+    const int64_t m_pad = (mw + K.lanes - 1) / K.lanes * K.lanes;
+    hp_bytes += ((pairs ? (I + 1) / 2 : I) * m_pad * 4 + 63) / 64 * 64;
   }
   hit_begin.push_back(S);
   const int64_t n_hit = static_cast<int64_t>(hit_expert.size());
   P.n_hit = n_hit;
   P.hit_expert = hit_expert.data();
   P.hit_begin = hit_begin.data();
-  P.hit_wide = hit_wide.data();
+  P.hit_wide_rows = hit_wide_rows.data();
   P.hit_hp = hit_hp.data();
 
   at::Tensor out = at::empty({T, H}, x.options());

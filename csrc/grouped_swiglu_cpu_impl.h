@@ -390,42 +390,86 @@ void act_mul_row(const float* g, const float* u, int64_t n, T* h, T* gs, T* us) 
 
 // ------------------------------------------------------------------------------------------ microkernels
 
-// Narrow, fp32 FMA: out[m][n] = sum_k A[m][k] * B[n][k] for MR fp32 rows A and NR weight rows B of TW.
-template <class TW, int MR, int NR>
-void dot_fma(const float* const* A, const TW* const* B, int64_t K, float* out) {
-  F acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) acc[m][n] = V::zero();
+// Narrow kernels stream one weight row at a time (rows of a block are adjacent in memory, so the weights are read
+// as one sequential stream, as a plain sum reads memory) against MR activation rows, with two accumulators per row
+// and an L2 prefetch kPrefetch bytes ahead: with several activation rows the out-of-order window alone keeps too few
+// lines in flight (measured 14-15 GB/s for 4 rows without it, 23 GB/s with it, against 23 GB/s for a plain sum).
+constexpr int64_t kPrefetch = 8192;
+
+template <class TW>
+QI void prefetch_l2(const TW* p, int64_t bytes) {
+#if !defined(QWEN3MOE_ISA_GENERIC)
+  const char* c = reinterpret_cast<const char*>(p) + kPrefetch;
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+// Narrow, fp32 FMA: out[m] = sum_k A[m][k] * B[k] for MR fp32 rows A and one weight row B of TW.
+template <class TW, int MR>
+void dot_row_fma(const float* const* A, const TW* B, int64_t K, float* out) {
+  F acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = V::zero();
   int64_t kk = 0;
-  for (; kk + W <= K; kk += W) {
-    F a[MR];
-    for (int m = 0; m < MR; ++m) a[m] = V::load(A[m] + kk);
-    for (int n = 0; n < NR; ++n) {
-      F b = V::load_t(B[n] + kk);
-      for (int m = 0; m < MR; ++m) acc[m][n] = V::fma(a[m], b, acc[m][n]);
+  for (; kk + 2 * W <= K; kk += 2 * W) {
+    if (MR > 2) prefetch_l2(B + kk, 2 * W * static_cast<int64_t>(sizeof(TW)));
+    F b0 = V::load_t(B + kk), b1 = V::load_t(B + kk + W);
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = V::fma(V::load(A[m] + kk), b0, acc[m][0]);
+      acc[m][1] = V::fma(V::load(A[m] + kk + W), b1, acc[m][1]);
     }
+  }
+  if (kk + W <= K) {
+    F b0 = V::load_t(B + kk);
+    for (int m = 0; m < MR; ++m) acc[m][0] = V::fma(V::load(A[m] + kk), b0, acc[m][0]);
+    kk += W;
   }
   if (kk < K) {
     const int r = static_cast<int>(K - kk);
-    F a[MR];
-    for (int m = 0; m < MR; ++m) a[m] = V::load_n(A[m] + kk, r);
-    for (int n = 0; n < NR; ++n) {
-      F b = V::load_t_n(B[n] + kk, r);
-      for (int m = 0; m < MR; ++m) acc[m][n] = V::fma(a[m], b, acc[m][n]);
-    }
+    F b1 = V::load_t_n(B + kk, r);
+    for (int m = 0; m < MR; ++m) acc[m][1] = V::fma(V::load_n(A[m] + kk, r), b1, acc[m][1]);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) out[m * NR + n] = V::hsum(acc[m][n]);
+  for (int m = 0; m < MR; ++m) out[m] = V::hsum(V::add(acc[m][0], acc[m][1]));
 }
+
+// Cache lines a wide tile prefetches into L2 while it computes, one per k step: the next tile's weight rows (and
+// the next expert's packed h), so their first reads do not wait on memory. Up to two byte ranges.
+struct Prefetch {
+  const char* a = nullptr;
+  int64_t na = 0;  // lines of range a
+  const char* b = nullptr;
+  int64_t nb = 0;
+  QI void at(int64_t i) const {
+#if !defined(QWEN3MOE_ISA_GENERIC)
+    if (i < na) _mm_prefetch(a + i * 64, _MM_HINT_T1);
+    else if (i - na < nb) _mm_prefetch(b + (i - na) * 64, _MM_HINT_T1);
+#else
+    (void)i;
+#endif
+  }
+  // lines [first, first + count) of this plan, as a plan of their own
+  QI Prefetch slice(int64_t first, int64_t count) const {
+    Prefetch p;
+    const int64_t a0 = imin(first, na), a1 = imin(first + count, na);
+    p.a = a + a0 * 64, p.na = a1 - a0;
+    const int64_t b0 = imax(first - na, 0), b1 = imin(imax(first + count - na, 0), nb);
+    p.b = b + b0 * 64, p.nb = imax(b1 - b0, 0);
+    return p;
+  }
+};
+
+QI int64_t lines(int64_t bytes) { return (bytes + 63) / 64; }
 
 // Wide, fp32 FMA: out[n][m] = sum_k XP[k][m] * B[n][k] for MV vectors of rows packed [K][ld] (fp32) and NR weight
 // rows; out is [NR][MV * W].
 template <class TW, int MV, int NR>
-void outer_fma(const float* XP, int64_t ld, const TW* const* B, int64_t K, float* out) {
+void outer_fma(const float* XP, int64_t ld, const TW* const* B, int64_t K, float* out, const Prefetch& pf) {
   F acc[NR][MV];
   for (int n = 0; n < NR; ++n)
     for (int v = 0; v < MV; ++v) acc[n][v] = V::zero();
   for (int64_t kk = 0; kk < K; ++kk) {
+    pf.at(kk);
     F a[MV];
     for (int v = 0; v < MV; ++v) a[v] = V::load(XP + kk * ld + v * W);
     for (int n = 0; n < NR; ++n) {
@@ -438,42 +482,43 @@ void outer_fma(const float* XP, int64_t ld, const TW* const* B, int64_t K, float
 }
 
 #if QWEN3MOE_DP
-// Narrow, bf16 pairs: vdpbf16ps on 32 k at a time.
-template <int MR, int NR>
-void dot_dp(const bf16_t* const* A, const bf16_t* const* B, int64_t K, float* out) {
-  __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+// Narrow, bf16 pairs: dot_row_fma with vdpbf16ps on 32 k at a time.
+template <int MR>
+void dot_row_dp(const bf16_t* const* A, const bf16_t* B, int64_t K, float* out) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   int64_t kk = 0;
-  for (; kk + 32 <= K; kk += 32) {
-    __m512bh a[MR];
-    for (int m = 0; m < MR; ++m) a[m] = (__m512bh)_mm512_loadu_si512(A[m] + kk);
-    for (int n = 0; n < NR; ++n) {
-      __m512bh b = (__m512bh)_mm512_loadu_si512(B[n] + kk);
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a[m], b);
+  for (; kk + 64 <= K; kk += 64) {
+    if (MR > 2) prefetch_l2(B + kk, 128);
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kk), b1 = (__m512bh)_mm512_loadu_si512(B + kk + 32);
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(A[m] + kk), b0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(A[m] + kk + 32), b1);
     }
+  }
+  if (kk + 32 <= K) {
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kk);
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(A[m] + kk), b0);
+    kk += 32;
   }
   if (kk < K) {
     const __mmask32 mk = static_cast<__mmask32>((1ull << (K - kk)) - 1);
-    __m512bh a[MR];
-    for (int m = 0; m < MR; ++m) a[m] = (__m512bh)_mm512_maskz_loadu_epi16(mk, A[m] + kk);
-    for (int n = 0; n < NR; ++n) {
-      __m512bh b = (__m512bh)_mm512_maskz_loadu_epi16(mk, B[n] + kk);
-      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a[m], b);
-    }
+    __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(mk, B + kk);
+    for (int m = 0; m < MR; ++m)
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_maskz_loadu_epi16(mk, A[m] + kk), b1);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) out[m * NR + n] = V::hsum(acc[m][n]);
+  for (int m = 0; m < MR; ++m) out[m] = V::hsum(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
 // Wide, bf16 pairs: XP holds 32-bit (x[2p], x[2p+1]) words [ceil(K/2)][ld]; each weight pair is broadcast.
 template <int MV, int NR>
-void outer_dp(const uint32_t* XP, int64_t ld, const bf16_t* const* B, int64_t K, float* out) {
+void outer_dp(const uint32_t* XP, int64_t ld, const bf16_t* const* B, int64_t K, float* out, const Prefetch& pf) {
   __m512 acc[NR][MV];
   for (int n = 0; n < NR; ++n)
     for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_setzero_ps();
   const int64_t P = K / 2;
   for (int64_t p = 0; p < P; ++p) {
+    pf.at(p);
     __m512bh a[MV];
     for (int v = 0; v < MV; ++v) a[v] = (__m512bh)_mm512_loadu_si512(XP + p * ld + v * 16);
     for (int n = 0; n < NR; ++n) {
@@ -496,79 +541,80 @@ void outer_dp(const uint32_t* XP, int64_t ld, const bf16_t* const* B, int64_t K,
 
 // ------------------------------------------------------------------------------------- tile parameters
 //
-// Registers: AVX-512 has 32 vector registers, so 24 accumulators plus the operands; AVX2 has 16, so 12. Narrow
-// tiles take more weight rows when there are fewer activation rows: more weight rows streaming at once keeps more
-// memory requests in flight (measured: docs/ops/grouped_swiglu.md).
+// Wide tiles: MV vectors of rows (lanes) by NR weight rows, MV * NR accumulators. Measured on Zen 4 (vdpbf16ps,
+// operands in L2, CPU time): 1x8, 2x8, 3x8 and 4x6 tiles run at 98-100% of the dot-product peak; 2x12 at 88% and
+// 1x12 at 63% (12 row pointers no longer fit the general registers, the loop spills them). So 8 weight rows (gate_up:
+// 4 columns of gate and 4 of up) and up to 3 vectors: 24 accumulators of AVX-512's 32 registers. AVX2 has 16: 2x6.
 #if defined(QWEN3MOE_V512)
-constexpr int kMaxMR = 4;                // narrow: activation rows per tile
-constexpr int kWideMV = 2;               // wide: vectors of rows per tile
-constexpr int kWideNC = 6;               // wide gate_up: columns per tile (gate + up rows: 12)
-constexpr int kWideNR = 12;              // wide down: weight rows per tile
-// narrow gate_up columns per tile (gate + up rows 2*NC) and down rows per tile, by the expert's row count
-QI int narrow_nc(int64_t M) { return M <= 2 ? 6 : (M == 3 ? 4 : 3); }
-QI int narrow_nr(int64_t M) { return M <= 2 ? 12 : (M == 3 ? 8 : 6); }
+constexpr int kWideMV = 3;               // vectors of rows per tile
+constexpr int kWideNR = 8;               // weight rows per tile
 #elif defined(QWEN3MOE_V256)
-constexpr int kMaxMR = 2;
 constexpr int kWideMV = 2;
-constexpr int kWideNC = 3;
 constexpr int kWideNR = 6;
-QI int narrow_nc(int64_t M) { return M <= 1 ? 4 : 3; }
-QI int narrow_nr(int64_t M) { return M <= 1 ? 8 : 6; }
+#else
+constexpr int kWideMV = 1;
+constexpr int kWideNR = 4;
+#endif
+constexpr int kWideNC = kWideNR / 2;     // gate_up: columns per tile (gate rows, then up rows)
+#if defined(QWEN3MOE_V512)
+constexpr int kMaxMR = 8;                // narrow: activation rows per pass over a weight row (2 accumulators each)
 #else
 constexpr int kMaxMR = 4;
-constexpr int kWideMV = 1;
-constexpr int kWideNC = 2;
-constexpr int kWideNR = 4;
-QI int narrow_nc(int64_t) { return 2; }
-QI int narrow_nr(int64_t) { return 4; }
 #endif
-constexpr int kMaxNarrowNR = 12;          // the largest narrow_nr (and 2 * narrow_nc)
 
-// A narrow tile of mr rows (1..kMaxMR) and nr weight rows (one of narrow_nr / 2*narrow_nc), chosen at run time.
-template <class TA, class TW, int MR, int NR>
-QI void dot_call(const TA* const* A, const TW* const* B, int64_t K, float* out) {
+// From how many rows an expert takes the wide kernels, and how many rows past a whole vector of lanes the narrow
+// kernels take instead of a padded vector. A narrow row costs about K/W * (1 + 1/kMaxMR) vector operations per
+// weight row (every operation loads its activation vector), a wide vector of W rows K (FMA) or K/2 (pairs): with W =
+// 16 the narrow kernels win below ~9 rows (measured: a narrow row ran at ~0.6 dot products per cycle, a wide
+// vector at 1), with W = 8 below ~6 (docs/ops/grouped_swiglu.md).
+#if defined(QWEN3MOE_V512)
+constexpr int64_t kWideRows = 16, kNarrowRemainder = 8;
+#elif defined(QWEN3MOE_V256)
+constexpr int64_t kWideRows = 8, kNarrowRemainder = 6;
+#else
+constexpr int64_t kWideRows = 16, kNarrowRemainder = 0;
+#endif
+
+// One weight row against mr (1..kMaxMR) activation rows.
+template <class TA, class TW>
+void dot_row(int mr, const TA* const* A, const TW* B, int64_t K, float* out) {
 #if QWEN3MOE_DP
   if constexpr (std::is_same_v<TA, bf16_t>) {
-    dot_dp<MR, NR>(A, B, K, out);
+    switch (mr) {
+      case 1: dot_row_dp<1>(A, B, K, out); break;
+      case 2: dot_row_dp<2>(A, B, K, out); break;
+      case 3: dot_row_dp<3>(A, B, K, out); break;
+      case 4: dot_row_dp<4>(A, B, K, out); break;
+      case 5: dot_row_dp<5>(A, B, K, out); break;
+      case 6: dot_row_dp<6>(A, B, K, out); break;
+      case 7: dot_row_dp<7>(A, B, K, out); break;
+      default: dot_row_dp<8>(A, B, K, out); break;
+    }
     return;
   } else
 #endif
   {
-    dot_fma<TW, MR, NR>(A, B, K, out);
+    switch (mr) {
+      case 1: dot_row_fma<TW, 1>(A, B, K, out); break;
+      case 2: dot_row_fma<TW, 2>(A, B, K, out); break;
+      case 3: dot_row_fma<TW, 3>(A, B, K, out); break;
+      case 4: dot_row_fma<TW, 4>(A, B, K, out); break;
+#if defined(QWEN3MOE_V512)
+      case 5: dot_row_fma<TW, 5>(A, B, K, out); break;
+      case 6: dot_row_fma<TW, 6>(A, B, K, out); break;
+      case 7: dot_row_fma<TW, 7>(A, B, K, out); break;
+      default: dot_row_fma<TW, 8>(A, B, K, out); break;
+#else
+      default: break;
+#endif
+    }
   }
 }
 
-template <class TA, class TW, int NR>
-QI void dot_mr(int mr, const TA* const* A, const TW* const* B, int64_t K, float* out) {
-  static_assert(kMaxMR <= 4, "dot_mr covers up to 4 rows");
-  switch (mr) {
-    case 1: dot_call<TA, TW, 1, NR>(A, B, K, out); break;
-    case 2:
-      if constexpr (2 * NR <= 24 && kMaxMR >= 2) dot_call<TA, TW, 2, NR>(A, B, K, out);
-      break;
-    case 3:
-      if constexpr (3 * NR <= 24 && kMaxMR >= 3) dot_call<TA, TW, 3, NR>(A, B, K, out);
-      break;
-    default:
-      if constexpr (4 * NR <= 24 && kMaxMR >= 4) dot_call<TA, TW, 4, NR>(A, B, K, out);
-      break;
-  }
-}
-
-// rows per narrow tile with nr weight rows: at most 24 (AVX2: 12) accumulators
-QI int narrow_mr(int nr) {
-  const int budget = W == 8 ? 12 : 24;
-  return static_cast<int>(imax(1, imin(kMaxMR, budget / nr)));
-}
-
+// out[m] for all M rows (chunks of kMaxMR; the row is read from memory once, again from L1 for later chunks)
 template <class TA, class TW>
-void dot_tile(int nr, int mr, const TA* const* A, const TW* const* B, int64_t K, float* out) {
-  switch (nr) {
-    case 12: dot_mr<TA, TW, 12>(mr, A, B, K, out); break;
-    case 8: dot_mr<TA, TW, 8>(mr, A, B, K, out); break;
-    case 6: dot_mr<TA, TW, 6>(mr, A, B, K, out); break;
-    default: dot_mr<TA, TW, 4>(mr, A, B, K, out); break;
-  }
+QI void dot_rows(int64_t M, const TA* const* A, const TW* B, int64_t K, float* out) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) dot_row<TA, TW>(static_cast<int>(imin(kMaxMR, M - m0)), A + m0, B, K, out + m0);
 }
 
 // The activations of the narrow tiles: the rows as they are for the bf16 pairs path and fp32 inputs, else fp32
@@ -581,29 +627,26 @@ template <class T>
 constexpr bool kPairs = QWEN3MOE_DP && std::is_same_v<T, bf16_t>;
 
 template <class T>
-void wide_tile(int mv, int nr_kind, const void* XP, int64_t ld, const T* const* B, int64_t K, float* out) {
-  // nr_kind: 0 = gate_up (2 * kWideNC rows), 1 = down (kWideNR rows)
+void wide_tile(int mv, const void* XP, int64_t ld, const T* const* B, int64_t K, float* out, const Prefetch& pf) {
 #if QWEN3MOE_DP
   if constexpr (kPairs<T>) {
     const uint32_t* xp = static_cast<const uint32_t*>(XP);
-    if (nr_kind == 0) {
-      if (mv == 1) outer_dp<1, 2 * kWideNC>(xp, ld, B, K, out);
-      else outer_dp<kWideMV, 2 * kWideNC>(xp, ld, B, K, out);
-    } else {
-      if (mv == 1) outer_dp<1, kWideNR>(xp, ld, B, K, out);
-      else outer_dp<kWideMV, kWideNR>(xp, ld, B, K, out);
+    switch (mv) {
+      case 1: outer_dp<1, kWideNR>(xp, ld, B, K, out, pf); break;
+      case 2: outer_dp<2, kWideNR>(xp, ld, B, K, out, pf); break;
+      default: outer_dp<kWideMV, kWideNR>(xp, ld, B, K, out, pf); break;
     }
     return;
   } else
 #endif
   {
     const float* xp = static_cast<const float*>(XP);
-    if (nr_kind == 0) {
-      if (mv == 1) outer_fma<T, 1, 2 * kWideNC>(xp, ld, B, K, out);
-      else outer_fma<T, kWideMV, 2 * kWideNC>(xp, ld, B, K, out);
-    } else {
-      if (mv == 1) outer_fma<T, 1, kWideNR>(xp, ld, B, K, out);
-      else outer_fma<T, kWideMV, kWideNR>(xp, ld, B, K, out);
+    switch (mv) {
+      case 1: outer_fma<T, 1, kWideNR>(xp, ld, B, K, out, pf); break;
+      case 2:
+        if constexpr (kWideMV >= 2) outer_fma<T, 2, kWideNR>(xp, ld, B, K, out, pf);
+        break;
+      default: outer_fma<T, kWideMV, kWideNR>(xp, ld, B, K, out, pf); break;
     }
   }
 }
@@ -670,78 +713,92 @@ QI int64_t wide_chunk_rows(int64_t K, bool pairs) {
   return imax(step, (262144 / imax(row_bytes, 1)) / step * step);
 }
 
-template <class T, Act ACT>
-void gate_up_narrow(const Problem& P, const Expert& ex, int64_t c0, int64_t c1, char* scratch) {
+// The activation rows of an expert's narrow rows [r0, M) for the narrow kernels: src rows (x by token, or h by
+// slot), or their fp32 copies in scratch where the kernel computes in fp32 (exact). Returns the scratch left.
+template <class T>
+char* narrow_rows(const Problem& P, const Expert& ex, int64_t r0, const T* src, int64_t K, bool by_token,
+                  const NarrowA<T>** A, char* scratch) {
   using TA = NarrowA<T>;
-  const int64_t H = P.H, I = P.I, M = ex.M, cols = c1 - c0;
-  const T* x = static_cast<const T*>(P.x);
-  const T* w = static_cast<const T*>(P.w_gate_up) + ex.e * 2 * I * H;
-  float* gbuf = reinterpret_cast<float*>(scratch);  // [M][cols] gate, then up: fp32 dot products
-  float* ubuf = gbuf + M * cols;
-  float* xf = reinterpret_cast<float*>(align64(reinterpret_cast<char*>(ubuf + M * cols)));
-  const TA* A[kMaxNarrowRows];
-  for (int64_t m = 0; m < M; ++m) {
-    const T* row = x + (P.sorted[ex.begin + m] / P.k) * P.x_stride;
+  float* copies = reinterpret_cast<float*>(align64(scratch));
+  for (int64_t j = 0; j < ex.M - r0; ++j) {
+    const int64_t s = P.sorted[ex.begin + r0 + j];
+    const T* row = by_token ? src + (s / P.k) * P.x_stride : src + s * K;
     if constexpr (std::is_same_v<TA, T>) {
-      A[m] = row;
-    } else {  // fp32 copies of 16-bit rows for the FMA kernels (exact)
-      float* dst = xf + m * H;
-      for (int64_t c = 0; c < H; ++c) dst[c] = to_f32(row[c]);
-      A[m] = dst;
+      A[j] = row;
+    } else {
+      float* dst = copies + j * K;
+      for (int64_t c = 0; c < K; ++c) dst[c] = to_f32(row[c]);
+      A[j] = dst;
     }
   }
-  const int nc = narrow_nc(M), mr_max = narrow_mr(2 * nc);
-  float tile[kMaxMR * kMaxNarrowNR];
-  const T* B[kMaxNarrowNR];
-  for (int64_t c = c0; c < c1; c += nc) {
-    const int64_t n = imin(nc, c1 - c);
-    for (int j = 0; j < nc; ++j) {  // past the block's end the last column again (its results are dropped)
-      const int64_t col = c + imin(j, n - 1);
-      B[j] = w + col * H;
-      B[nc + j] = w + (I + col) * H;
+  return std::is_same_v<TA, T> ? scratch : reinterpret_cast<char*>(copies + (ex.M - r0) * K);
+}
+
+// gate and up dot products of n narrow rows for columns [ca, cb) of a block starting at c0 (cols wide): the gate
+// rows, then the up rows, each a sequential stream of the weights.
+template <class T>
+void narrow_gate_up_cols(int64_t n, const NarrowA<T>* const* A, const T* w, int64_t H, int64_t I, int64_t c0,
+                         int64_t ca, int64_t cb, int64_t cols, float* gbuf, float* ubuf) {
+  float dots[kMaxNarrowRows];
+  for (int half = 0; half < 2; ++half) {
+    float* buf = half == 0 ? gbuf : ubuf;
+    for (int64_t c = ca; c < cb; ++c) {
+      dot_rows<NarrowA<T>, T>(n, A, w + (half * I + c) * H, H, dots);
+      for (int64_t m = 0; m < n; ++m) buf[m * cols + (c - c0)] = dots[m];
     }
-    for (int64_t m0 = 0; m0 < M; m0 += mr_max) {
-      const int mr = static_cast<int>(imin(mr_max, M - m0));
-      dot_tile<TA, T>(2 * nc, mr, A + m0, B, H, tile);
-      for (int i = 0; i < mr; ++i)
-        for (int64_t j = 0; j < n; ++j) {
-          gbuf[(m0 + i) * cols + (c - c0) + j] = tile[i * 2 * nc + j];
-          ubuf[(m0 + i) * cols + (c - c0) + j] = tile[i * 2 * nc + nc + j];
-        }
-    }
-  }
-  T* h_rows = static_cast<T*>(P.h_rows);
-  T* gu = static_cast<T*>(P.gate_up);
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t s = P.sorted[ex.begin + m];
-    act_mul_row<T, ACT>(gbuf + m * cols, ubuf + m * cols, cols, h_rows + s * I + c0,
-                      gu ? gu + s * 2 * I + c0 : nullptr, gu ? gu + s * 2 * I + I + c0 : nullptr);
   }
 }
 
+// h = act(gate) * up of the narrow rows [r0, M), columns [c0, c0 + cols), into h_rows (and gate_up when saved).
 template <class T, Act ACT>
-void gate_up_wide(const Problem& P, const Expert& ex, int64_t c0, int64_t c1, char* scratch) {
+void narrow_epilogue(const Problem& P, const Expert& ex, int64_t r0, int64_t c0, int64_t cols, const float* gbuf,
+                     const float* ubuf) {
+  T* h_rows = static_cast<T*>(P.h_rows);
+  T* gu = static_cast<T*>(P.gate_up);
+  const int64_t I = P.I;
+  for (int64_t m = 0; m < ex.M - r0; ++m) {
+    const int64_t s = P.sorted[ex.begin + r0 + m];
+    act_mul_row<T, ACT>(gbuf + m * cols, ubuf + m * cols, cols, h_rows + s * I + c0,
+                        gu ? gu + s * 2 * I + c0 : nullptr, gu ? gu + s * 2 * I + I + c0 : nullptr);
+  }
+}
+
+// gate_up of an expert's columns [c0, c1): rows [0, mw) by the wide kernels (x packed with the rows on the lanes,
+// h packed the same way for down), rows [mw, M) by the narrow ones, on the same weight rows while they are in L1.
+template <class T, Act ACT>
+void gate_up_block(const Problem& P, const Expert& ex, int64_t c0, int64_t c1, char* scratch) {
   constexpr bool pairs = kPairs<T>;
-  constexpr int NR = 2 * kWideNC;
-  const int64_t H = P.H, I = P.I, M = ex.M, m_pad_e = round_up(M, W);
+  constexpr int NR = kWideNR;
+  const int64_t H = P.H, I = P.I, M = ex.M, cols = c1 - c0;
+  const int64_t mw = P.hit_wide_rows[ex.hit], m_pad_e = round_up(mw, W), nn = M - mw;
   const T* x = static_cast<const T*>(P.x);
   const T* w = static_cast<const T*>(P.w_gate_up) + ex.e * 2 * I * H;
+  // scratch: the narrow rows' gate/up products [nn][cols] and activation rows, then the packed x
+  float* gbuf = reinterpret_cast<float*>(align64(scratch));
+  float* ubuf = gbuf + nn * cols;
+  const NarrowA<T>* A[kMaxNarrowRows];
+  char* free_scratch = narrow_rows<T>(P, ex, mw, x, H, true, A, reinterpret_cast<char*>(ubuf + nn * cols));
+  if (mw == 0) {
+    narrow_gate_up_cols<T>(nn, A, w, H, I, c0, c0, c1, cols, gbuf, ubuf);
+    narrow_epilogue<T, ACT>(P, ex, mw, c0, cols, gbuf, ubuf);
+    return;
+  }
   char* hp = static_cast<char*>(P.hp) + P.hit_hp[ex.hit];
   T* h_rows = static_cast<T*>(P.h_rows);
   T* gu = static_cast<T*>(P.gate_up);
   const int64_t chunk = wide_chunk_rows(H, pairs);
-  const T** rows = reinterpret_cast<const T**>(scratch);
-  void* XP = align64(scratch + chunk * sizeof(const T*));
+  const T** rows = reinterpret_cast<const T**>(align64(free_scratch));
+  void* XP = align64(reinterpret_cast<char*>(rows + chunk));
   alignas(64) float tile[NR * kWideMV * W];
   alignas(64) float hs[W], gs[W], us[W];
   const T* B[NR];
-  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-    const int64_t mc = imin(chunk, M - m0), nv = round_up(mc, W) / W;
+  for (int64_t m0 = 0; m0 < mw; m0 += chunk) {
+    const int64_t mc = imin(chunk, mw - m0), nv = round_up(mc, W) / W;
     for (int64_t m = 0; m < mc; ++m) rows[m] = x + (P.sorted[ex.begin + m0 + m] / P.k) * P.x_stride;
     pack_rows<T>(rows, mc, H, XP);
     for (int64_t c = c0; c < c1; c += kWideNC) {
       const int64_t n = imin(kWideNC, c1 - c);
-      for (int j = 0; j < kWideNC; ++j) {
+      for (int j = 0; j < kWideNC; ++j) {  // past the block's end the last column again (its results are dropped)
         const int64_t col = c + imin(j, n - 1);
         B[j] = w + col * H;
         B[kWideNC + j] = w + (I + col) * H;
@@ -751,7 +808,13 @@ void gate_up_wide(const Problem& P, const Expert& ex, int64_t c0, int64_t c1, ch
         const int64_t ld = mv * W;
         const void* xp = pairs ? static_cast<const void*>(static_cast<const uint32_t*>(XP) + v0 * W)
                                : static_cast<const void*>(static_cast<const float*>(XP) + v0 * W);
-        wide_tile<T>(mv, 0, xp, nv * W, B, H, tile);
+        Prefetch pf;  // the next column tile's gate and up rows, while the first row vectors compute
+        if (v0 == 0 && m0 == 0 && c + kWideNC < c1) {
+          const int64_t next = imin(kWideNC, c1 - c - kWideNC) * H * static_cast<int64_t>(sizeof(T));
+          pf.a = reinterpret_cast<const char*>(w + (c + kWideNC) * H), pf.na = lines(next);
+          pf.b = reinterpret_cast<const char*>(w + (I + c + kWideNC) * H), pf.nb = lines(next);
+        }
+        wide_tile<T>(mv, xp, nv * W, B, H, tile, pf);
         for (int v = 0; v < mv; ++v) {
           const int64_t r0 = m0 + (v0 + v) * W;  // the expert row of lane 0
           F hv[kWideNC];
@@ -759,7 +822,7 @@ void gate_up_wide(const Problem& P, const Expert& ex, int64_t c0, int64_t c1, ch
             F g = V::load(tile + j * ld + v * W), u = V::load(tile + (kWideNC + j) * ld + v * W);
             hv[j] = V::round_t(V::mul(act<ACT>(g), u), static_cast<T*>(nullptr));
             if (P.save) {
-              const int64_t valid = imin(W, M - r0);
+              const int64_t valid = imin(W, mw - r0);
               V::store(hs, hv[j]);
               V::store(gs, g);
               V::store(us, u);
@@ -787,62 +850,49 @@ void gate_up_wide(const Problem& P, const Expert& ex, int64_t c0, int64_t c1, ch
           }
         }
       }
+      if (m0 == 0 && nn > 0) narrow_gate_up_cols<T>(nn, A, w, H, I, c0, c, c + n, cols, gbuf, ubuf);
     }
   }
+  if (nn > 0) narrow_epilogue<T, ACT>(P, ex, mw, c0, cols, gbuf, ubuf);
 }
 
 // ------------------------------------------------------------------------------------------------ down
 
 template <class T>
 void down_block(const Problem& P, int64_t h0, int64_t h1, char* scratch) {
-  using TA = NarrowA<T>;
   constexpr bool pairs = kPairs<T>;
   const int64_t H = P.H, I = P.I, hb = h1 - h0, k = P.k;
-  float* y = reinterpret_cast<float*>(scratch);  // [S][hb]: each slot's weighted fp32 product
-  float* hf = reinterpret_cast<float*>(align64(reinterpret_cast<char*>(y + P.S * hb)));
+  float* y = reinterpret_cast<float*>(align64(scratch));  // [S][hb]: each slot's weighted fp32 product
+  char* free_scratch = reinterpret_cast<char*>(y + P.S * hb);
   const T* wd = static_cast<const T*>(P.w_down);
   const T* h_rows = static_cast<const T*>(P.h_rows);
   for (int64_t hit = 0; hit < P.n_hit; ++hit) {
     const Expert ex = expert_of(P, hit);
     const T* w = wd + ex.e * H * I;
-    if (!P.hit_wide[hit]) {
-      const TA* A[kMaxNarrowRows];
-      for (int64_t m = 0; m < ex.M; ++m) {
-        const T* row = h_rows + P.sorted[ex.begin + m] * I;
-        if constexpr (std::is_same_v<TA, T>) {
-          A[m] = row;
-        } else {
-          float* dst = hf + m * I;
-          for (int64_t c = 0; c < I; ++c) dst[c] = to_f32(row[c]);
-          A[m] = dst;
-        }
-      }
-      const int nr = narrow_nr(ex.M), mr_max = narrow_mr(nr);
-      float tile[kMaxMR * kMaxNarrowNR];
-      const T* B[kMaxNarrowNR];
-      for (int64_t n0 = h0; n0 < h1; n0 += nr) {
-        const int64_t nn = imin(nr, h1 - n0);
-        for (int j = 0; j < nr; ++j) B[j] = w + (n0 + imin(j, nn - 1)) * I;
-        for (int64_t m0 = 0; m0 < ex.M; m0 += mr_max) {
-          const int mr = static_cast<int>(imin(mr_max, ex.M - m0));
-          dot_tile<TA, T>(nr, mr, A + m0, B, I, tile);
-          for (int i = 0; i < mr; ++i) {
-            const int64_t s = P.sorted[ex.begin + m0 + i];
-            const float r = P.rw[s];
-            for (int64_t j = 0; j < nn; ++j) y[s * hb + (n0 - h0) + j] = tile[i * nr + j] * r;
-          }
-        }
-      }
-    } else {
+    const int64_t mw = P.hit_wide_rows[hit];
+    if (mw > 0) {  // rows [0, mw): h packed with the rows on the lanes
       const char* hp = static_cast<const char*>(P.hp) + P.hit_hp[hit];
-      const int64_t m_pad_e = round_up(ex.M, W), nv = m_pad_e / W;
+      const int64_t m_pad_e = round_up(mw, W), nv = m_pad_e / W;
+      // the tiles of this expert prefetch the next expert's rows of this block and its packed h (its rows are
+      // short, 2I bytes: one block is many short streams the hardware prefetcher would find late)
+      Prefetch next;
+      if (hit + 1 < P.n_hit) {
+        next.a = reinterpret_cast<const char*>(wd + P.hit_expert[hit + 1] * H * I + h0 * I);
+        next.na = lines(hb * I * static_cast<int64_t>(sizeof(T)));
+        const int64_t mw_next = P.hit_wide_rows[hit + 1];
+        next.b = static_cast<const char*>(P.hp) + P.hit_hp[hit + 1];
+        next.nb = lines((pairs ? (I + 1) / 2 : I) * round_up(mw_next, W) * 4);
+      }
+      const int64_t n_tiles = ((nv + kWideMV - 1) / kWideMV) * ((hb + kWideNR - 1) / kWideNR);
+      const int64_t per_tile = (next.na + next.nb + n_tiles - 1) / n_tiles;
+      int64_t tile_i = 0;
       const T* B[kWideNR];
       alignas(64) float tile[kWideNR * kWideMV * W];
       int64_t sl[kWideMV * W];
       float rl[kWideMV * W];
       for (int64_t v0 = 0; v0 < nv; v0 += kWideMV) {
         const int mv = static_cast<int>(imin(kWideMV, nv - v0));
-        const int64_t lanes = mv * W, r0 = v0 * W, valid = imin(lanes, ex.M - r0);
+        const int64_t lanes = mv * W, r0 = v0 * W, valid = imin(lanes, mw - r0);
         for (int64_t l = 0; l < valid; ++l) {
           sl[l] = P.sorted[ex.begin + r0 + l];
           rl[l] = P.rw[sl[l]];
@@ -852,12 +902,27 @@ void down_block(const Problem& P, int64_t h0, int64_t h1, char* scratch) {
         for (int64_t n0 = h0; n0 < h1; n0 += kWideNR) {
           const int64_t nn = imin(kWideNR, h1 - n0);
           for (int j = 0; j < kWideNR; ++j) B[j] = w + (n0 + imin(j, nn - 1)) * I;
-          wide_tile<T>(mv, 1, xp, m_pad_e, B, I, tile);
+          wide_tile<T>(mv, xp, m_pad_e, B, I, tile, next.slice(per_tile * tile_i++, per_tile));
           for (int64_t l = 0; l < valid; ++l) {
             float* yr = y + sl[l] * hb + (n0 - h0);
             for (int64_t j = 0; j < nn; ++j) yr[j] = tile[j * lanes + l] * rl[l];
           }
         }
+      }
+    }
+    const int64_t nn = ex.M - mw;
+    if (nn > 0) {  // rows [mw, M): h rows, the block's rows of w_down as one sequential stream
+      const NarrowA<T>* A[kMaxNarrowRows];
+      narrow_rows<T>(P, ex, mw, h_rows, I, false, A, free_scratch);
+      float dots[kMaxNarrowRows], rws[kMaxNarrowRows];
+      int64_t slots[kMaxNarrowRows];
+      for (int64_t m = 0; m < nn; ++m) {
+        slots[m] = P.sorted[ex.begin + mw + m];
+        rws[m] = P.rw[slots[m]];
+      }
+      for (int64_t n = h0; n < h1; ++n) {
+        dot_rows<NarrowA<T>, T>(nn, A, w + n * I, I, dots);
+        for (int64_t m = 0; m < nn; ++m) y[slots[m] * hb + (n - h0)] = dots[m] * rws[m];
       }
     }
   }
@@ -886,21 +951,11 @@ void down_block(const Problem& P, int64_t h0, int64_t h1, char* scratch) {
 template <class T>
 void gate_up_t(const Problem& P, int64_t hit, int64_t c0, int64_t c1, char* scratch) {
   const Expert ex = expert_of(P, hit);
-  const bool wide = P.hit_wide[hit] != 0;
   switch (P.act) {
-    case Act::silu:
-      wide ? gate_up_wide<T, Act::silu>(P, ex, c0, c1, scratch) : gate_up_narrow<T, Act::silu>(P, ex, c0, c1, scratch);
-      break;
-    case Act::gelu:
-      wide ? gate_up_wide<T, Act::gelu>(P, ex, c0, c1, scratch) : gate_up_narrow<T, Act::gelu>(P, ex, c0, c1, scratch);
-      break;
-    case Act::gelu_tanh:
-      wide ? gate_up_wide<T, Act::gelu_tanh>(P, ex, c0, c1, scratch)
-           : gate_up_narrow<T, Act::gelu_tanh>(P, ex, c0, c1, scratch);
-      break;
-    default:
-      wide ? gate_up_wide<T, Act::relu>(P, ex, c0, c1, scratch) : gate_up_narrow<T, Act::relu>(P, ex, c0, c1, scratch);
-      break;
+    case Act::silu: gate_up_block<T, Act::silu>(P, ex, c0, c1, scratch); break;
+    case Act::gelu: gate_up_block<T, Act::gelu>(P, ex, c0, c1, scratch); break;
+    case Act::gelu_tanh: gate_up_block<T, Act::gelu_tanh>(P, ex, c0, c1, scratch); break;
+    default: gate_up_block<T, Act::relu>(P, ex, c0, c1, scratch); break;
   }
 }
 
@@ -924,20 +979,21 @@ void down_entry(const Problem& P, int64_t h0, int64_t h1, void* scratch) {
 
 int64_t scratch_bytes(const Problem& P, int64_t cols, int64_t hb) {
   const bool pairs = QWEN3MOE_DP && P.dtype == DType::bf16;
-  const int64_t narrow = 2 * kMaxNarrowRows * cols * 4 + 64 + kMaxNarrowRows * P.H * 4;
+  // narrow rows: their gate/up products and fp32 activation copies (x or h); wide: row pointers and packed x
+  const int64_t narrow = 2 * kMaxNarrowRows * cols * 4 + kMaxNarrowRows * imax(P.H, P.I) * 4 + 3 * 64;
   const int64_t chunk = wide_chunk_rows(P.H, pairs);
-  const int64_t wide = chunk * 8 + 64 + chunk * (pairs ? (P.H + 1) / 2 * 4 : P.H * 4);
-  const int64_t down = P.S * hb * 4 + 64 + kMaxNarrowRows * P.I * 4;
-  return imax(imax(narrow, wide), down) + 128;
+  const int64_t wide = chunk * 8 + 64 + chunk * (pairs ? (P.H + 1) / 2 * 4 : P.H * 4) + 64;
+  const int64_t down = P.S * hb * 4 + 64;
+  return imax(narrow + wide, down + narrow) + 128;
 }
 
 }  // namespace
 
 const Kernels& QWEN3MOE_KERNELS_FN() {
-  // wide_rows (fp32, fp16, bf16): the row count from which the row-lanes kernels win, measured on the ISA's
-  // machine (docs/ops/grouped_swiglu.md); at most kMaxNarrowRows
+  // kWideRows / kNarrowRemainder: see the tile parameters
   static const Kernels table = {
-      QWEN3MOE_ISA_ENUM, W, QWEN3MOE_DP != 0, 12, {8, 8, 8}, &scratch_bytes, &gate_up_entry, &down_entry,
+      QWEN3MOE_ISA_ENUM, W, QWEN3MOE_DP != 0, 12, kWideRows, kNarrowRemainder, &scratch_bytes, &gate_up_entry,
+      &down_entry,
   };
   return table;
 }
