@@ -121,8 +121,8 @@ struct Kernels {
   int lanes;           // m_pad granularity of the packed layouts (the vector width in fp32 lanes)
   bool bf16_pairs;     // bf16 inputs take the dot-product (pair) path: hp holds 32-bit pair words
   int col_step;        // gate_up column blocks are multiples of this (pairs of the packed h stay in one block)
-  int64_t wide_rows;   // an expert with at least this many rows takes the wide kernels ...
-  int64_t narrow_rem;  // ... but up to this many rows past a multiple of lanes go narrow instead of padding
+  int64_t wide_rows[3];   // per DType: an expert with at least this many rows takes the wide kernels ...
+  int64_t narrow_rem[3];  // ... but up to this many rows past a multiple of lanes go narrow instead of padding
   // per-thread scratch bytes for gate_up blocks of up to `cols` columns and down blocks of `hb` columns
   int64_t (*scratch_bytes)(const Problem&, int64_t cols, int64_t hb);
   // gate_up of hit expert `hit`, columns [c0, c1) of I: h (packed or rows), gate_up rows when save

@@ -261,9 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tens
   std::vector<int32_t> hit_expert;
   std::vector<int64_t> hit_begin, hit_hp, hit_wide_rows;
   int64_t hp_bytes = 0;
-  int64_t dev_wide = K.wide_rows, dev_rem = K.narrow_rem;  // TEMPORARY
-  if (const char* d = std::getenv("QWEN3MOE_DEV_WIDE_ROWS")) dev_wide = std::atoll(d);
-  if (const char* d = std::getenv("QWEN3MOE_DEV_NARROW_REM")) dev_rem = std::atoll(d);
+  const int64_t wide_rows = K.wide_rows[static_cast<int>(P.dtype)], narrow_rem = K.narrow_rem[static_cast<int>(P.dtype)];
   for (int64_t e = 0; e < E; ++e) {
     const int64_t M = count[e + 1] - count[e];
     if (M == 0) continue;
@@ -271,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tens
     hit_begin.push_back(count[e]);
     // wide rows: 0 (few rows), all of them (padded to a whole vector of lanes), or all but a narrow remainder
     const int64_t rem = M % K.lanes;
-    const int64_t mw = M < dev_wide ? 0 : (rem != 0 && rem <= dev_rem ? M - rem : M);
+    const int64_t mw = M < wide_rows ? 0 : (rem != 0 && rem <= narrow_rem ? M - rem : M);
     hit_wide_rows.push_back(mw);
     hit_hp.push_back(hp_bytes);
     const int64_t m_pad = (mw + K.lanes - 1) / K.lanes * K.lanes;

@@ -406,31 +406,47 @@ QI void prefetch_l2(const TW* p, int64_t bytes) {
 #endif
 }
 
-// Narrow, fp32 FMA: out[m] = sum_k A[m][k] * B[k] for MR fp32 rows A and one weight row B of TW.
-template <class TW, int MR>
-void dot_row_fma(const float* const* A, const TW* B, int64_t K, float* out) {
-  F acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = V::zero();
+// Narrow, fp32 FMA: out[b][m] = sum_k A[m][k] * B[b][k] for MR fp32 rows A and NB (1 or 2) adjacent weight rows B
+// of TW, two accumulators per output (alternate vectors of k). With two weight rows each activation vector loaded
+// serves both: 0.67 loads per FMA at 6 rows instead of 1.2 (with six or more rows a single weight row is bound by
+// the loads, not by memory). Each output's arithmetic is the same whatever NB and MR: NB and the row chunks may
+// follow block boundaries without changing a bit.
+template <class TW, int MR, int NB>
+void dot_row_fma(const float* const* A, const TW* const* B, int64_t K, float* const* out) {
+  F acc[MR][NB][2];
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b][0] = acc[m][b][1] = V::zero();
   int64_t kk = 0;
   for (; kk + 2 * W <= K; kk += 2 * W) {
-    if (MR > 2) prefetch_l2(B + kk, 2 * W * static_cast<int64_t>(sizeof(TW)));
-    F b0 = V::load_t(B + kk), b1 = V::load_t(B + kk + W);
+    F w0[NB], w1[NB];
+    for (int b = 0; b < NB; ++b) {
+      if (MR > 2) prefetch_l2(B[b] + kk, 2 * W * static_cast<int64_t>(sizeof(TW)));
+      w0[b] = V::load_t(B[b] + kk), w1[b] = V::load_t(B[b] + kk + W);
+    }
     for (int m = 0; m < MR; ++m) {
-      acc[m][0] = V::fma(V::load(A[m] + kk), b0, acc[m][0]);
-      acc[m][1] = V::fma(V::load(A[m] + kk + W), b1, acc[m][1]);
+      F a0 = V::load(A[m] + kk), a1 = V::load(A[m] + kk + W);
+      for (int b = 0; b < NB; ++b) {
+        acc[m][b][0] = V::fma(a0, w0[b], acc[m][b][0]);
+        acc[m][b][1] = V::fma(a1, w1[b], acc[m][b][1]);
+      }
     }
   }
   if (kk + W <= K) {
-    F b0 = V::load_t(B + kk);
-    for (int m = 0; m < MR; ++m) acc[m][0] = V::fma(V::load(A[m] + kk), b0, acc[m][0]);
+    for (int m = 0; m < MR; ++m) {
+      F a0 = V::load(A[m] + kk);
+      for (int b = 0; b < NB; ++b) acc[m][b][0] = V::fma(a0, V::load_t(B[b] + kk), acc[m][b][0]);
+    }
     kk += W;
   }
   if (kk < K) {
     const int r = static_cast<int>(K - kk);
-    F b1 = V::load_t_n(B + kk, r);
-    for (int m = 0; m < MR; ++m) acc[m][1] = V::fma(V::load_n(A[m] + kk, r), b1, acc[m][1]);
+    for (int m = 0; m < MR; ++m) {
+      F a1 = V::load_n(A[m] + kk, r);
+      for (int b = 0; b < NB; ++b) acc[m][b][1] = V::fma(a1, V::load_t_n(B[b] + kk, r), acc[m][b][1]);
+    }
   }
-  for (int m = 0; m < MR; ++m) out[m] = V::hsum(V::add(acc[m][0], acc[m][1]));
+  for (int b = 0; b < NB; ++b)
+    for (int m = 0; m < MR; ++m) out[b][m] = V::hsum(V::add(acc[m][b][0], acc[m][b][1]));
 }
 
 // Cache lines a wide tile prefetches into L2 while it computes, one per k step: the next tile's weight rows (and
@@ -483,31 +499,44 @@ void outer_fma(const float* XP, int64_t ld, const TW* const* B, int64_t K, float
 
 #if QWEN3MOE_DP
 // Narrow, bf16 pairs: dot_row_fma with vdpbf16ps on 32 k at a time.
-template <int MR>
-void dot_row_dp(const bf16_t* const* A, const bf16_t* B, int64_t K, float* out) {
-  __m512 acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+template <int MR, int NB>
+void dot_row_dp(const bf16_t* const* A, const bf16_t* const* B, int64_t K, float* const* out) {
+  __m512 acc[MR][NB][2];
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b][0] = acc[m][b][1] = _mm512_setzero_ps();
   int64_t kk = 0;
   for (; kk + 64 <= K; kk += 64) {
-    if (MR > 2) prefetch_l2(B + kk, 128);
-    __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kk), b1 = (__m512bh)_mm512_loadu_si512(B + kk + 32);
+    __m512bh w0[NB], w1[NB];
+    for (int b = 0; b < NB; ++b) {
+      if (MR > 2) prefetch_l2(B[b] + kk, 128);
+      w0[b] = (__m512bh)_mm512_loadu_si512(B[b] + kk), w1[b] = (__m512bh)_mm512_loadu_si512(B[b] + kk + 32);
+    }
     for (int m = 0; m < MR; ++m) {
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(A[m] + kk), b0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(A[m] + kk + 32), b1);
+      __m512bh a0 = (__m512bh)_mm512_loadu_si512(A[m] + kk), a1 = (__m512bh)_mm512_loadu_si512(A[m] + kk + 32);
+      for (int b = 0; b < NB; ++b) {
+        acc[m][b][0] = _mm512_dpbf16_ps(acc[m][b][0], a0, w0[b]);
+        acc[m][b][1] = _mm512_dpbf16_ps(acc[m][b][1], a1, w1[b]);
+      }
     }
   }
   if (kk + 32 <= K) {
-    __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kk);
-    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(A[m] + kk), b0);
+    for (int m = 0; m < MR; ++m) {
+      __m512bh a0 = (__m512bh)_mm512_loadu_si512(A[m] + kk);
+      for (int b = 0; b < NB; ++b)
+        acc[m][b][0] = _mm512_dpbf16_ps(acc[m][b][0], a0, (__m512bh)_mm512_loadu_si512(B[b] + kk));
+    }
     kk += 32;
   }
   if (kk < K) {
     const __mmask32 mk = static_cast<__mmask32>((1ull << (K - kk)) - 1);
-    __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(mk, B + kk);
-    for (int m = 0; m < MR; ++m)
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_maskz_loadu_epi16(mk, A[m] + kk), b1);
+    for (int m = 0; m < MR; ++m) {
+      __m512bh a1 = (__m512bh)_mm512_maskz_loadu_epi16(mk, A[m] + kk);
+      for (int b = 0; b < NB; ++b)
+        acc[m][b][1] = _mm512_dpbf16_ps(acc[m][b][1], a1, (__m512bh)_mm512_maskz_loadu_epi16(mk, B[b] + kk));
+    }
   }
-  for (int m = 0; m < MR; ++m) out[m] = V::hsum(_mm512_add_ps(acc[m][0], acc[m][1]));
+  for (int b = 0; b < NB; ++b)
+    for (int m = 0; m < MR; ++m) out[b][m] = V::hsum(_mm512_add_ps(acc[m][b][0], acc[m][b][1]));
 }
 
 // Wide, bf16 pairs: XP holds 32-bit (x[2p], x[2p+1]) words [ceil(K/2)][ld]; each weight pair is broadcast.
@@ -557,64 +586,83 @@ constexpr int kWideNR = 4;
 #endif
 constexpr int kWideNC = kWideNR / 2;     // gate_up: columns per tile (gate rows, then up rows)
 #if defined(QWEN3MOE_V512)
-constexpr int kMaxMR = 8;                // narrow: activation rows per pass over a weight row (2 accumulators each)
+constexpr int kMaxMR = 8;                // narrow: activation rows per pass over one weight row (2 accumulators each)
+constexpr int kMaxMR2 = 6;               // ... over two weight rows (4 accumulators each: 24)
 #else
 constexpr int kMaxMR = 4;
+constexpr int kMaxMR2 = 2;
 #endif
 
 // From how many rows an expert takes the wide kernels, and how many rows past a whole vector of lanes the narrow
-// kernels take instead of a padded vector. A narrow row costs about K/W * (1 + 1/kMaxMR) vector operations per
-// weight row (every operation loads its activation vector), a wide vector of W rows K (FMA) or K/2 (pairs): with W =
-// 16 the narrow kernels win below ~9 rows (measured: a narrow row ran at ~0.6 dot products per cycle, a wide
-// vector at 1), with W = 8 below ~6 (docs/ops/grouped_swiglu.md).
+// kernels take instead of a padded vector, per dtype (fp32, fp16, bf16). A narrow row reloads its activation vector
+// for every weight row (~1.1 loads per dot product), and past ~6 rows of 4 KB the activations no longer stay in L1;
+// a wide vector of 16 rows costs K/2 (pairs) or K (FMA) dot products per weight row whatever its padding. Measured on
+// whole blocks (Zen 4, 1 thread, CPU time, T=64 and 512, docs/ops/grouped_swiglu.md): bf16 16/8 against 12/6, 16/6,
+// 12/8 and 20/8 all within 1.5%; fp32 16/8 against 8/4 3.6% faster at T=512.
 #if defined(QWEN3MOE_V512)
-constexpr int64_t kWideRows = 16, kNarrowRemainder = 8;
+constexpr int64_t kWideRows[3] = {16, 16, 16};
+constexpr int64_t kNarrowRemainder[3] = {8, 8, 8};
 #elif defined(QWEN3MOE_V256)
-constexpr int64_t kWideRows = 8, kNarrowRemainder = 6;
+constexpr int64_t kWideRows[3] = {8, 8, 8};
+constexpr int64_t kNarrowRemainder[3] = {4, 4, 4};
 #else
-constexpr int64_t kWideRows = 16, kNarrowRemainder = 0;
+constexpr int64_t kWideRows[3] = {16, 16, 16};
+constexpr int64_t kNarrowRemainder[3] = {0, 0, 0};
 #endif
 
-// One weight row against mr (1..kMaxMR) activation rows.
-template <class TA, class TW>
-void dot_row(int mr, const TA* const* A, const TW* B, int64_t K, float* out) {
+// NB (1 or 2) weight rows against mr activation rows: 1..kMaxMR for one weight row, 1..kMaxMR2 for two.
+template <class TA, class TW, int NB>
+void dot_row(int mr, const TA* const* A, const TW* const* B, int64_t K, float* const* out) {
+#define QWEN3MOE_DOT_CASES(KERNEL)                         \
+  switch (mr) {                                              \
+    case 1: KERNEL(1); break;                                \
+    case 2: KERNEL(2); break;                                \
+    case 3: KERNEL(3); break;                                \
+    case 4: KERNEL(4); break;                                \
+    case 5: if constexpr (kMaxMR >= 5) KERNEL(5); break;     \
+    case 6: if constexpr (kMaxMR >= 6) KERNEL(6); break;     \
+    case 7: if constexpr (kMaxMR >= 7 && NB == 1) KERNEL(7); break; \
+    default: if constexpr (kMaxMR >= 8 && NB == 1) KERNEL(8); break; \
+  }
 #if QWEN3MOE_DP
   if constexpr (std::is_same_v<TA, bf16_t>) {
-    switch (mr) {
-      case 1: dot_row_dp<1>(A, B, K, out); break;
-      case 2: dot_row_dp<2>(A, B, K, out); break;
-      case 3: dot_row_dp<3>(A, B, K, out); break;
-      case 4: dot_row_dp<4>(A, B, K, out); break;
-      case 5: dot_row_dp<5>(A, B, K, out); break;
-      case 6: dot_row_dp<6>(A, B, K, out); break;
-      case 7: dot_row_dp<7>(A, B, K, out); break;
-      default: dot_row_dp<8>(A, B, K, out); break;
-    }
+#define QWEN3MOE_DP_KERNEL(R) dot_row_dp<R, NB>(A, B, K, out)
+    QWEN3MOE_DOT_CASES(QWEN3MOE_DP_KERNEL)
+#undef QWEN3MOE_DP_KERNEL
     return;
   } else
 #endif
   {
-    switch (mr) {
-      case 1: dot_row_fma<TW, 1>(A, B, K, out); break;
-      case 2: dot_row_fma<TW, 2>(A, B, K, out); break;
-      case 3: dot_row_fma<TW, 3>(A, B, K, out); break;
-      case 4: dot_row_fma<TW, 4>(A, B, K, out); break;
-#if defined(QWEN3MOE_V512)
-      case 5: dot_row_fma<TW, 5>(A, B, K, out); break;
-      case 6: dot_row_fma<TW, 6>(A, B, K, out); break;
-      case 7: dot_row_fma<TW, 7>(A, B, K, out); break;
-      default: dot_row_fma<TW, 8>(A, B, K, out); break;
-#else
-      default: break;
-#endif
-    }
+#define QWEN3MOE_FMA_KERNEL(R) dot_row_fma<TW, R, NB>(A, B, K, out)
+    QWEN3MOE_DOT_CASES(QWEN3MOE_FMA_KERNEL)
+#undef QWEN3MOE_FMA_KERNEL
   }
+#undef QWEN3MOE_DOT_CASES
 }
 
-// out[m] for all M rows (chunks of kMaxMR; the row is read from memory once, again from L1 for later chunks)
+// The dot products of M activation rows with weight rows b0 .. b0 + n (adjacent, ld elements apart): out[r * M + m]
+// for row r. Two weight rows at a time once there are 3 or more activation rows (compute starts to matter; with
+// fewer, one row at a time keeps the weights a single sequential stream), in chunks of activation rows; each row is
+// read from memory once, again from L1 for later chunks.
 template <class TA, class TW>
-QI void dot_rows(int64_t M, const TA* const* A, const TW* B, int64_t K, float* out) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) dot_row<TA, TW>(static_cast<int>(imin(kMaxMR, M - m0)), A + m0, B, K, out + m0);
+void dot_rows(int64_t M, const TA* const* A, const TW* b0, int64_t n, int64_t ld, int64_t K, float* out) {
+  int64_t r = 0;
+  if (M >= 3) {
+    for (; r + 2 <= n; r += 2) {
+      const TW* B[2] = {b0 + r * ld, b0 + (r + 1) * ld};
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxMR2) {
+        float* o[2] = {out + r * M + m0, out + (r + 1) * M + m0};
+        dot_row<TA, TW, 2>(static_cast<int>(imin(kMaxMR2, M - m0)), A + m0, B, K, o);
+      }
+    }
+  }
+  for (; r < n; ++r) {
+    const TW* B[1] = {b0 + r * ld};
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
+      float* o[1] = {out + r * M + m0};
+      dot_row<TA, TW, 1>(static_cast<int>(imin(kMaxMR, M - m0)), A + m0, B, K, o);
+    }
+  }
 }
 
 // The activations of the narrow tiles: the rows as they are for the bf16 pairs path and fp32 inputs, else fp32
@@ -739,12 +787,15 @@ char* narrow_rows(const Problem& P, const Expert& ex, int64_t r0, const T* src, 
 template <class T>
 void narrow_gate_up_cols(int64_t n, const NarrowA<T>* const* A, const T* w, int64_t H, int64_t I, int64_t c0,
                          int64_t ca, int64_t cb, int64_t cols, float* gbuf, float* ubuf) {
-  float dots[kMaxNarrowRows];
+  constexpr int64_t kRows = 16;  // weight rows per call
+  float dots[kRows * kMaxNarrowRows];
   for (int half = 0; half < 2; ++half) {
     float* buf = half == 0 ? gbuf : ubuf;
-    for (int64_t c = ca; c < cb; ++c) {
-      dot_rows<NarrowA<T>, T>(n, A, w + (half * I + c) * H, H, dots);
-      for (int64_t m = 0; m < n; ++m) buf[m * cols + (c - c0)] = dots[m];
+    for (int64_t c = ca; c < cb; c += kRows) {
+      const int64_t nr = imin(kRows, cb - c);
+      dot_rows<NarrowA<T>, T>(n, A, w + (half * I + c) * H, nr, H, H, dots);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t m = 0; m < n; ++m) buf[m * cols + (c - c0) + r] = dots[r * n + m];
     }
   }
 }
@@ -914,15 +965,18 @@ void down_block(const Problem& P, int64_t h0, int64_t h1, char* scratch) {
     if (nn > 0) {  // rows [mw, M): h rows, the block's rows of w_down as one sequential stream
       const NarrowA<T>* A[kMaxNarrowRows];
       narrow_rows<T>(P, ex, mw, h_rows, I, false, A, free_scratch);
-      float dots[kMaxNarrowRows], rws[kMaxNarrowRows];
+      constexpr int64_t kRows = 16;
+      float dots[kRows * kMaxNarrowRows], rws[kMaxNarrowRows];
       int64_t slots[kMaxNarrowRows];
       for (int64_t m = 0; m < nn; ++m) {
         slots[m] = P.sorted[ex.begin + mw + m];
         rws[m] = P.rw[slots[m]];
       }
-      for (int64_t n = h0; n < h1; ++n) {
-        dot_rows<NarrowA<T>, T>(nn, A, w + n * I, I, dots);
-        for (int64_t m = 0; m < nn; ++m) y[slots[m] * hb + (n - h0)] = dots[m] * rws[m];
+      for (int64_t n = h0; n < h1; n += kRows) {
+        const int64_t nr = imin(kRows, h1 - n);
+        dot_rows<NarrowA<T>, T>(nn, A, w + n * I, nr, I, I, dots);
+        for (int64_t m = 0; m < nn; ++m)
+          for (int64_t r = 0; r < nr; ++r) y[slots[m] * hb + (n - h0) + r] = dots[r * nn + m] * rws[m];
       }
     }
   }
@@ -992,8 +1046,8 @@ int64_t scratch_bytes(const Problem& P, int64_t cols, int64_t hb) {
 const Kernels& QWEN3MOE_KERNELS_FN() {
   // kWideRows / kNarrowRemainder: see the tile parameters
   static const Kernels table = {
-      QWEN3MOE_ISA_ENUM, W, QWEN3MOE_DP != 0, 12, kWideRows, kNarrowRemainder, &scratch_bytes, &gate_up_entry,
-      &down_entry,
+      QWEN3MOE_ISA_ENUM, W, QWEN3MOE_DP != 0, 12, {kWideRows[0], kWideRows[1], kWideRows[2]},
+      {kNarrowRemainder[0], kNarrowRemainder[1], kNarrowRemainder[2]}, &scratch_bytes, &gate_up_entry, &down_entry,
   };
   return table;
 }

@@ -3,9 +3,9 @@ transformers' ``Qwen3MoeSparseMoeBlock`` on the same weights and inputs, at the 
 
 Layouts: x [T, H]; router_weight [E, H]; w_gate_up [E, 2I, H]; w_down [E, H, I]. Forward rows are op
 "fused_moe", forward + backward rows "fused_moe fwd+bwd" (gradients of x and the expert weights; the router is
-frozen). On a CPU the forward also measures the machine's limits in the same run (rows "cpu_limit": the read
-bandwidth of an fp32 sum over 512 MB, the torch.mm rate at M=512) and reports each row's hit-expert weight GB/s as a
-fraction of that bandwidth and its FLOP rate as a fraction of that mm rate. ``benchmarks/README.md`` lists the
+frozen). On a CPU the forward also times the machine's limits interleaved with the implementations at every T
+(rows "cpu_limit": the read bandwidth of an fp32 sum over 512 MB, the torch.mm rate at M=512) and reports each row's
+hit-expert weight GB/s as a fraction of that bandwidth and its FLOP rate as a fraction of that mm rate. ``benchmarks/README.md`` lists the
 implementations and how their results are checked and timed.
 """
 
@@ -114,35 +114,30 @@ def _check_row(row: dict, out: torch.Tensor, x: torch.Tensor, weights: dict, top
 # ------------------------------------------------------------------------------------------ forward
 
 
-def cpu_limit_rows(dtype: torch.dtype, when: str, budget_s: float = 1.5, min_runs: int = 5) -> list[dict[str, Any]]:
-    """The CPU's limits now, timed interleaved: read bandwidth (fp32 sum over 512 MB) and the torch.mm rate at
-    M=512 in ``dtype`` (``machine.cpu_read_probe`` / ``cpu_mm_probe``). Rows op "cpu_limit", ``when`` in the impl."""
+def cpu_limit_fns(dtype: torch.dtype) -> tuple[dict[str, Callable], dict[str, dict[str, Any]]]:
+    """The CPU's limits as timed functions of the block's argument (ignored), to time interleaved with the block's
+    implementations at every T: read bandwidth (fp32 sum over 512 MB) and the torch.mm rate at M=512 in ``dtype``
+    (``machine.cpu_read_probe`` / ``cpu_mm_probe``); and the fields of their rows (op "cpu_limit")."""
     read, nbytes = cpu_read_probe()
     mm, flops = cpu_mm_probe(dtype)
-    timed = time_interleaved({"read": read, "mm": mm}, [()], "cpu", budget_s=budget_s, min_runs=min_runs)
-    rows = [dict(op="cpu_limit", impl=f"read: fp32 sum over 512 MB ({when})", dtype="fp32", device="cpu",
-                 bytes=nbytes, **timed["read"]),
-            dict(op="cpu_limit", impl=f"mm: torch.mm M=512 N=1536 K=2048 ({when})", dtype=dtype_name(dtype),
-                 device="cpu", flops=flops, **timed["mm"])]
-    add_rates(rows[0], None, nbytes, None)
-    add_rates(rows[1], flops, None, None)
-    return rows
+    fns = {"read": lambda x: read(), "mm": lambda x: mm()}
+    rows = {"read": dict(op="cpu_limit", impl="read: fp32 sum over 512 MB", dtype="fp32", bytes=nbytes),
+            "mm": dict(op="cpu_limit", impl="mm: torch.mm M=512 N=1536 K=2048", dtype=dtype_name(dtype), flops=flops)}
+    return fns, rows
 
 
-def add_limit_fractions(rows: list[dict[str, Any]], limits: list[dict[str, Any]]) -> None:
-    """Each timed block row's hit-expert weight GB/s as a % of the best read bandwidth measured (``frac_read_bw``)
-    and its GFLOP/s as a % of the best mm rate (``frac_mm``)."""
-    read = max((r.get("gbps") or 0.0 for r in limits if r["impl"].startswith("read")), default=0.0)
-    mm = max((r.get("tflops") or 0.0 for r in limits if r["impl"].startswith("mm")), default=0.0)
+def add_limit_fractions(rows: list[dict[str, Any]], read: dict[str, Any], mm: dict[str, Any]) -> None:
+    """Each timed block row's hit-expert weight GB/s as a % of the read bandwidth measured with it
+    (``frac_read_bw``) and its GFLOP/s as a % of the mm rate measured with it (``frac_mm``)."""
     for r in rows:
         if not r.get("median_ms"):
             continue
         if r.get("weight_bytes"):
             r["weight_gbps"] = r["weight_bytes"] / (r["median_ms"] * 1e-3) / 1e9
-            if read:
-                r["frac_read_bw"] = 100.0 * r["weight_gbps"] / read
-        if r.get("tflops") and mm:
-            r["frac_mm"] = 100.0 * r["tflops"] / mm
+            if read.get("gbps"):
+                r["frac_read_bw"] = 100.0 * r["weight_gbps"] / read["gbps"]
+        if r.get("tflops") and mm.get("tflops"):
+            r["frac_mm"] = 100.0 * r["tflops"] / mm["tflops"]
 
 
 def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] | None = None,
@@ -152,7 +147,7 @@ def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] 
                 log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """One row per (T, implementation of ``impls``, default all that run here), op "fused_moe". On CUDA also
     ``GRAPH_IMPLS`` as CUDA-graph replays (``graphs``) and each implementation's forward + backward peak memory
-    (``memory``); on a CPU (``limits``) the "cpu_limit" rows before and after, and each row's fractions of them.
+    (``memory``); on a CPU (``limits``) the "cpu_limit" rows of every T, timed with it, and each row's fractions.
     ``shapes`` overrides :data:`QWEN3_30B_A3B`."""
     device = torch.device(device)
     shapes = dict(QWEN3_30B_A3B, **(shapes or {}))
@@ -171,7 +166,7 @@ def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] 
                 log(f"fused_moe: skipping {name}: {type(exc).__name__}: {exc}")
     peak = device_peak(device, dtype)
     results: list[dict[str, Any]] = []
-    limit_rows = cpu_limit_rows(dtype, "before", budget_s, min_runs) if limits and device.type == "cpu" else []
+    limit_fns, limit_fields = cpu_limit_fns(dtype) if limits and device.type == "cpu" else ({}, {})
     expert_bytes = 3 * H * I * torch.empty((), dtype=dtype).element_size()  # gate, up and down rows of one expert
     g = torch.Generator(device="cpu").manual_seed(1234)
     for T in token_counts:
@@ -214,31 +209,38 @@ def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] 
                             ok_fns[name + GRAPHED] = replay
                     except Exception as exc:
                         row["error"] = f"not capturable: {type(exc).__name__}: {exc}"
-            # 2. time the correct ones interleaved: load on a shared machine hits all of them alike
+            # 2. time the correct ones interleaved: load on a shared machine hits all of them alike (the CPU's
+            # limits too, so each T's fractions are of the limits measured with it)
             try:
-                timed = time_interleaved(ok_fns, [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs)
+                timed = time_interleaved({**ok_fns, **{"cpu_limit " + n: f for n, f in limit_fns.items()}},
+                                         [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs)
             except Exception as exc:
                 timed = {}
                 for name in ok_fns:
                     rows[name]["error"] = f"timing failed: {type(exc).__name__}: {exc}"
+        limits_t = {}
+        for n, fields in limit_fields.items():
+            if "cpu_limit " + n in timed:
+                limits_t[n] = dict(fields, tokens=T, device=str(device), **timed.pop("cpu_limit " + n))
+                add_rates(limits_t[n], fields.get("flops"), fields.get("bytes"), None)
+                results.append(limits_t[n])
         for name, stats in timed.items():
             rows[name].update(stats)
             add_rates(rows[name], flops, nbytes, peak)
             if memory and device.type == "cuda" and not name.endswith(GRAPHED):
                 rows[name]["peak_mem_gib"] = _fwd_bwd_memory(name, weights, k, xs[0], device)
+        if limits_t:
+            add_limit_fractions(list(rows.values()), limits_t.get("read", {}), limits_t.get("mm", {}))
         for name, row in rows.items():
             results.append(row)
             if log:
                 log(f"  fused_moe T={T:<5} {name:<30} "
                     + (f"{row['median_ms']:.3f} ms" if row.get("median_ms") else row.get("error", "")))
-    if limit_rows:
-        limit_rows += cpu_limit_rows(dtype, "after", budget_s, min_runs)
-        add_limit_fractions(results, limit_rows)
-        if log:
-            log("  cpu limits: " + "; ".join(f"{r['impl']} {r.get('gbps') or 1e3 * r.get('tflops', 0):.1f} "
-                                             f"{'GB/s' if r.get('gbps') else 'GFLOP/s'}" for r in limit_rows))
+        if log and limits_t:
+            log(f"  cpu limits T={T:<5} read {limits_t['read'].get('gbps', 0):.1f} GB/s, mm "
+                f"{1e3 * limits_t['mm'].get('tflops', 0):.1f} GFLOP/s")
     add_ratios(results)
-    return limit_rows + results
+    return results
 
 
 def _fwd_bwd_memory(name: str, weights: dict, top_k: int, x: torch.Tensor, device) -> float | None:

@@ -158,7 +158,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
         return None
     panels: dict[tuple[str, str], dict[str, list[tuple[int, float, float, float]]]] = {}
     for r in results:
-        if r.get("median_ms") is None or r.get("tokens") is None:
+        if r.get("median_ms") is None or r.get("tokens") is None or r.get("op") == "cpu_limit":
             continue
         key = (r.get("op", "?"), r.get("dtype", "?"))
         panels.setdefault(key, {}).setdefault(r.get("impl", "?"), []).append(
