@@ -14,6 +14,7 @@ against and how: CUDA archs, or why no CUDA code); importing the package checks 
 import glob
 import json
 import os
+import platform
 import site
 import sys
 import sysconfig
@@ -69,8 +70,23 @@ def no_cuda_reason():
     return None
 
 
+# The per-ISA kernels of the CPU experts (csrc/grouped_swiglu_cpu_impl.h): each file is compiled with its own -m
+# flags and nothing else is, so one build runs on every x86-64 CPU; the op picks the best its CPU has at run time.
+ISA_SOURCES = {
+    os.path.join("csrc", "grouped_swiglu_cpu_generic.cpp"): [],
+    os.path.join("csrc", "grouped_swiglu_cpu_avx2.cpp"): ["-mavx2", "-mfma", "-mf16c"],
+    os.path.join("csrc", "grouped_swiglu_cpu_avx512.cpp"): [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    os.path.join("csrc", "grouped_swiglu_cpu_avx512bf16.cpp"): [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+}
+IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def extension():
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # the per-ISA files are built by BuildWithRecord.build_extension (x86-64 only; elsewhere the CPU experts run the
+    # torch implementation)
+    cpp = sorted(f for f in glob.glob(os.path.join("csrc", "*.cpp")) if f not in ISA_SOURCES)
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     if no_cuda_reason() is not None:
         print(f"qwen3moe_kernels: building the CPU kernels only ({no_cuda_reason()})")
@@ -91,7 +107,25 @@ def extension():
 
 
 class BuildWithRecord(BuildExtension):
-    """torch's BuildExtension, then ``_C_build.json`` beside the built library (in a wheel too)."""
+    """torch's BuildExtension, plus the per-ISA objects (each file with its own flags, linked into ``_C``), then
+    ``_C_build.json`` beside the built library (in a wheel too)."""
+
+    def build_extension(self, ext):
+        if IS_X86_64:
+            base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            objects = []
+            for src, flags in ISA_SOURCES.items():
+                # one output folder (and ninja file) per ISA: each keeps its own incremental build
+                out_dir = os.path.join(self.build_temp, "isa_" + os.path.splitext(os.path.basename(src))[0])
+                objects += self.compiler.compile([src], output_dir=out_dir, macros=ext.define_macros,
+                                                 include_dirs=ext.include_dirs, debug=self.debug,
+                                                 extra_postargs={"cxx": list(base) + flags, "nvcc": []},
+                                                 depends=ext.depends)
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in objects] + objects
+        # setuptools relinks only when a source or dependency is newer than the library: the per-ISA files and
+        # the headers count too
+        ext.depends = sorted(set((ext.depends or []) + list(ISA_SOURCES) + glob.glob(os.path.join("csrc", "*.h"))))
+        super().build_extension(ext)
 
     def run(self):
         super().run()

@@ -3,18 +3,49 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "grouped_swiglu.h"
+
+namespace {
+// _C.cpu_isa(): the path the C++ CPU experts kernel (grouped_swiglu_cpu.cpp) takes now, "avx512_bf16", "avx512",
+// "avx2" or "generic": the best this CPU has, or the lower one QWEN3MOE_CPU_ISA names (ValueError for one it cannot
+// run or does not know). None where the build has no C++ CPU experts kernel (not x86-64).
+PyObject* cpu_isa(PyObject*, PyObject*) {
+#if defined(__x86_64__)
+  try {
+    return PyUnicode_FromString(qwen3moe::experts::isa_name(qwen3moe::experts::selected_isa()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA path of the C++ CPU experts kernel (None: no such kernel)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" {
 // Importing qwen3moe_kernels._C runs the static TORCH_LIBRARY registrations below. The module carries one
 // attribute, with_cuda (1 when the CUDA kernels were compiled in), so Python knows whether a CUDA tensor can use
-// them or must fall back to the reference.
+// them or must fall back to the reference; cpu_experts (1 when grouped_swiglu's CPU kernel is the C++ one) and
+// cpu_isa() (above).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
 #ifdef QWEN3MOE_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+#if defined(__x86_64__)
+  PyModule_AddIntConstant(m, "cpu_experts", 1);  // grouped_swiglu has its C++ CPU kernel (grouped_swiglu_cpu.cpp)
+#else
+  PyModule_AddIntConstant(m, "cpu_experts", 0);
 #endif
   return m;
 }
@@ -80,8 +111,8 @@ TORCH_LIBRARY(qwen3moe, m) {
   // The routed experts (a gated MLP per expert: act(gate) * up, then down). Slot s = t*k + j is token t's j-th choice
   // e = ids[t, j]; x [T, H], w_gate_up [E, 2I, H] (gate rows first), w_down [E, H, I], ids [T, k] int32/int64 in
   // [0, E), weights fp32 [T, k] (rounded to x's dtype before use, as transformers does); activation is "silu" (SwiGLU,
-  // Qwen3's), "gelu" (erf), "gelu_tanh" or "relu". Kernels: CPU and CUDA registered by qwen3moe_kernels/ops/
-  // grouped_swiglu.py (docs/ops/grouped_swiglu.md). The whole forward: out [T, H] with the k slots summed in fp32 in
+  // Qwen3's), "gelu" (erf), "gelu_tanh" or "relu". Kernels: CPU in C++ (grouped_swiglu_cpu.cpp), CUDA
+  // registered by qwen3moe_kernels/ops/grouped_swiglu.py (docs/ops/grouped_swiglu.md). The whole forward: out [T, H] with the k slots summed in fp32 in
   // the order j = 0..k-1 (deterministic); h [T*k, I] and gate_up [T*k, 2I] (slot order, the backward's inputs) when
   // save_activations, else empty [0, ...].
   m.def(

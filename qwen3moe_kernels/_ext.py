@@ -2,7 +2,8 @@
 
 ``AVAILABLE`` says whether it imported (a checkout that was never built falls back to the reference, visibly);
 ``WITH_CUDA`` whether its CUDA kernels were compiled in (the CPU-only build, ``QWEN3MOE_SKIP_CUDA_BUILD=1``, has
-none); ``BUILD`` is the build's record (``_C_build.json``, written by setup.py: the torch it was built against and
+none); ``CPU_EXPERTS`` whether the experts forward has its C++ CPU kernel (x86-64 builds), :func:`cpu_isa` the path
+it takes; ``BUILD`` is the build's record (``_C_build.json``, written by setup.py: the torch it was built against and
 its CUDA archs). An extension built against another torch than the one running is an error at import, naming both
 versions and the fix, rather than an undefined-symbol trace or a crash later. :func:`kernel_impl` names the
 implementation a tensor's device gets: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``None`` (no kernel: run the
@@ -46,6 +47,7 @@ try:
 
     AVAILABLE = True
     WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
+    CPU_EXPERTS = bool(getattr(_C, "cpu_experts", 0))
     IMPORT_ERROR: str | None = None
 except ImportError as exc:
     if "undefined symbol" in str(exc):  # no record to compare, but the classic sign of another torch's ABI
@@ -53,10 +55,18 @@ except ImportError as exc:
                                  f"it was most likely built against another torch: {REBUILD}") from exc
     AVAILABLE = False  # not built (a source checkout without pip install -e .)
     WITH_CUDA = False
+    CPU_EXPERTS = False
     IMPORT_ERROR = repr(exc)
 
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def cpu_isa() -> str | None:
+    """The ISA path the C++ CPU experts kernel takes now: "avx512_bf16", "avx512", "avx2" or "generic" (the best the
+    CPU has, or the lower one ``QWEN3MOE_CPU_ISA`` names; one the CPU cannot run is a ValueError), or None where there
+    is no such kernel (a build for another architecture, or no build)."""
+    return _C.cpu_isa() if CPU_EXPERTS else None
 
 
 def kernel_impl(device: torch.device, triton: bool = False) -> str | None:

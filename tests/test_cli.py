@@ -95,8 +95,17 @@ def test_bench_quick_writes_json_and_table(capsys, tmp_path):
     for key in ("cpu_model", "cpu_capability", "torch", "triton", "transformers", "git_commit"):
         assert key in m
     assert data["config"]["dtype"] in ("bf16", "fp32") and data["config"]["dtype_reason"]
-    rows = data["results"]
+    limits = [r for r in data["results"] if r["op"] == "cpu_limit"]
+    rows = [r for r in data["results"] if r["op"] != "cpu_limit"]
     assert {r["op"] for r in rows} == {"fused_moe", "fused_moe fwd+bwd"}  # a stem named: forward and fwd+bwd
+    # on a CPU the read bandwidth and the mm rate, timed with the block's forward at every T, and its fractions
+    assert sorted((r["tokens"], r["impl"].split(":")[0]) for r in limits) == [(1, "mm"), (1, "read"), (4, "mm"),
+                                                                             (4, "read")]
+    assert all(r["gbps"] > 0 for r in limits if r["impl"].startswith("read"))
+    assert all(r["tflops"] > 0 for r in limits if r["impl"].startswith("mm"))
+    fwd = [r for r in rows if r["op"] == "fused_moe"]
+    assert all(r["weight_gbps"] > 0 and r["frac_read_bw"] > 0 for r in fwd)
+    assert all(r["frac_mm"] > 0 for r in fwd if r.get("tflops"))  # FLOPs where the shapes are a known model's
     impls = {r["impl"] for r in rows if r["op"] == "fused_moe"}
     assert {"fused", "eager", "transformers-eager", "transformers-qwen3moe_kernels"} <= impls
     for r in rows:  # the drop-in's registered experts ran under transformers' own router (and the row says so)
@@ -212,7 +221,8 @@ def test_every_benchmark_runs_at_tiny_size(stem):
         assert not r.get("error") and r.get("check") != "FAIL", r
         assert r["op"] and r["impl"] and r["tokens"] == 1 and r["median_ms"] > 0, r
     if stem == "fused_moe":  # the forward of all five, then forward + backward of ours, the reference and transformers
-        assert {r["op"] for r in rows} == {"fused_moe", "fused_moe fwd+bwd"}
+        # (and on a CPU the read bandwidth and mm rate timed with the forward)
+        assert {r["op"] for r in rows} == {"fused_moe", "fused_moe fwd+bwd", "cpu_limit"}
         assert {r["impl"] for r in rows if r["op"] == "fused_moe"} == set(fused_moe.IMPLS)
         assert {r["impl"] for r in rows if r["op"] == "fused_moe fwd+bwd"} == {
             "fused", "eager", "transformers-eager", "transformers-grouped_mm"}
@@ -222,6 +232,7 @@ def test_fused_moe_benchmark_forward_only():
     """backward=False (the default CPU run at full shapes): the forward rows alone, every one checked and timed."""
     rows = fused_moe.run("cpu", [1, 3], torch.float32, shapes=TINY["shapes"], backward=False, budget_s=0.01,
                          min_runs=2, log=None)
+    rows = [r for r in rows if r["op"] != "cpu_limit"]
     assert {r["op"] for r in rows} == {"fused_moe"} and {r["tokens"] for r in rows} == {1, 3}
     assert {r["impl"] for r in rows} == set(fused_moe.IMPLS)
     assert all(r["check"] == "pass" and r["median_ms"] > 0 for r in rows), rows
@@ -365,7 +376,7 @@ def test_cuda_graphed_needs_cuda_and_cpu_block_has_no_graph_rows():
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         timing.cuda_graphed(lambda a: a, [(torch.ones(1),)])
     rows = fused_moe.run_forward("cpu", [1], torch.float32, {"hidden": 32, "moe_intermediate": 16, "experts": 4,
-                                 "top_k": 2}, impls=["fused"], budget_s=0, min_runs=1, log=None)
+                                 "top_k": 2}, impls=["fused"], budget_s=0, min_runs=1, log=None, limits=False)
     assert [r["impl"] for r in rows] == ["fused"]
 
 

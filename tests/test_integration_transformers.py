@@ -24,6 +24,7 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as hf  # noqa: E402
 import qwen3moe_kernels  # noqa: E402
 from qwen3moe_kernels.recorder import FallbackWarning  # noqa: E402
 from qwen3moe_kernels.integrations import transformers as qk_hf  # noqa: E402
+from qwen3moe_kernels.ops.grouped_swiglu import cpu_experts_impl  # noqa: E402
 from tolerances import assert_within_twice_torch_error, tol  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("error::qwen3moe_kernels.recorder.FallbackWarning")
@@ -298,7 +299,7 @@ def test_registered_experts_implementation_from_pretrained(tmp_path):
     qwen3moe_kernels.recorder.reset()
     got, got_grads = forward_backward(ours, ids, labels)
     assert_no_reference_ran(REGISTERED_OPS)
-    assert qwen3moe_kernels.implementations()["moe_experts"] == "cpu"
+    assert qwen3moe_kernels.implementations()["moe_experts"] == cpu_experts_impl()
     assert_same_outputs(ref, got)
     assert set(got_grads) == set(ref_grads)
     for n in ref_grads:
@@ -446,7 +447,7 @@ def test_set_experts_implementation_after_apply_is_followed():
     model.set_experts_implementation("qwen3moe_kernels")
     with torch.no_grad():
         model(input_ids=ids)
-    assert qwen3moe_kernels.implementations()["moe_experts"] == "cpu"
+    assert qwen3moe_kernels.implementations()["moe_experts"] == cpu_experts_impl()
     qk_hf.revert(model)
     assert model.config._experts_implementation == "eager"  # what it had before apply()
 

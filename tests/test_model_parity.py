@@ -20,6 +20,7 @@ from tolerances import tol
 import qwen3moe_kernels
 from qwen3moe_kernels import recorder, reference
 from qwen3moe_kernels.model import Qwen3MoeForCausalLM
+from qwen3moe_kernels.ops.grouped_swiglu import cpu_experts_impl
 
 CONFIGS = {
     "base": dict(),
@@ -205,9 +206,9 @@ def test_fused_backend_matches_eager_and_reports_paths(tmp_path):
         fused = ours(ids, output_router_logits=True)
         impls = qwen3moe_kernels.implementations()
         eager = ours.set_backend("eager")(ids, output_router_logits=True)
-    for op in ("fused_moe", "rms_norm", "fused_add_rms_norm", "qk_norm_rope", "router_topk",
-               "grouped_swiglu"):
+    for op in ("fused_moe", "rms_norm", "fused_add_rms_norm", "qk_norm_rope", "router_topk"):
         assert impls.get(op) == "cpu", (op, impls)
+    assert impls.get("grouped_swiglu") == cpu_experts_impl(), impls  # "cpu (<ISA path>)"
     # attention and the dense MLP (layer 1 is in mlp_only_layers) are torch code: reported as such, not hidden
     assert impls["attention"] == "torch (scaled_dot_product_attention)", impls
     assert impls["mlp"] == "torch (F.linear gated MLP)", impls

@@ -3,7 +3,10 @@ transformers' ``Qwen3MoeSparseMoeBlock`` on the same weights and inputs, at the 
 
 Layouts: x [T, H]; router_weight [E, H]; w_gate_up [E, 2I, H]; w_down [E, H, I]. Forward rows are op
 "fused_moe", forward + backward rows "fused_moe fwd+bwd" (gradients of x and the expert weights; the router is
-frozen). ``benchmarks/README.md`` lists the implementations and how their results are checked and timed.
+frozen). On a CPU the forward also times the machine's limits interleaved with the implementations at every T
+(rows "cpu_limit": the read bandwidth of an fp32 sum over 512 MB, the torch.mm rate at M=512) and reports each row's
+hit-expert weight GB/s as a fraction of that bandwidth and its FLOP rate as a fraction of that mm rate. ``benchmarks/README.md`` lists the
+implementations and how their results are checked and timed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops, recorder, reference, roofline
 from .checks import check_moe_block, max_abs_err, router_tied_tokens
-from .machine import DEFAULT_TOKENS, default_dtype, device_peak, dtype_name
+from .machine import DEFAULT_TOKENS, cpu_mm_probe, cpu_read_probe, default_dtype, device_peak, dtype_name
 from .report import add_ratios, add_rates, last_implementations
 from .timing import cuda_graphed, peak_memory_fwd_bwd, time_interleaved
 
@@ -111,14 +114,41 @@ def _check_row(row: dict, out: torch.Tensor, x: torch.Tensor, weights: dict, top
 # ------------------------------------------------------------------------------------------ forward
 
 
+def cpu_limit_fns(dtype: torch.dtype) -> tuple[dict[str, Callable], dict[str, dict[str, Any]]]:
+    """The CPU's limits as timed functions of the block's argument (ignored), to time interleaved with the block's
+    implementations at every T: read bandwidth (fp32 sum over 512 MB) and the torch.mm rate at M=512 in ``dtype``
+    (``machine.cpu_read_probe`` / ``cpu_mm_probe``); and the fields of their rows (op "cpu_limit")."""
+    read, nbytes = cpu_read_probe()
+    mm, flops = cpu_mm_probe(dtype)
+    fns = {"read": lambda x: read(), "mm": lambda x: mm()}
+    rows = {"read": dict(op="cpu_limit", impl="read: fp32 sum over 512 MB", dtype="fp32", bytes=nbytes),
+            "mm": dict(op="cpu_limit", impl="mm: torch.mm M=512 N=1536 K=2048", dtype=dtype_name(dtype), flops=flops)}
+    return fns, rows
+
+
+def add_limit_fractions(rows: list[dict[str, Any]], read: dict[str, Any], mm: dict[str, Any]) -> None:
+    """Each timed block row's hit-expert weight GB/s as a % of the read bandwidth measured with it
+    (``frac_read_bw``) and its GFLOP/s as a % of the mm rate measured with it (``frac_mm``)."""
+    for r in rows:
+        if not r.get("median_ms"):
+            continue
+        if r.get("weight_bytes"):
+            r["weight_gbps"] = r["weight_bytes"] / (r["median_ms"] * 1e-3) / 1e9
+            if read.get("gbps"):
+                r["frac_read_bw"] = 100.0 * r["weight_gbps"] / read["gbps"]
+        if r.get("tflops") and mm.get("tflops"):
+            r["frac_mm"] = 100.0 * r["tflops"] / mm["tflops"]
+
+
 def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] | None = None,
                 dtype: torch.dtype | None = None, shapes: dict[str, int] | None = None,
                 impls: Sequence[str] | None = None, n_inputs: int = 3, budget_s: float = 1.5, min_runs: int = 5,
-                memory: bool = True, graphs: bool = True, weights: dict | None = None,
+                memory: bool = True, graphs: bool = True, weights: dict | None = None, limits: bool = True,
                 log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """One row per (T, implementation of ``impls``, default all that run here), op "fused_moe". On CUDA also
     ``GRAPH_IMPLS`` as CUDA-graph replays (``graphs``) and each implementation's forward + backward peak memory
-    (``memory``). ``shapes`` overrides :data:`QWEN3_30B_A3B`."""
+    (``memory``); on a CPU (``limits``) the "cpu_limit" rows of every T, timed with it, and each row's fractions.
+    ``shapes`` overrides :data:`QWEN3_30B_A3B`."""
     device = torch.device(device)
     shapes = dict(QWEN3_30B_A3B, **(shapes or {}))
     H, I, E, k = shapes["hidden"], shapes["moe_intermediate"], shapes["experts"], shapes["top_k"]
@@ -136,6 +166,8 @@ def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] 
                 log(f"fused_moe: skipping {name}: {type(exc).__name__}: {exc}")
     peak = device_peak(device, dtype)
     results: list[dict[str, Any]] = []
+    limit_fns, limit_fields = cpu_limit_fns(dtype) if limits and device.type == "cpu" else ({}, {})
+    expert_bytes = 3 * H * I * torch.empty((), dtype=dtype).element_size()  # gate, up and down rows of one expert
     g = torch.Generator(device="cpu").manual_seed(1234)
     for T in token_counts:
         xs = [torch.randn(T, H, generator=g).to(device=device, dtype=dtype) for _ in range(n_inputs)]
@@ -144,10 +176,14 @@ def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] 
                                       True)[0]
             ids = reference.router_topk(F.linear(xs[0], weights["router_weight"]), k, True)[1]
             tied = int(router_tied_tokens(xs[0], weights["router_weight"], k).sum())
+            # the distinct experts each input set hits (its routing differs), for the weight bytes a call must read
+            hits = [int(torch.unique(reference.router_topk(F.linear(x, weights["router_weight"]), k, True)[1]).numel())
+                    for x in xs]
         flops, nbytes, cost_model = moe_block_cost(T, shapes, dtype)
         base = {"op": "fused_moe", "tokens": T, "dtype": dtype_name(dtype), "shape": f"H={H} I={I} E={E} k={k}",
                 "device": str(device), "flops": flops, "bytes": nbytes, "cost_model": cost_model,
-                "active_experts": int(torch.unique(ids).numel()), "router_tied_tokens": tied}
+                "active_experts": int(torch.unique(ids).numel()), "router_tied_tokens": tied,
+                "weight_bytes": expert_bytes * sum(hits) / len(hits)}
         rows: dict[str, dict[str, Any]] = {}
         ok_fns: dict[str, Callable] = {}
         with warnings.catch_warnings():
@@ -173,23 +209,36 @@ def run_forward(device: str | torch.device = "cpu", token_counts: Sequence[int] 
                             ok_fns[name + GRAPHED] = replay
                     except Exception as exc:
                         row["error"] = f"not capturable: {type(exc).__name__}: {exc}"
-            # 2. time the correct ones interleaved: load on a shared machine hits all of them alike
+            # 2. time the correct ones interleaved: load on a shared machine hits all of them alike (the CPU's
+            # limits too, so each T's fractions are of the limits measured with it)
             try:
-                timed = time_interleaved(ok_fns, [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs)
+                timed = time_interleaved({**ok_fns, **{"cpu_limit " + n: f for n, f in limit_fns.items()}},
+                                         [(x,) for x in xs], device, budget_s=budget_s, min_runs=min_runs)
             except Exception as exc:
                 timed = {}
                 for name in ok_fns:
                     rows[name]["error"] = f"timing failed: {type(exc).__name__}: {exc}"
+        limits_t = {}
+        for n, fields in limit_fields.items():
+            if "cpu_limit " + n in timed:
+                limits_t[n] = dict(fields, tokens=T, device=str(device), **timed.pop("cpu_limit " + n))
+                add_rates(limits_t[n], fields.get("flops"), fields.get("bytes"), None)
+                results.append(limits_t[n])
         for name, stats in timed.items():
             rows[name].update(stats)
             add_rates(rows[name], flops, nbytes, peak)
             if memory and device.type == "cuda" and not name.endswith(GRAPHED):
                 rows[name]["peak_mem_gib"] = _fwd_bwd_memory(name, weights, k, xs[0], device)
+        if limits_t:
+            add_limit_fractions(list(rows.values()), limits_t.get("read", {}), limits_t.get("mm", {}))
         for name, row in rows.items():
             results.append(row)
             if log:
                 log(f"  fused_moe T={T:<5} {name:<30} "
                     + (f"{row['median_ms']:.3f} ms" if row.get("median_ms") else row.get("error", "")))
+        if log and limits_t:
+            log(f"  cpu limits T={T:<5} read {limits_t['read'].get('gbps', 0):.1f} GB/s, mm "
+                f"{1e3 * limits_t['mm'].get('tflops', 0):.1f} GFLOP/s")
     add_ratios(results)
     return results
 
@@ -329,3 +378,46 @@ def run(device: str | torch.device, token_counts: Sequence[int], dtype: torch.dt
         rows += run_fwd_bwd(device, token_counts, dtype, s, budget_s=budget_s, min_runs=min_runs, weights=weights,
                             log=log)
     return rows
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+MODEL_SHAPES = {"30b": QWEN3_30B_A3B, "235b": {"hidden": 4096, "moe_intermediate": 1536, "experts": 128, "top_k": 8}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qwen3moe_kernels.bench.fused_moe``: the block's forward rows (and on a CPU its limits) for one
+    dtype and model shape, printed and saved with the machine record. Threads: ``OMP_NUM_THREADS``."""
+    import argparse
+    from pathlib import Path
+
+    from .machine import DTYPES, device_label, machine_info
+    from .report import bench_table, save_json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU; on CPU by capability")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts")
+    p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="30b", help="layer shapes (default 30b)")
+    p.add_argument("--impls", help=f"comma-separated from {', '.join(IMPLS)} (default all)")
+    p.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per implementation and T")
+    p.add_argument("--out", help="JSON path")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else DEFAULT_TOKENS[device.type]
+    info = machine_info(device)
+    print(f"fused_moe on {device_label(info)}, {dtype_name(dtype)}, {args.model} shapes {MODEL_SHAPES[args.model]}")
+    rows = run_forward(device, tokens, dtype, MODEL_SHAPES[args.model], impls=args.impls.split(",") if args.impls
+                       else None, budget_s=args.budget)
+    print(bench_table(rows))
+    if args.out:
+        save_json(Path(args.out), rows, info, {"command": "bench.fused_moe", "argv": list(argv or []), "model":
+                                                args.model, "shapes": MODEL_SHAPES[args.model],
+                                                "dtype": dtype_name(dtype), "tokens": tokens})
+        print(f"saved {args.out}")
+    return 1 if any(r.get("error") or r.get("check") == "FAIL" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,8 +1,9 @@
 """What a benchmark runs on and in: the machine record saved beside every number, the dtype and device choice.
 
-``machine_info`` records CPU model, capability and the flags that matter, GPU, versions and the git commit;
-``device_peak`` / ``copy_bandwidth`` are the measured GPU limits that rows report a fraction of. The
-``QWEN3MOE_BENCH_*`` selectors are read by the pytest-benchmark suites in ``benchmarks/``.
+``machine_info`` records CPU model, capability and the flags that matter, the CPU experts' ISA path, GPU, versions
+and the git commit; ``device_peak`` / ``copy_bandwidth`` are the measured GPU limits that rows report a fraction of,
+``cpu_read_probe`` / ``cpu_mm_probe`` the CPU's, measured in the same run as the rows (docs/ops/grouped_swiglu.md).
+The ``QWEN3MOE_BENCH_*`` selectors are read by the pytest-benchmark suites in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import roofline
+from .. import _ext, roofline
 from ..cpu import _lscpu, cpu_flags  # cpu_flags is looked up here at call time: tests patch it
 
 # decode and prefill token counts per device type
@@ -110,6 +111,10 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}),
         "cpu_threads": torch.get_num_threads(),
+        # the C++ CPU experts kernel's path (avx512_bf16, avx512, avx2, generic) and the overrides in force
+        "cpu_isa": _cpu_isa_or_error(),
+        "env": {k: os.environ[k] for k in ("QWEN3MOE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                           "OMP_NUM_THREADS") if k in os.environ},
         "cpus": os.cpu_count(),
         "gpu": None,
         "python": platform.python_version(),
@@ -129,10 +134,18 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     return info
 
 
+def _cpu_isa_or_error() -> str | None:
+    try:
+        return _ext.cpu_isa()
+    except ValueError as exc:  # a QWEN3MOE_CPU_ISA this CPU cannot run: the rows will say so too
+        return f"error: {exc}"
+
+
 def device_label(info: dict[str, Any]) -> str:
     if info.get("gpu"):
         return f"{info['gpu']} (sm_{info.get('gpu_capability', '?').replace('.', '')})"
-    return f"{info.get('cpu_model')} ({info.get('cpu_capability')}, {info.get('cpu_threads')} threads)"
+    isa = f", experts {info['cpu_isa']}" if info.get("cpu_isa") else ""
+    return f"{info.get('cpu_model')} ({info.get('cpu_capability')}{isa}, {info.get('cpu_threads')} threads)"
 
 
 # ------------------------------------------------------------------------------- measured GPU limits
@@ -156,3 +169,23 @@ def copy_bandwidth(device: str) -> float | None:
     in any dtype; None off the GPU. The same measurement as :func:`device_peak`'s."""
     peak = roofline.device_peak(device) if torch.device(device).type == "cuda" else None
     return peak["gbps"] if peak else None
+
+
+# ------------------------------------------------------------------------------------- measured CPU limits
+
+
+def cpu_read_probe(mbytes: int = 512) -> tuple[Any, float]:
+    """``(fn, bytes)``: an fp32 ``sum`` over ``mbytes`` MB (no cache holds it), the read bandwidth a memory-bound
+    row is reported a fraction of (``frac_read_bw``). Measured in the same run, interleaved like the rows."""
+    buf = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32)
+    return (lambda: buf.sum()), float(buf.numel() * 4)
+
+
+def cpu_mm_probe(dtype: torch.dtype, M: int = 512, N: int = 1536, K: int = 2048) -> tuple[Any, float]:
+    """``(fn, flops)``: ``torch.mm`` (oneDNN) of [M, K] by a [N, K] weight's transpose, as ``F.linear`` runs a
+    layer: the block's gate_up GEMM shape at Qwen3-30B-A3B with M rows. The matmul rate a compute-bound row is
+    reported a fraction of (``frac_mm``)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    return (lambda: torch.mm(a, w.t())), 2.0 * M * N * K

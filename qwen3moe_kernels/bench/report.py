@@ -31,6 +31,9 @@ BENCH_COLUMNS = [
     ("vs_transformers", "x transformers", ".2f"),
     ("tflops", "TFLOP/s", ".3f"),
     ("gbps", "GB/s", ".1f"),
+    ("weight_gbps", "weight GB/s", ".1f"),
+    ("frac_read_bw", "% read BW", ".1f"),
+    ("frac_mm", "% mm rate", ".1f"),
     ("frac_peak", "% peak", ".1f"),
     ("tokens_per_s", "tokens/s", ".1f"),
     ("peak_mem_gib", "fwd+bwd GiB", ".2f"),
@@ -155,7 +158,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
         return None
     panels: dict[tuple[str, str], dict[str, list[tuple[int, float, float, float]]]] = {}
     for r in results:
-        if r.get("median_ms") is None or r.get("tokens") is None:
+        if r.get("median_ms") is None or r.get("tokens") is None or r.get("op") == "cpu_limit":
             continue
         key = (r.get("op", "?"), r.get("dtype", "?"))
         panels.setdefault(key, {}).setdefault(r.get("impl", "?"), []).append(

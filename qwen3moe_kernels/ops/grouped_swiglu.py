@@ -7,11 +7,15 @@ as transformers does). ``grouped_swiglu(x, w_gate_up, w_down, ids, weights, save
 h [T*k, I], gate_up [T*k, 2I])``: ``out[t] = sum_j weights[t, j] * (silu(gate) * up)[s] @ w_down[e].T``, the k slots
 summed in fp32 in the order j = 0..k-1 (deterministic); h and gate_up (slot order) only when ``save_activations``
 (the backward's inputs), else empty. A gradient not asked of the backward comes back empty ``[0, ...]``.
-Implementations: CUDA (and CPU under ``TRITON_INTERPRET=1``) ``ops/grouped_swiglu_triton.py``, else
-``ops/grouped_swiglu_cpu.py``. Each part's semantics, the algorithms and rounding: ``docs/ops/grouped_swiglu.md``.
+Implementations: CUDA ``ops/grouped_swiglu_triton.py``; CPU: the forward ``grouped_swiglu`` is C++
+(``csrc/grouped_swiglu_cpu.cpp``, per-ISA kernels chosen at run time; ``cpu_experts_impl`` names the path), the
+parts and the backward ops ``ops/grouped_swiglu_cpu.py`` (torch; also the forward's reference in the tests). Each
+part's semantics, the algorithms and rounding: ``docs/ops/grouped_swiglu.md``.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -208,8 +212,19 @@ def _register(op: str, body) -> None:
     def cuda_kernel(*args):
         return body(op, _cuda(op), *args)
 
-    torch.library.register_kernel(f"qwen3moe::{op}", "cpu", cpu_kernel)
+    if not (op == "grouped_swiglu" and _ext.CPU_EXPERTS):  # the forward's CPU kernel is C++ where it was built
+        torch.library.register_kernel(f"qwen3moe::{op}", "cpu", cpu_kernel)
     torch.library.register_kernel(f"qwen3moe::{op}", "cuda", cuda_kernel)
+
+
+def cpu_experts_impl() -> str:
+    """What the CPU experts forward runs, as ``implementations()`` records it: ``"cpu (avx512_bf16)"`` (the C++
+    kernel and its ISA path: avx512_bf16, avx512, avx2 or generic), or ``"cpu (torch: why)"`` where there is no C++
+    kernel. A ``QWEN3MOE_CPU_ISA`` the CPU cannot run is a ValueError."""
+    isa = _ext.cpu_isa()
+    if isa is not None:
+        return f"cpu ({isa})"
+    return f"cpu (torch: no C++ experts kernel for {platform.machine() or 'this architecture'})"
 
 
 class _FakeImpl:
@@ -329,7 +344,13 @@ def moe_experts(
     if reason is not None:
         fallback("moe_experts", reason)
         return reference.moe_experts(x, w_gate_up, w_down, ids, weights, activation)
-    record("moe_experts", "triton" if x.is_cuda and _ext.HAS_TRITON else x.device.type)
+    if not torch.compiler.is_compiling():
+        if x.device.type == "cpu":  # the forward op's C++ kernel cannot record itself: this wrapper does
+            impl = cpu_experts_impl()
+            record("grouped_swiglu", impl)
+        else:
+            impl = "triton" if x.is_cuda and _ext.HAS_TRITON else x.device.type
+        record("moe_experts", impl)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down)):
         # the rounding in autograd too: the weights' gradient is the rounding's (as in the reference)
         return _MoeExperts.apply(x, w_gate_up, w_down, ids, weights.to(x.dtype).float(), activation)
