@@ -11,7 +11,8 @@
 // With AVX512-BF16 and bf16 inputs both use vdpbf16ps on (k, k+1) pairs; otherwise fp32 FMA with the 16-bit
 // weights widened in registers. gate_up computes gate and up rows of the same columns in one tile and applies
 // act(gate) * up to the fp32 accumulators (one rounding to x's dtype); down multiplies each slot's fp32 product by
-// its routing weight and the k slots of a token are summed in fp32 in the order j = 0..k-1 within the same block.
+// its routing weight, rounds it to x's dtype (as the Triton down epilogue) and the k slots of a token are summed in
+// fp32 in the order j = 0..k-1 within the same block.
 // Every output's arithmetic is fixed by the ISA and the expert's row count alone: not by the thread count or the
 // block it lands in. docs/ops/grouped_swiglu.md ("CPU") has the design and the measurements.
 
@@ -980,21 +981,24 @@ void down_block(const Problem& P, int64_t h0, int64_t h1, char* scratch) {
       }
     }
   }
-  // the k slots of each token in the order j = 0..k-1, fp32, one rounding
+  // the k slots of each token in the order j = 0..k-1: each weighted product rounded to T (as the Triton down
+  // epilogue, so CPU, GPU and expert parallelism, whose rows cross ranks in T, share one rounding), summed in fp32,
+  // one rounding
   T* out = static_cast<T*>(P.out);
+  T* const as_t = nullptr;
   for (int64_t t = 0; t < P.T; ++t) {
     const float* yt = y + t * k * hb;
     T* ot = out + t * H + h0;
     int64_t c = 0;
     for (; c + W <= hb; c += W) {
-      F acc = V::load(yt + c);
-      for (int64_t j = 1; j < k; ++j) acc = V::add(acc, V::load(yt + j * hb + c));
+      F acc = V::round_t(V::load(yt + c), as_t);
+      for (int64_t j = 1; j < k; ++j) acc = V::add(acc, V::round_t(V::load(yt + j * hb + c), as_t));
       V::store_t(ot + c, acc);
     }
     if (c < hb) {
       const int r = static_cast<int>(hb - c);
-      F acc = V::load_n(yt + c, r);
-      for (int64_t j = 1; j < k; ++j) acc = V::add(acc, V::load_n(yt + j * hb + c, r));
+      F acc = V::round_t(V::load_n(yt + c, r), as_t);
+      for (int64_t j = 1; j < k; ++j) acc = V::add(acc, V::round_t(V::load_n(yt + j * hb + c, r), as_t));
       V::store_t_n(ot + c, acc, r);
     }
   }

@@ -157,6 +157,10 @@ def test_implementations_name_the_path(isa):
         ops.moe_experts(x, wgu, wd, ids, w)
     ran = recorder.implementations()
     assert ran["moe_experts"] == ran["grouped_swiglu"] == f"cpu ({isa})"
+    router = torch.randn(5, 32)
+    with torch.no_grad():
+        ops.fused_moe(x, router, wgu, wd, 2, True)
+    assert recorder.implementations()["fused_moe"] == f"cpu ({isa})"  # the block names the experts' path too
 
 
 def test_isa_override_errors(monkeypatch):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import _ext, reference
 from ..recorder import fallback, record
 from ._checks import FLOAT_DTYPES, check, check_like
-from .grouped_swiglu import moe_experts
+from .grouped_swiglu import cpu_experts_impl, moe_experts
 from .router_topk import router_topk
 
 
@@ -65,7 +65,9 @@ def fused_moe(
     if x.dtype not in FLOAT_DTYPES or x.device.type not in ("cpu", "cuda"):
         fallback("fused_moe", f"the kernels take fp32/fp16/bf16 on CPU/CUDA, got {x.dtype} on {x.device}")
         return reference.fused_moe(x, router_weight, w_gate_up, w_down, top_k, renormalize, activation)
-    record("fused_moe", "triton" if x.is_cuda and _ext.HAS_TRITON else x.device.type)
+    if not torch.compiler.is_compiling():  # the CPU experts' path is a read of the C++ extension: eager only
+        record("fused_moe", "triton" if x.is_cuda and _ext.HAS_TRITON else cpu_experts_impl() if x.device.type == "cpu"
+               else x.device.type)
     logits = F.linear(x, router_weight)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, router_weight, w_gate_up, w_down)):
         weights, ids = reference.router_topk(logits, top_k, renormalize)  # differentiable in the logits

@@ -20,7 +20,7 @@ from ..ops.router_topk import router_topk
 from ..recorder import fallback, record
 from . import checks
 from .comm import rank_world
-from .dispatch import _Combine, _Dispatch, permute_tokens, plan, sum_slots, unpermute
+from .dispatch import _Combine, _Dispatch, permute_tokens, plan, sum_slots
 
 
 def expert_range(num_experts: int, group) -> tuple[int, int]:
@@ -47,26 +47,27 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate_up, w_down, weights, handle, activation):
         rows = handle.send(permute_tokens(x, handle))  # [N, H] received order (grouped_swiglu groups them itself)
+        # each slot's routing weight goes with its row: the kernel weights and rounds each slot's product as it does
+        # on one process, and the combine sums the rounded products in fp32 (unit weights: exact)
+        w_rows = handle.send(weights.reshape(-1)[handle.sorted_slots.long()][:, None])  # [N, 1] fp32
         ids = handle.recv_ids[:, None]  # [N, 1] local expert ids
-        unit = torch.ones(ids.shape, dtype=torch.float32, device=x.device)  # weights apply in the combine
         save = any(ctx.needs_input_grad[:4])
-        y, h, gu = torch.ops.qwen3moe.grouped_swiglu(rows, w_gate_up, w_down, ids, unit, save_activations=save,
+        y, h, gu = torch.ops.qwen3moe.grouped_swiglu(rows, w_gate_up, w_down, ids, w_rows, save_activations=save,
                                                      activation=activation)
         if save:
-            ctx.save_for_backward(rows, h, gu, w_gate_up, w_down, weights)
-        ctx.handle, ctx.activation = handle, activation
-        return unpermute(handle.send_back(y), weights, handle.inv)
+            ctx.save_for_backward(rows, h, gu, w_gate_up, w_down, w_rows)
+        ctx.handle, ctx.activation, ctx.T, ctx.k = handle, activation, weights.shape[0], weights.shape[1]
+        return sum_slots(handle.send_back(y), ctx.T, ctx.k, handle.inv)
 
     @staticmethod
     def backward(ctx, dout):
-        rows, h, gu, w_gate_up, w_down, weights = ctx.saved_tensors
+        rows, h, gu, w_gate_up, w_down, w_rows = ctx.saved_tensors
         hd = ctx.handle
         need_x, need_wgu, need_wd, need_w, _, _ = ctx.needs_input_grad
-        T, k = weights.shape
-        # Each slot's dout row and routing weight to its expert's rank; the flags agree across ranks (checked by
-        # the dispatch), so every rank runs the same exchanges.
+        T, k = ctx.T, ctx.k
+        # Each slot's dout row to its expert's rank (its routing weight is there since the forward); the flags
+        # agree across ranks (checked by the dispatch), so every rank runs the same exchanges.
         dout_rows = hd.send(permute_tokens(dout.contiguous(), hd))
-        w_rows = hd.send(weights.reshape(-1)[hd.sorted_slots.long()][:, None])  # [N, 1] fp32
         ids = hd.recv_ids[:, None]
         dx_rows, dwgu, dwd, dw_rows = torch.ops.qwen3moe.grouped_swiglu_backward(
             dout_rows, rows, h, gu, w_gate_up, w_down, ids, w_rows, need_dx=need_x, need_dw_gate_up=need_wgu,
