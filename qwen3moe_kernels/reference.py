@@ -139,7 +139,8 @@ ACTIVATIONS = {
 
 # transformers' hidden_act names (ACT2FN) of the activations above, by our name
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
-                  "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+                  "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh", "relu": "relu"}
 
 
 def activation_fn(activation):

@@ -188,6 +188,54 @@ def test_hooks_on_router_and_experts_run_as_unpatched():
     assert not torch.allclose(plain, ref.logits, atol=1e-3)
 
 
+NORMS = ("input_layernorm", "q_norm", "k_norm", "post_attention_layernorm")
+
+
+def test_hooks_on_every_norm_run_as_unpatched():
+    """q_norm, k_norm and post_attention_layernorm are fused into other kernels after apply(); a module with a hook
+    on it is called instead (as transformers calls it), so every hook fires as often, sees the same tensors, and
+    what it returns (here: q_norm's output scaled by 0.9) reaches the rest of the model. Unhooked layers stay fused."""
+    ids, _ = batch()
+    runs = {}
+    for patched in (False, True):
+        model = tiny_model()
+        if patched:
+            qk_hf.apply(model)
+        seen = []
+        layer = model.model.layers[1]  # layer 0 has no hooks: it must still run the fused ops
+        for name in NORMS:
+            module = layer.self_attn if name in ("q_norm", "k_norm") else layer
+            getattr(module, name).register_forward_hook(
+                lambda m, args, out, name=name: (seen.append((name, args[0].clone(), out.clone())),
+                                                 out * 0.9 if name == "q_norm" else None)[1])
+        qwen3moe_kernels.recorder.reset()
+        with torch.no_grad():
+            runs[patched] = model(input_ids=ids).logits, seen
+        if patched:
+            assert_no_reference_ran({"qk_norm_rope", "fused_add_rms_norm"})  # layer 0
+    (ref, ref_seen), (got, got_seen) = runs[False], runs[True]
+    assert [n for n, *_ in got_seen] == [n for n, *_ in ref_seen] == list(NORMS)
+    for (name, a_in, a_out), (_, b_in, b_out) in zip(ref_seen, got_seen):
+        torch.testing.assert_close(b_in, a_in, **tol("gemm", torch.float32), msg=name)
+        torch.testing.assert_close(b_out, a_out, **tol("gemm", torch.float32), msg=name)
+    torch.testing.assert_close(got, ref, **tol("gemm", torch.float32))
+
+
+def test_accelerate_cpu_offload_runs_as_unpatched():
+    """accelerate's offload keeps weights on meta until each module's pre-forward hook brings them in: a patched
+    model under cpu_offload gives the stock model's logits (the hooked norms are called, not read)."""
+    accelerate = pytest.importorskip("accelerate")
+    ids, _ = batch()
+    with torch.no_grad():
+        ref = tiny_model()(input_ids=ids).logits
+    model = qk_hf.apply(tiny_model())
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].self_attn.q_norm.weight.is_meta
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, **tol("gemm", torch.float32))
+
+
 def test_mixed_precision_norm_falls_back_visibly():
     """bf16 activations with an fp32 RMSNorm weight (transformers accepts it and promotes the output to fp32): no
     kernel takes mixed dtypes, so the patched norm runs the reference, warns, and returns what transformers does."""
@@ -415,7 +463,7 @@ def test_refuses_models_that_are_not_qwen3_moe():
 
 # hidden_act values transformers' ACT2FN takes: the four the kernels compute (under the names configs use) and two
 # they do not, which run the reference with the model's own act_fn
-KERNEL_ACTS = ["silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu"]
+KERNEL_ACTS = ["silu", "gelu", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new", "relu"]
 OTHER_ACTS = ["quick_gelu", "mish"]
 
 
@@ -487,6 +535,39 @@ def test_other_experts_layouts_run_transformers_own_code_visibly():
         got = qk_hf.experts_forward(experts, x, ids, w)
     experts.has_bias = False
     torch.testing.assert_close(got, qk_hf.experts_forward(experts, x, ids, w), **tol("gemm", torch.float32))
+
+
+def test_registered_experts_follow_the_modules_act_fn_and_gate():
+    """The kernels compute what the module's own forward computes: the activation comes from its act_fn (not the
+    config's name, which another model may not have or a user may have overridden), and a module with its own
+    _apply_gate (other models clamp the gate) runs transformers' eager experts, visibly."""
+    from transformers.activations import ACT2FN
+
+    experts = tiny_model().model.layers[0].mlp.experts  # config: silu
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 64, generator=g), torch.rand(5, 2, generator=g)
+    ids = torch.randint(0, 8, (5, 2), generator=g)
+    eager = type(experts).forward.__wrapped__
+    experts.act_fn = ACT2FN["gelu_pytorch_tanh"]
+    assert qk_hf.kernel_activation(experts) == "gelu_tanh"
+    torch.testing.assert_close(qk_hf.experts_forward(experts, x, ids, w), eager(experts, x, ids, w),
+                               **tol("gemm", torch.float32))
+
+    # MiniMax-M3-VL's experts share Qwen3's layout but clamp the gate in their own _apply_gate
+    from transformers.models.minimax_m3_vl import configuration_minimax_m3_vl as mm_config
+    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as mm
+
+    torch.manual_seed(0)
+    other = mm.MiniMaxM3VLExperts(mm_config.MiniMaxM3VLTextConfig(hidden_size=64, num_local_experts=8,
+                                                                   intermediate_size=32))
+    with torch.no_grad():
+        other.gate_up_proj.normal_(0, 0.3)
+        other.down_proj.normal_(0, 0.3)
+    with pytest.warns(FallbackWarning, match="its own _apply_gate: transformers' eager experts"):
+        got = qk_hf.experts_forward(other, x, ids, w)
+    torch.testing.assert_close(got, type(other).forward.__wrapped__(other, x, ids, w), rtol=0, atol=0)
+    plain = qwen3moe_kernels.ops.moe_experts(x, other.gate_up_proj, other.down_proj, ids.int(), w)
+    assert not torch.allclose(got, plain, atol=1e-3)  # its gate is not SiLU's: computing SiLU would show
 
 
 def test_expert_parallel_sentinel_slots_contribute_nothing():

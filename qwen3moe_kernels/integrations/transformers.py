@@ -44,17 +44,35 @@ def _hf():
 
 def _layout_problems(experts: nn.Module) -> list[str]:
     """What an experts module has that the kernels do not compute (Qwen3-MoE's own experts have none of it)."""
+    from transformers.integrations.moe import _default_apply_gate
+
     checks = (("has_gate", True, "no gate projection"), ("has_bias", False, "biases"),
               ("is_transposed", False, "transposed weights"), ("is_concatenated", True, "interleaved gate/up rows"),
               ("has_post_expert_norm", False, "a post-expert norm"))
-    return [why for attr, ok, why in checks if getattr(experts, attr, ok) != ok]
+    problems = [why for attr, ok, why in checks if getattr(experts, attr, ok) != ok]
+    gate = getattr(experts, "_apply_gate", None)  # the gated product act(gate) * up, unless a model defines its own
+    if getattr(gate, "__func__", gate) is not _default_apply_gate:
+        problems.append("its own _apply_gate")
+    return problems
+
+
+@functools.cache
+def _kernel_activations() -> dict[type, str]:
+    """transformers' activation classes (``ACT2CLS``) that compute one of the kernels' activations, by class."""
+    from transformers.activations import ACT2CLS
+
+    classes = {}
+    for name, kernel_name in reference.HF_ACTIVATIONS.items():
+        cls = ACT2CLS[name][0] if isinstance(ACT2CLS[name], tuple) else ACT2CLS[name]
+        classes[cls] = kernel_name
+    return classes
 
 
 def kernel_activation(experts: nn.Module):
-    """The activation name the kernels take for this experts module's ``hidden_act``
-    (``reference.HF_ACTIVATIONS``), else its ``act_fn``: any other activation runs the reference, visibly."""
-    act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-    return reference.HF_ACTIVATIONS[act] if act in reference.HF_ACTIVATIONS else experts.act_fn
+    """The activation name the kernels take for this experts module's ``act_fn`` (what transformers' own experts
+    call: its class, whatever the config names), else the ``act_fn`` itself, which runs the reference, visibly."""
+    act_fn = getattr(experts, "act_fn", None)
+    return _kernel_activations().get(type(act_fn), act_fn)
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -115,6 +133,18 @@ def _cache_kwarg() -> str:
     return "cache" if "cache" in inspect.signature(_hf().Qwen3MoeAttention.forward).parameters else "past_key_values"
 
 
+def _must_call(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its forward on its own weight: hooks (its own or global ones, e.g.
+    a user's, or accelerate's offload hook, which brings the weight in from ``meta``) or a replaced ``forward``.
+    Then a fused kernel must not read its weight directly: the module is called, as transformers calls it."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks
+                or "forward" in module.__dict__ or module.weight.is_meta)
+
+
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs):
     """Qwen3MoeAttention.forward with q_norm/k_norm + RoPE fused; everything else as transformers does it."""
     hf = _hf()
@@ -126,7 +156,9 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     k = self.k_proj(hidden_states).view(hidden_shape)
     v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings  # [B or 1, S, D]
-    if self.q_norm.variance_epsilon == self.k_norm.variance_epsilon:
+    if _must_call(self.q_norm) or _must_call(self.k_norm):  # hooks or offload on a norm: call the modules
+        q, k = reference.rope(self.q_norm(q), self.k_norm(k), cos, sin)
+    elif self.q_norm.variance_epsilon == self.k_norm.variance_epsilon:
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.variance_epsilon)
     else:  # one eps per call in the fused op; never the case in released configs, but stay exact
         q, k = ops.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon), ops.rms_norm(
@@ -163,7 +195,11 @@ def _decoder_layer_forward(self, hidden_states, **kwargs):
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     norm = self.post_attention_layernorm
-    hidden_states, residual = ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+    if _must_call(norm):  # hooks or offload on the norm: call it, as transformers does
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    else:
+        hidden_states, residual = ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states
 
