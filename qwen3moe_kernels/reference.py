@@ -118,10 +118,12 @@ def moe_permute(x: torch.Tensor, sorted_slots: torch.Tensor, top_k: int) -> torc
 
 
 def moe_unpermute(y: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """Weighted combine: ``out[t] = sum_j weights[t, j] * y[inv[t*k + j]]`` in fp32, cast to ``y.dtype``."""
+    """Weighted combine: ``out[t] = sum_j weights[t, j] * y[inv[t*k + j]]`` in fp32 (float64 for float64 y), cast
+    to ``y.dtype``."""
     T, k = weights.shape
-    rows = y[inv.long()].float().reshape(T, k, y.shape[-1])  # explicit H: T = 0 is ambiguous with -1
-    return (rows * weights.float()[:, :, None]).sum(dim=1).to(y.dtype)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    rows = y[inv.long()].to(acc).reshape(T, k, y.shape[-1])  # explicit H: T = 0 is ambiguous with -1
+    return (rows * weights.to(acc)[:, :, None]).sum(dim=1).to(y.dtype)
 
 
 # -------------------------------------------------------------------------------------------- experts

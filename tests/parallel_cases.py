@@ -273,9 +273,51 @@ def case_float64(rank, world):
     mine = slice(sum(x.shape[0] for x in xs[:rank]), sum(x.shape[0] for x in xs[: rank + 1]))
     m = Mismatches()
     m.check("warning", any(issubclass(r.category, FallbackWarning) for r in rec), [str(r.message) for r in rec])
-    m.close("out", out.detach(), ref.detach()[mine], torch.float32)
-    m.close("dx", x.grad, x_all.grad[mine], torch.float32)
+    # float64 end to end, the combine included (it summed in fp32 once: errors ~1e-7)
+    for name, got, want in (("out", out.detach(), ref.detach()[mine]), ("dx", x.grad, x_all.grad[mine])):
+        err, scale = ((got - want).abs().max().item(), want.abs().max().item()) if got.numel() else (0.0, 1.0)
+        m.check(f"{name} within float64 rounding", err <= 1e-12 * max(1.0, scale), err)
     return m.done()
+
+
+def case_callable_activation(rank, world):
+    """A callable activation (single-process fused_moe takes one): the reference experts between dispatch and
+    combine, visibly, with the single-process result on this rank's tokens."""
+    import warnings
+
+    from qwen3moe_kernels import FallbackWarning
+
+    E, k, dtype = 8, 2, torch.float32
+    router, w_gate_up, w_down = _weights(E, dtype, 16)
+    xs = _tokens(TOKENS[world][1], dtype, 17)
+    lo, hi = parallel.expert_range(E, None)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out, _ = ops.fused_moe(xs[rank], router, w_gate_up[lo:hi], w_down[lo:hi], k, True, torch.tanh,
+                               ep_group=dist.group.WORLD)
+        want, _ = ops.fused_moe(xs[rank], router, w_gate_up, w_down, k, True, torch.tanh)
+    m = Mismatches()
+    m.check("warning", any("callable" in str(r.message) for r in rec if issubclass(r.category, FallbackWarning)),
+            [str(r.message) for r in rec])
+    m.close("out", out, want, dtype)
+    return m.done()
+
+
+def case_any_exception_in_a_checked_block(rank, world):
+    """raise_together: any exception on one rank (an AttributeError from a non-tensor argument, say) stops every
+    rank, the others with a RuntimeError naming that rank, instead of leaving them in the next collective."""
+    last = world - 1
+
+    def check():
+        if rank == last:
+            [].shape  # noqa: B018: what a check does with a list where it expects a tensor
+
+    if rank == last:
+        _expect(AttributeError, "shape", lambda: parallel.raise_together(check, None, "test"))
+    else:
+        _expect(RuntimeError, rf"test: rank {last} of the {world} ranks of ep_group rejected its arguments",
+                lambda: parallel.raise_together(check, None, "test"))
+    return {}
 
 
 def _expect(exc, pattern, fn):
@@ -292,7 +334,7 @@ def _expect(exc, pattern, fn):
 
 
 def _bad_call(rank, world, E=8, k=2, H_=H, dtype=torch.float32, shard=None, x_shape=None, router_dtype=None,
-              grad=False):
+              grad=False, activation="silu", x_list=False):
     router, w_gate_up, w_down = _weights(E, dtype, 11)
     router = router[:, :H_].contiguous().to(router_dtype or dtype)
     n = E // world if shard is None else shard
@@ -300,7 +342,8 @@ def _bad_call(rank, world, E=8, k=2, H_=H, dtype=torch.float32, shard=None, x_sh
     wgu = w_gate_up[lo : lo + n, :, :H_].contiguous()
     wd = w_down[lo : lo + n, :H_].contiguous()
     x = torch.randn(x_shape or (3 + rank, H_)).to(dtype).requires_grad_(grad)
-    return lambda: ops.fused_moe(x, router, wgu, wd, k, True, ep_group=dist.group.WORLD)
+    x = x.tolist() if x_list else x
+    return lambda: ops.fused_moe(x, router, wgu, wd, k, True, activation, ep_group=dist.group.WORLD)
 
 
 def bad_cases(world):
@@ -328,6 +371,21 @@ def bad_cases(world):
                                                               else None)),
         "bad: gradient flags differ": (ValueError, r"disagree on whether x needs a gradient",
                                        lambda r: _bad_call(r, world, grad=r == 0)),
+        "bad: activation differs across ranks": (
+            ValueError, r"disagree on activation \(rank 0: 'silu', rank 1: 'gelu'",
+            lambda r: _bad_call(r, world, activation="gelu" if r == 1 else "silu")),
+        "bad: unknown activation on one rank": (
+            ValueError, rf"rank {last}: activation must be one of \('silu', 'gelu', 'gelu_tanh', 'relu'\)",
+            lambda r: _bad_call(r, world, activation="swiglu" if r == last else "silu")),
+        "bad: x not a tensor on one rank": (TypeError, rf"rank {last}: x must be a torch.Tensor",
+                                            lambda r: _bad_call(r, world, x_list=r == last)),
+        "bad: top_k not an int on one rank": (TypeError, rf"rank {last}: top_k must be an int",
+                                              lambda r: _bad_call(r, world, k=None if r == last else 2)),
+        "bad: dispatch k = 0 on one rank": (
+            ValueError, rf"rank {last}: ids must be \[T=2, k\] with k >= 1, got \[2, 0\]",
+            lambda r: lambda: parallel.dispatch(
+                torch.randn(2, H), torch.zeros(2, 0 if r == last else 2, dtype=torch.int64),
+                torch.rand(2, 0 if r == last else 2), None, 8)),
         "bad: dispatch ids out of range": (
             ValueError, rf"dispatch \(ep_group of {world} ranks\): rank {last}: ids must be expert ids in "
                         r"\[0, num_experts=8\), got values in \[0, 8\]",
@@ -354,6 +412,8 @@ def op_cases(world) -> dict:
     cases["parity fp32 E=8 k=2 gelu"] = case_parity(torch.float32, 8, 2, TOKENS[world][0], "gelu")
     cases["module form (ExpertParallelMoE)"] = case_module
     cases["float64: the reference experts, visibly"] = case_float64
+    cases["callable activation: the reference experts, visibly"] = case_callable_activation
+    cases["any exception in a checked block stops every rank"] = case_any_exception_in_a_checked_block
     for name in bad_cases(world):
         cases[name] = case_bad(world, name)
     # after the errors: the group still exchanges in step

@@ -457,7 +457,7 @@ def test_k_slot_combine_is_fixed_order_fp32():
     (an exact match with that loop; a bf16 accumulation or another order would differ). The CPU helper
     (moe_unpermute with unit weights, rows in any order given by inv) here; the Triton kernel, which must agree
     bit for bit, under the interpreter (tests/interp/test_grouped_swiglu.py)."""
-    sum_slots = grouped_swiglu_cpu.combine_unweighted
+    from qwen3moe_kernels.ops.moe_permute import sum_slots
 
     T, k, H = 37, 8, 96
     g = torch.Generator().manual_seed(0)

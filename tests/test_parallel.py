@@ -36,20 +36,28 @@ def test_fields_round_trip():
     x = torch.randn(3, 5, dtype=torch.bfloat16, requires_grad=True)
     t = {"x": x, "router_weight": torch.randn(8, 5), "w_gate_up": torch.randn(2, 6, 5, 7),
          "w_down": torch.zeros(0, 4, dtype=torch.int32)}
-    values = checks.FUSED_MOE.encode(t, {"top_k": 2, "renormalize": True})
+    values = checks.FUSED_MOE.encode(t, {"top_k": 2, "renormalize": True,
+                                         "activation": checks.activation_code("relu")})
     f = checks.FUSED_MOE.decode(values + [-1, 9])
     assert len(values) + 2 == checks.FUSED_MOE.size()
     assert f["x"] == checks.TensorInfo(2, (3, 5), torch.bfloat16, (0, -1), True)
     assert f["w_gate_up"].dim == 4 and str(f["w_gate_up"]) == "a 4-D tensor"
     assert f["w_down"].dtype == torch.int32 and str(f["w_down"]) == "[0, 4]"
     assert (f["top_k"], f["renormalize"], f["ids_min"], f["ids_max"]) == (2, 1, -1, 9)
+    assert f["activation"] == 3  # reference.ACTIVATIONS: silu, gelu, gelu_tanh, relu
+    # what is not a tensor or an int encodes (never raises: the other ranks would wait in the exchange)
+    bad = checks.FUSED_MOE.decode(checks.FUSED_MOE.encode(dict(t, x=[[1.0]]), {
+        "top_k": None, "renormalize": True, "activation": checks.activation_code("swiglu")}) + [0, 0])
+    assert bad["x"].dim == -1 and bad["top_k"] == bad["activation"] == checks.NOT_AN_INT
+    assert isinstance(checks.fused_moe_problem(bad, 2), TypeError)
 
 
 def test_problems_name_the_sizes():
     def fields(E=8, shard=4, H=16, I=8, k=2, dtype=torch.float32):
         t = {"x": torch.zeros(3, H, dtype=dtype), "router_weight": torch.zeros(E, H),
              "w_gate_up": torch.zeros(shard, 2 * I, H), "w_down": torch.zeros(shard, H, I)}
-        return checks.FUSED_MOE.decode(checks.FUSED_MOE.encode(t, {"top_k": k, "renormalize": 1}) + [0, 0])
+        return checks.FUSED_MOE.decode(checks.FUSED_MOE.encode(t, {"top_k": k, "renormalize": 1, "activation": 0})
+                                       + [0, 0])
 
     assert checks.fused_moe_problem(fields(), 2) is None
     err = checks.fused_moe_problem(fields(E=6, shard=1), 4)

@@ -515,7 +515,7 @@ def gate_up(x, w_gate_up, padded_slots, block_expert, top_k: int, config: dict, 
 
 def down(h, w_down, routing_weights, padded_slots, block_expert, config: dict):
     """Kernel 2. ``routing_weights`` is [T, k] fp32; returns the weighted per-slot y [T*k, H] in h's dtype (the
-    caller sums each token's k rows in fp32: ``ops.grouped_swiglu.sum_slots``)."""
+    caller sums each token's k rows in fp32: ``ops.moe_permute.sum_slots``)."""
     import torch
 
     S, I = h.shape

@@ -246,6 +246,8 @@ class Qwen3MoeForCausalLM(nn.Module):
             self._check_input_ids(input_ids)
             B, S = input_ids.shape
             if attention_mask is not None:
+                if not isinstance(attention_mask, torch.Tensor):
+                    raise TypeError(f"attention_mask must be a tensor [batch, past+seq], got {type(attention_mask)}")
                 if attention_mask.shape != (B, past + S):
                     raise ValueError(f"attention_mask must be [batch, past+seq] = {(B, past + S)}, "
                                      f"got {tuple(attention_mask.shape)}")
@@ -339,7 +341,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         else:  # the same number of steps everywhere: each step's MoE layers are collectives
             from ..parallel import raise_together
 
-            raise_together(check, self.ep_group, "generate", agree={"max_new_tokens": int(max_new_tokens),
+            raise_together(check, self.ep_group, "generate", agree={"max_new_tokens": max_new_tokens,
                                                                    "eos_token_id set": eos_token_id is not None})
         positions = None
         if attention_mask is not None:

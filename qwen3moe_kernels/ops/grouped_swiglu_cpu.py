@@ -15,7 +15,7 @@ import torch
 
 from ..cpu import cpu_compute_dtype
 from ..reference import ACTIVATIONS
-from .moe_permute import moe_permute, moe_sort, moe_unpermute
+from .moe_permute import moe_permute, moe_sort, moe_unpermute, sum_slots
 
 
 class _Order:
@@ -214,7 +214,7 @@ def _gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_x, need_w):
     if not need_x:
         return x.new_empty((0, H)), dwgu
     dxs = _expert_mm(dgus, w_gate_up, order, transpose_w=False)
-    return combine_unweighted(dxs, T, order.k, order.inv).to(x.dtype), dwgu
+    return sum_slots(dxs, T, order.k, order.inv).to(x.dtype), dwgu
 
 
 def gate_up_backward(d_gate_up, x, w_gate_up, ids, need_w):
@@ -229,12 +229,3 @@ def backward(dout, x, h, gate_up, w_gate_up, w_down, ids, weights, need_dx, need
                                       activation)
     dx, dwgu = _gate_up_bwd_sorted(dgus, x, w_gate_up, order, need_dx, need_dwgu)  # nothing asked: no work
     return dx, dwgu, dwd, drw
-
-
-def combine_unweighted(ys: torch.Tensor, T: int, k: int, inv: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_j ys[inv[t*k + j]]`` ([T, H] in ys's dtype; ys in expert order): the CPU dx's k-slot sum.
-
-    ``moe_unpermute`` with unit weights: fp32 in the order j = 0..k-1 (``1.0 * v`` and the fp32 add are exact), one
-    rounding: deterministic, and bit for bit the Triton ``sum_slots`` kernel's sum over slot-ordered rows. Not
-    ``ys.view(T, k, H).sum(1)``: torch's reduction order and accumulation dtype are implementation details."""
-    return moe_unpermute(ys, torch.ones((T, k), dtype=torch.float32, device=ys.device), inv)

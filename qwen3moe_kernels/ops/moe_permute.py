@@ -20,7 +20,7 @@ import torch
 
 from .. import _ext, reference
 from ..recorder import fallback, record
-from ._checks import check, check_dtype
+from ._checks import FLOAT_DTYPES, check, check_dtype
 
 MAX_EXPERTS = 512
 _IDS = (torch.int32, torch.int64)
@@ -126,3 +126,17 @@ def moe_unpermute(
         return torch.ops.qwen3moe.moe_unpermute(y, weights, inv)
     torch.ops.qwen3moe.moe_unpermute.out(y, weights, inv, out=out)
     return out
+
+
+def sum_slots(rows: torch.Tensor, T: int, k: int, inv: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j rows[inv[t*k + j]]``, ``[T, H]`` in rows' dtype: each token's k slot rows summed.
+
+    ``moe_unpermute`` with unit weights: fp32 (float64 for float64 rows) in the order j = 0..k-1, one rounding
+    (``1.0 * v`` and the add are exact), so deterministic, and bit for bit the Triton ``sum_slots`` kernel's sum over
+    slot-ordered rows. Not ``rows.view(T, k, H).sum(1)``: torch's reduction order and accumulation dtype are
+    implementation details."""
+    ones = torch.ones((T, k), dtype=torch.float32, device=rows.device)
+    if rows.dtype in FLOAT_DTYPES:
+        return moe_unpermute(rows, ones, inv)
+    return reference.moe_unpermute(rows, ones, inv)
+

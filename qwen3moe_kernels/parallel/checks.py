@@ -9,10 +9,12 @@ for a shape, size, device or value, as everywhere in the package.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 
+from .. import reference
 from ..ops._checks import dtype_names
 
 # dtype <-> int code (unknown dtypes encode as len(_DTYPES))
@@ -45,23 +47,29 @@ class Schema:
         self.tensors, self.scalars = tensors, scalars
 
     def encode(self, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> list[int]:
+        """This rank's fields. Never raises: a non-tensor encodes as ``dim = -1`` and a non-int scalar as
+        :data:`NOT_AN_INT`, which the checks report on every rank (raising here, before the first exchange, would
+        leave the other ranks waiting in it)."""
         out = []
         for name, ndim in self.tensors:
             t = tensors[name]
+            if not isinstance(t, torch.Tensor):
+                out += [-1, *[-1] * ndim, len(_DTYPES), len(_DEVICES), -1, 0]
+                continue
             shape = list(t.shape[:ndim]) + [-1] * (ndim - min(t.dim(), ndim))
             code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
             dev = _DEVICES.index(t.device.type) if t.device.type in _DEVICES else len(_DEVICES)
             out += [t.dim(), *shape, code, dev, -1 if t.device.index is None else t.device.index,
                     int(t.requires_grad and torch.is_grad_enabled())]
-        return out + [int(scalars[s]) for s in self.scalars]  # then the DYNAMIC fields
+        return out + [_int_field(scalars[s]) for s in self.scalars]  # then the DYNAMIC fields
 
     def decode(self, values: list[int]) -> dict:
         out, i = {}, 0
         for name, ndim in self.tensors:
             dim, shape = values[i], tuple(values[i + 1 : i + 1 + ndim])
             code, dev, index, grad = values[i + 1 + ndim : i + 5 + ndim]
-            out[name] = TensorInfo(dim, shape[: min(dim, ndim)], _DTYPES[code] if code < len(_DTYPES) else None,
-                                   (dev, index), bool(grad))
+            out[name] = TensorInfo(dim, shape[: max(0, min(dim, ndim))],
+                                   _DTYPES[code] if code < len(_DTYPES) else None, (dev, index), bool(grad))
             i += ndim + 5
         for s in self.scalars + self.DYNAMIC:
             out[s] = values[i]
@@ -70,6 +78,37 @@ class Schema:
 
     def size(self) -> int:
         return sum(ndim + 5 for _, ndim in self.tensors) + len(self.scalars) + len(self.DYNAMIC)
+
+
+NOT_AN_INT = -(2**62)  # a scalar field that was not an int (or an activation that is not a name)
+
+
+def _int_field(v) -> int:
+    try:
+        return operator.index(v)  # ints and bools; not floats or None
+    except TypeError:
+        return NOT_AN_INT
+
+
+def activation_code(activation) -> int:
+    """The ``activation`` field: the index of a name in ``reference.ACTIVATIONS``, ``len(ACTIVATIONS)`` for a
+    callable (which the ranks cannot compare: only that each passed one), :data:`NOT_AN_INT` for anything else."""
+    names = list(reference.ACTIVATIONS)
+    if isinstance(activation, str) and activation in names:
+        return names.index(activation)
+    return len(names) if callable(activation) else NOT_AN_INT
+
+
+def _activation_name(code: int) -> str:
+    names = list(reference.ACTIVATIONS)
+    return repr(names[code]) if 0 <= code < len(names) else "a callable" if code == len(names) else "invalid"
+
+
+def _not_tensors(f: dict, names) -> Exception | None:
+    for name in names:
+        if f[name].dim < 0:
+            return TypeError(f"{name} must be a torch.Tensor")
+    return None
 
 
 def _dt(info: TensorInfo) -> str:
@@ -92,6 +131,11 @@ DISPATCH = Schema((("x", 2), ("ids", 2), ("weights", 2)), ("num_experts",))
 def dispatch_problem(f: dict, world: int) -> Exception | None:
     """The first thing wrong with one rank's ``dispatch`` arguments, or None."""
     x, ids, w, E = f["x"], f["ids"], f["weights"], f["num_experts"]
+    err = _not_tensors(f, ("x", "ids", "weights"))
+    if err is not None:
+        return err
+    if E == NOT_AN_INT:
+        return TypeError("num_experts must be an int")
     if x.dtype is None or not x.dtype.is_floating_point:
         return TypeError(f"x must be a floating-point tensor, got {_dt(x)}")
     if ids.dtype not in _IDS:
@@ -101,8 +145,8 @@ def dispatch_problem(f: dict, world: int) -> Exception | None:
     if x.dim != 2:
         return ValueError(f"x must be [T, H], got {x}")
     T = x.shape[0]
-    if ids.dim != 2 or ids.shape[0] != T:
-        return ValueError(f"ids must be [T={T}, k], got {ids}")
+    if ids.dim != 2 or ids.shape[0] != T or ids.shape[1] < 1:
+        return ValueError(f"ids must be [T={T}, k] with k >= 1, got {ids}")
     if w.dim != 2 or w.shape != ids.shape:
         return ValueError(f"weights must have ids' shape {list(ids.shape)}, got {w}")
     for name, t in (("ids", ids), ("weights", w)):
@@ -130,12 +174,19 @@ def check_dispatch(fields: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ fused_moe
 
 FUSED_MOE = Schema((("x", 2), ("router_weight", 2), ("w_gate_up", 3), ("w_down", 3)),
-                   ("top_k", "renormalize"))
+                   ("top_k", "renormalize", "activation"))
 
 
 def fused_moe_problem(f: dict, world: int) -> Exception | None:
     """The first thing wrong with one rank's ``fused_moe(..., ep_group=)`` arguments, or None."""
     x, r, gu, dn, k = f["x"], f["router_weight"], f["w_gate_up"], f["w_down"], f["top_k"]
+    err = _not_tensors(f, ("x", "router_weight", "w_gate_up", "w_down"))
+    if err is not None:
+        return err
+    if k == NOT_AN_INT:
+        return TypeError("top_k must be an int")
+    if f["activation"] == NOT_AN_INT:
+        return ValueError(f"activation must be one of {tuple(reference.ACTIVATIONS)} or a callable")
     if x.dtype is None or not x.dtype.is_floating_point:
         return TypeError(f"x must be a floating-point tensor, got {_dt(x)}")
     for name, t in (("router_weight", r), ("w_gate_up", gu), ("w_down", dn)):
@@ -177,6 +228,7 @@ def check_fused_moe(fields: list[dict]) -> None:
         ("2I (w_gate_up.shape[1])", lambda f: f["w_gate_up"].shape[1]),
         ("top_k", lambda f: f["top_k"]),
         ("renormalize", lambda f: bool(f["renormalize"])),
+        ("activation", lambda f: _activation_name(f["activation"])),
         ("x's device type", lambda f: _device_type(f["x"])),
         ("whether x needs a gradient", lambda f: f["x"].grad),
         ("whether router_weight needs a gradient", lambda f: f["router_weight"].grad),
@@ -204,7 +256,7 @@ def _agree(op: str, fields: list[dict], rules, exc=ValueError) -> None:
                       f"rank must pass the same shapes, dtypes and flags (only T, the token count, may differ)")
 
 
-_CODES = (TypeError, ValueError)
+_CODES = (TypeError, ValueError, RuntimeError)  # what the other ranks raise; RuntimeError for any other kind
 
 
 def raise_together(check, group, what: str, agree: dict[str, int] | None = None) -> None:
@@ -217,11 +269,11 @@ def raise_together(check, group, what: str, agree: dict[str, int] | None = None)
     err = None
     try:
         check()
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001: whatever it is, the other ranks must not wait in the next collective
         err = e
-    code = 0 if err is None else (1 if isinstance(err, TypeError) else 2)
+    code = 0 if err is None else next((i for i, c in enumerate(_CODES, 1) if isinstance(err, c)), len(_CODES))
     names = list(agree or {})
-    rows = gather_ints([code] + [int(agree[n]) for n in names], group)
+    rows = gather_ints([code] + [_int_field(agree[n]) for n in names], group)
     for r, row in enumerate(rows):
         if row[0]:
             if r == rank:

@@ -64,7 +64,7 @@ def exchange_rows(t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int],
     return _all_to_all(out, t, recv_sizes, send_sizes, group)
 
 
-def _host_device(group) -> torch.device:
+def host_device(group) -> torch.device:
     """Where a small int table must live for ``group``'s backend: the current GPU for NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -74,7 +74,7 @@ def _host_device(group) -> torch.device:
 def gather_ints(values: list[int], group) -> list[list[int]]:
     """Every rank's ``values`` (the same length everywhere), rank 0's first: one small all-gather and host read."""
     group = group or dist.group.WORLD
-    mine = torch.tensor(values, dtype=torch.int64, device=_host_device(group))
+    mine = torch.tensor(values, dtype=torch.int64, device=host_device(group))
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, mine, group=group)  # the list form: gloo has no all_gather_into_tensor
     return torch.stack(out).tolist()

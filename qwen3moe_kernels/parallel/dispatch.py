@@ -17,9 +17,9 @@ import torch
 
 from .. import reference
 from ..ops._checks import FLOAT_DTYPES
-from ..ops.moe_permute import moe_permute, moe_sort, moe_unpermute
+from ..ops.moe_permute import moe_permute, moe_sort, moe_unpermute, sum_slots
 from . import checks
-from .comm import exchange_equal, exchange_rows, rank_world
+from .comm import host_device, exchange_equal, exchange_rows, rank_world
 
 
 @dataclass
@@ -99,7 +99,7 @@ def plan(x: torch.Tensor, ids: torch.Tensor | None, num_experts: int, group, sch
     3. ``[world, E/world]`` per-expert counts, so each rank knows the local expert of every row it receives.
     """
     rank, world = rank_world(group)
-    dev = x.device
+    dev = x.device if isinstance(x, torch.Tensor) else host_device(group)  # x not a tensor: reported below
     if local_ok:
         El = num_experts // world
         flat = ids.reshape(-1).long().clamp(0, num_experts - 1)  # out-of-range ids are reported below, not used
@@ -136,15 +136,10 @@ def permute_tokens(x: torch.Tensor, handle: EPHandle) -> torch.Tensor:
 
 def unpermute(rows: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """``moe_unpermute``: ``out[t] = sum_j weights[t, j] * rows[inv[t*k + j]]`` in fp32, j in order; the
-    reference's for dtypes the kernel does not take."""
+    reference's (float64 for float64) for dtypes the kernel does not take."""
     if rows.dtype in FLOAT_DTYPES:
         return moe_unpermute(rows, weights, inv)
     return reference.moe_unpermute(rows, weights, inv)
-
-
-def sum_slots(rows: torch.Tensor, T: int, k: int, inv: torch.Tensor) -> torch.Tensor:
-    """The k slot rows of each token summed, fp32, j in order (``unpermute`` with unit weights: exact products)."""
-    return unpermute(rows, torch.ones((T, k), dtype=torch.float32, device=rows.device), inv)
 
 
 # ------------------------------------------------------------------------------------------- autograd
@@ -178,13 +173,14 @@ class _Combine(torch.autograd.Function):
         T, k = weights.shape
         dout = dout.contiguous()
         w_sorted = weights.reshape(-1)[h.sorted_slots.long()]  # [T*k] expert-sorted
+        acc = weights.dtype  # fp32 (float64 for float64)
         # d rows = weights * dout in fp32, rounded once (the product the single-process backward forms too)
-        d_rows = (permute_tokens(dout, h).float() * w_sorted[:, None]).to(back.dtype)
+        d_rows = (permute_tokens(dout, h).to(acc) * w_sorted[:, None]).to(back.dtype)
         dy = h.group_rows(h.send(d_rows))  # every rank takes part, whatever it needs
         dw = None
         if ctx.needs_input_grad[1]:
-            slots = back[h.inv.long()].float().view(T, k, back.shape[1])  # [T, k, H] slot order
-            dw = (slots * dout.float()[:, None, :]).sum(-1)
+            slots = back[h.inv.long()].to(acc).view(T, k, back.shape[1])  # [T, k, H] slot order
+            dw = (slots * dout.to(acc)[:, None, :]).sum(-1)
         return dy, dw, None
 
 
@@ -205,7 +201,8 @@ def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, group, n
     _, world = rank_world(group)
     local_ok = checks.dispatch_problem(checks.DISPATCH.decode(static + [0, 0]), world) is None
     handle = plan(x, ids, num_experts, group, checks.DISPATCH, static, local_ok, checks.check_dispatch)
-    handle.weights = weights.to(x.dtype).float()  # in autograd: the rounding's gradient, as moe_experts
+    # in autograd: the rounding's gradient, as moe_experts; fp32 (float64 for float64 x)
+    handle.weights = weights.to(x.dtype).to(torch.promote_types(x.dtype, torch.float32))
     return _Dispatch.apply(x, handle), handle
 
 

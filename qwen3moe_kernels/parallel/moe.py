@@ -20,7 +20,8 @@ from ..ops.router_topk import router_topk
 from ..recorder import fallback, record
 from . import checks
 from .comm import rank_world
-from .dispatch import _Combine, _Dispatch, permute_tokens, plan, sum_slots
+from ..ops.moe_permute import sum_slots
+from .dispatch import _Combine, _Dispatch, permute_tokens, plan
 
 
 def expert_range(num_experts: int, group) -> tuple[int, int]:
@@ -87,22 +88,25 @@ def fused_moe(x: torch.Tensor, router_weight: torch.Tensor, w_gate_up: torch.Ten
     _, world = rank_world(group)
     static = checks.FUSED_MOE.encode(
         {"x": x, "router_weight": router_weight, "w_gate_up": w_gate_up, "w_down": w_down},
-        {"top_k": top_k, "renormalize": bool(renormalize)})
+        {"top_k": top_k, "renormalize": bool(renormalize), "activation": checks.activation_code(activation)})
     local_ok = checks.fused_moe_problem(checks.FUSED_MOE.decode(static + [0, 0]), world) is None
     logits = weights = ids = None
-    E = router_weight.shape[0] if router_weight.dim() == 2 else 0
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, router_weight, w_gate_up, w_down))
+    E = router_weight.shape[0] if local_ok else 0
+    needs_grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)  # a non-tensor: checked below
+                                                 for t in (x, router_weight, w_gate_up, w_down))
     if local_ok:
         logits = F.linear(x, router_weight)
         route = reference.router_topk if needs_grad or x.dtype not in FLOAT_DTYPES else router_topk
         weights, ids = route(logits, top_k, renormalize)  # the reference's is differentiable in the logits
     handle = plan(x, ids, E, group, checks.FUSED_MOE, static, local_ok, checks.check_fused_moe)
-    weights = weights.to(x.dtype).float()  # rounded as the single-process experts use them (and autograd too)
-    if x.dtype in FLOAT_DTYPES:
+    # rounded as the single-process experts use them (and autograd too); float64 stays float64
+    weights = weights.to(x.dtype).to(torch.promote_types(x.dtype, torch.float32))
+    if x.dtype in FLOAT_DTYPES and isinstance(activation, str):
         record("fused_moe", f"expert parallel ({x.device.type}, {world} ranks)")
         return _Experts.apply(x, w_gate_up, w_down, weights, handle, activation), logits
-    fallback(op, f"expert parallel: the kernels take fp32/fp16/bf16, got {x.dtype}: the reference experts run "
-                 f"between dispatch and combine")
+    why = (f"the kernels take fp32/fp16/bf16, got {x.dtype}" if x.dtype not in FLOAT_DTYPES
+           else "the kernels take an activation name, got a callable")
+    fallback(op, f"expert parallel: {why}: the reference experts run between dispatch and combine")
     handle.weights = weights
     rows = _Dispatch.apply(x, handle)
     ids_local = handle.expert_ids[:, None]
