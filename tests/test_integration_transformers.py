@@ -609,6 +609,19 @@ def test_expert_parallel_sentinel_slots_contribute_nothing():
         torch.testing.assert_close(a, b, **tol("gemm", torch.float32), msg=name)
     assert (got[2][sentinel] == 0).all() and (got[0][0] == 0).all()
 
+    # the sentinel slots are never computed: not a single row runs on expert 0 for them
+    calls = []
+    real = qwen3moe_kernels.ops.moe_experts
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qwen3moe_kernels.ops, "moe_experts", lambda xs, *a, **kw: calls.append(xs.shape[0]) or real(
+            xs, *a, **kw))
+        qk_hf.experts_forward(experts, x, ids, w)
+    assert calls == [int((~sentinel).sum())]
+    # a non-finite token reaching only other ranks' experts cannot leak into the output through 0 * inf
+    x_inf = x.clone()
+    x_inf[0] = float("inf")  # token 0 has only sentinel slots
+    assert torch.isfinite(qk_hf.experts_forward(experts, x_inf, ids, w)).all()
+
 
 def _enable_checkpointing(model, use_reentrant):
     # transformers 5.2x calls it activation checkpointing; 5.17 gradient checkpointing

@@ -80,19 +80,38 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     """transformers' experts interface: ``(experts module, x [T, H], ids [T, k], weights [T, k]) -> [T, H]``.
 
     Under transformers' expert parallelism (``_is_expert_parallel``) a slot owned by another rank carries the
-    sentinel id ``num_local_experts`` and weight 0: it contributes nothing, forward or backward (it is computed on
-    local expert 0 with weight 0, and the weight's gradient is masked)."""
+    sentinel id ``num_local_experts`` and weight 0: it contributes nothing, forward or backward, and costs nothing
+    (:func:`_owned_slots_only`)."""
     problems = _layout_problems(self)
     if problems:  # not a Qwen3-MoE experts module: its own implementation, visibly
         fallback("moe_experts", f"{type(self).__name__} has {', '.join(problems)}: transformers' eager experts")
         return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
-    ids, weights = top_k_index, top_k_weights
     if getattr(self, "_is_expert_parallel", False):
-        owned = ids < self.gate_up_proj.shape[0]
-        ids, weights = torch.where(owned, ids, 0), torch.where(owned, weights, 0)
+        owned = top_k_index < self.gate_up_proj.shape[0]  # [T, k]
+        if not bool(owned.all()):  # one host read per layer: the compaction needs the owned slot count
+            return _owned_slots_only(self, hidden_states, top_k_index, top_k_weights, owned)
     # the package's conventions: int32 expert ids, fp32 routing weights (exact from transformers' bf16 weights)
-    return ops.moe_experts(hidden_states, self.gate_up_proj, self.down_proj, ids.to(torch.int32), weights.float(),
-                           activation=kernel_activation(self))
+    return ops.moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index.to(torch.int32),
+                           top_k_weights.float(), activation=kernel_activation(self))
+
+
+def _owned_slots_only(self, x, ids, weights, owned):
+    """The experts over this rank's slots only: the N owned slots as N one-slot tokens ``[N, H]`` through
+    ``ops.moe_experts`` (each row its slot's weighted product, rounded to x's dtype, as with k slots), put back in
+    slot order with zeros for the sentinels, and each token's k slots summed in fp32 in the order j = 0..k-1: the
+    unsharded call's rounding, slot by slot. The sentinel slots are never computed (with
+    world ranks, (world-1)/world of all slots in transformers' all-reduce mode), so a non-finite input row cannot
+    leak through ``0 * inf``; their weights get a zero gradient."""
+    T, k = ids.shape
+    slot = owned.reshape(-1).nonzero().squeeze(1)  # [N] owned slots, in slot order
+    tok = torch.div(slot, k, rounding_mode="floor")
+    y = ops.moe_experts(x[tok], self.gate_up_proj, self.down_proj, ids.reshape(-1)[slot, None].to(torch.int32),
+                        weights.reshape(-1)[slot, None].float(), activation=kernel_activation(self))  # [N, H]
+    rows = y.new_zeros((T * k, x.shape[1])).index_copy(0, slot, y).view(T, k, -1)  # [T, k, H]
+    out = rows[:, 0].float()
+    for j in range(1, k):  # fp32, j in order: as the kernels sum the k slots (adding a sentinel's 0 is exact)
+        out = out + rows[:, j].float()
+    return out.to(x.dtype)
 
 
 def register(name: str = EXPERTS_IMPLEMENTATION) -> str:
