@@ -165,7 +165,8 @@ def test_implementations_name_the_path(isa):
 
 def test_isa_override_errors(monkeypatch):
     monkeypatch.setenv("QWEN3MOE_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="QWEN3MOE_CPU_ISA=sse9 is not one of generic, avx2, avx512, avx512_bf16"):
+    with pytest.raises(ValueError, match="QWEN3MOE_CPU_ISA=sse9 is not one of torch, generic, avx2, avx512, "
+                                         "avx512_bf16"):
         _ext.cpu_isa()
     x, ids, w, wgu, wd = _inputs(2, 16, 8, 3, 1, torch.float32)
     with pytest.raises(ValueError, match="sse9"):
@@ -175,6 +176,24 @@ def test_isa_override_errors(monkeypatch):
         with pytest.raises(ValueError, match=f"{LEVELS[-1]} asks for a path this CPU cannot run: it supports at "
                                              f"most {BEST}"):
             OPS.grouped_swiglu(x, wgu, wd, ids, w, False)
+
+
+def test_torch_path(monkeypatch):
+    """QWEN3MOE_CPU_ISA=torch (what a CPU without AVX2/FMA/F16C gets by default): the op hands the call to the torch
+    implementation, bit for bit its result, and implementations() says so."""
+    monkeypatch.setenv("QWEN3MOE_CPU_ISA", "torch")
+    assert _ext.cpu_isa() == "torch: QWEN3MOE_CPU_ISA=torch"
+    for dtype in (torch.float32, torch.bfloat16):
+        x, ids, w, wgu, wd = _inputs(29, 40, 24, 7, 3, dtype, seed=13)
+        for save in (True, False):
+            got = OPS.grouped_swiglu(x, wgu, wd, ids, w, save, "gelu")
+            want = grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, save, "gelu")
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and torch.equal(a, b), (dtype, save)
+    recorder.reset()
+    with torch.no_grad():
+        ops.moe_experts(x, wgu, wd, ids, w)
+    assert recorder.implementations()["grouped_swiglu"] == "cpu (torch: QWEN3MOE_CPU_ISA=torch)"
 
 
 def test_training_saves_what_the_backward_needs(isa):
