@@ -138,8 +138,14 @@ const Kernels& kernels_avx512();
 const Kernels& kernels_avx512_bf16();
 #endif
 
-// The ISA the op runs now: the best the CPU has, or QWEN3MOE_CPU_ISA (lower only; an error otherwise). Throws a
-// c10 ValueError naming both on a bad override.
-Isa selected_isa();
+// What the op runs now: the C++ kernels at `isa`, or, where `torch` is not null, the torch implementation
+// (ops/grouped_swiglu_cpu.py) for that reason. By default the best ISA the CPU has, except that a CPU whose best is
+// the scalar generic kernel gets the torch implementation (faster there: docs/ops/grouped_swiglu.md);
+// QWEN3MOE_CPU_ISA names a lower ISA (generic included) or "torch". Throws a c10 ValueError on a bad override.
+struct Path {
+  Isa isa;
+  const char* torch;
+};
+Path selected_path();
 
 }  // namespace qwen3moe::experts

@@ -4,8 +4,9 @@
 // This file: the argument checks (the messages and exception types of ops/grouped_swiglu.py), the grouping of the
 // T*k slots by expert (a stable counting sort), the work split and the threads, and the ISA choice. The arithmetic
 // is in the per-ISA kernels (grouped_swiglu_cpu_<isa>.cpp from grouped_swiglu_cpu_impl.h, each compiled with its own
-// -m flags), chosen at run time from cpuid: avx512_bf16 > avx512 > avx2 > generic; QWEN3MOE_CPU_ISA forces a lower
-// one. Two parallel regions: gate_up over (hit expert x column block of I), then down over column blocks of H,
+// -m flags), chosen at run time from cpuid: avx512_bf16 > avx512 > avx2, and the torch implementation where the CPU
+// has none of these (the scalar generic kernel is slower there); QWEN3MOE_CPU_ISA forces a lower one, generic or
+// torch. Two parallel regions: gate_up over (hit expert x column block of I), then down over column blocks of H,
 // each block covering every hit expert and ending with the fp32 combine of the k slots of its columns. Every thread
 // torch.get_num_threads() allows gets a contiguous share of estimated cost, so a decode step with 8 hit experts uses
 // them all. No output depends on the split: results are bit-identical for any thread count.
@@ -65,20 +66,26 @@ const Kernels& kernels_of(Isa isa) {
 
 }  // namespace
 
-Isa selected_isa() {
+Path selected_path() {
   static const Isa best = detect_isa();
   const char* env = std::getenv("QWEN3MOE_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
+  if (env == nullptr || *env == '\0') {
+    // the generic kernel is scalar (one lane): per-expert BLAS products, vectorised for whatever the CPU has, are
+    // 1.1-1.8x faster even on MKL's SSE2 path (measured, docs/ops/grouped_swiglu.md "CPU")
+    if (best == Isa::generic) return {best, "no AVX2/FMA/F16C, where the scalar generic kernel is slower"};
+    return {best, nullptr};
+  }
   const std::string want(env);
+  if (want == "torch") return {best, "QWEN3MOE_CPU_ISA=torch"};
   for (Isa i : {Isa::generic, Isa::avx2, Isa::avx512, Isa::avx512_bf16}) {
     if (want == isa_name(i)) {
       TORCH_CHECK_VALUE(static_cast<int>(i) <= static_cast<int>(best), "QWEN3MOE_CPU_ISA=", want,
                         " asks for a path this CPU cannot run: it supports at most ", isa_name(best));
-      return i;
+      return {i, nullptr};
     }
   }
-  TORCH_CHECK_VALUE(false, "QWEN3MOE_CPU_ISA=", want, " is not one of generic, avx2, avx512, avx512_bf16");
-  return best;
+  TORCH_CHECK_VALUE(false, "QWEN3MOE_CPU_ISA=", want, " is not one of torch, generic, avx2, avx512, avx512_bf16");
+  return {best, nullptr};
 }
 #endif
 
@@ -210,6 +217,25 @@ void round_weights(const float* w, float* rw, int64_t n) {
 #if defined(__x86_64__)
 namespace {
 
+// The torch implementation, as its two parts ops (registered from Python, ops/grouped_swiglu.py): gate_up then
+// down give what its whole forward gives, bit for bit (tests/test_grouped_swiglu.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> torch_forward(const at::Tensor& x, const at::Tensor& w_gate_up,
+                                                             const at::Tensor& w_down, const at::Tensor& ids,
+                                                             const at::Tensor& weights, bool save,
+                                                             c10::string_view activation) {
+  using GateUp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                                     c10::string_view);
+  static const auto gate_up =
+      c10::Dispatcher::singleton().findSchemaOrThrow("qwen3moe::grouped_swiglu_gate_up", "").typed<GateUp>();
+  static const auto down = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("qwen3moe::grouped_swiglu_down", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&)>();
+  auto [h, gu] = gate_up.call(x, w_gate_up, ids, save, activation);
+  at::Tensor out = down.call(h, w_down, ids, weights);
+  return {out, save ? h : x.new_empty({0, h.size(1)}), gu};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tensor& x_in, const at::Tensor& w_gate_up_in,
                                                                   const at::Tensor& w_down_in, const at::Tensor& ids_in,
                                                                   const at::Tensor& weights_in, bool save_activations,
@@ -218,8 +244,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tens
   const int64_t T = x_in.size(0), H = x_in.size(1), E = w_gate_up_in.size(0), I = w_gate_up_in.size(1) / 2;
   const int64_t k = ids_in.size(1), S = T * k;
   if (T == 0) return {x_in.new_empty({0, H}), x_in.new_empty({0, I}), x_in.new_empty({0, 2 * I})};
+  const Path path = selected_path();
+  if (path.torch != nullptr) return torch_forward(x_in, w_gate_up_in, w_down_in, ids_in, weights_in, save_activations,
+                                                  activation);
   TORCH_CHECK_VALUE(S <= INT32_MAX, kOp, ": T*k = ", S, " does not fit int32 (slot ids are int32)");
-  const Kernels& K = kernels_of(selected_isa());
+  const Kernels& K = kernels_of(path.isa);
 
   const at::Tensor x = (H <= 1 || x_in.stride(1) == 1) ? x_in : x_in.contiguous();
   const at::Tensor w_gate_up = w_gate_up_in.contiguous(), w_down = w_down_in.contiguous();

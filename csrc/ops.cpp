@@ -3,16 +3,21 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "grouped_swiglu.h"
 
 namespace {
 // _C.cpu_isa(): the path the C++ CPU experts kernel (grouped_swiglu_cpu.cpp) takes now, "avx512_bf16", "avx512",
-// "avx2" or "generic": the best this CPU has, or the lower one QWEN3MOE_CPU_ISA names (ValueError for one it cannot
-// run or does not know). None where the build has no C++ CPU experts kernel (not x86-64).
+// "avx2" or "generic", or "torch: <why>" where it hands the call to the torch implementation: the best this CPU
+// has, or what QWEN3MOE_CPU_ISA names (ValueError for a path it cannot run or does not know). None where the build
+// has no C++ CPU experts kernel (not x86-64).
 PyObject* cpu_isa(PyObject*, PyObject*) {
 #if defined(__x86_64__)
   try {
-    return PyUnicode_FromString(qwen3moe::experts::isa_name(qwen3moe::experts::selected_isa()));
+    const qwen3moe::experts::Path p = qwen3moe::experts::selected_path();
+    if (p.torch != nullptr) return PyUnicode_FromString((std::string("torch: ") + p.torch).c_str());
+    return PyUnicode_FromString(qwen3moe::experts::isa_name(p.isa));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;

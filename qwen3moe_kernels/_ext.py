@@ -64,8 +64,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def cpu_isa() -> str | None:
     """The ISA path the C++ CPU experts kernel takes now: "avx512_bf16", "avx512", "avx2" or "generic" (the best the
-    CPU has, or the lower one ``QWEN3MOE_CPU_ISA`` names; one the CPU cannot run is a ValueError), or None where there
-    is no such kernel (a build for another architecture, or no build)."""
+    CPU has, or the lower one ``QWEN3MOE_CPU_ISA`` names; one the CPU cannot run is a ValueError), "torch: why" where
+    it hands the call to the torch implementation (a CPU without AVX2/FMA/F16C, ``QWEN3MOE_CPU_ISA=torch``), or None
+    where there is no such kernel (a build for another architecture, or no build)."""
     return _C.cpu_isa() if CPU_EXPERTS else None
 
 

@@ -258,6 +258,39 @@ def test_cpu_every_activation_forward_backward(activation, dtype):
             assert (a.double() - b).abs().max().item() <= bound, (activation, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, I", [(16, 1), (1, 8), (1, 1)])
+def test_cpu_size_one_dims_forward_backward(H, I, dtype):
+    """I = 1 or H = 1: operands of shape [S, 1] or [E, 1, 1], whose unit strides torch._grouped_mm refuses ("strides
+    should be multiple of 16 bytes"), take the per-expert loop. The torch forward, the parts ops and the whole
+    backward (what training runs) against autograd of reference.moe_experts in float64."""
+    from tolerances import twice_torch_error_bound
+
+    x, ids, w, wgu, wd = _inputs(9, H, I, 4, 2, dtype, seed=33)
+    dout = torch.randn(9, H, generator=torch.Generator().manual_seed(34)).to(dtype)
+    wr = w.to(dtype).float()
+    out, h, gu = grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, True)
+    h2, gu2 = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
+    assert torch.equal(h2, h) and torch.equal(gu2, gu)
+    assert torch.equal(OPS.grouped_swiglu_down(h, wd, ids, wr), out)
+    got = [out, *OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, wr, True, True, True)]
+
+    def ref(cast):
+        ts = [t.detach().to(cast or t.dtype).clone().requires_grad_() for t in (x, wgu, wd, w)]
+        r = reference.moe_experts(ts[0], ts[1], ts[2], ids, ts[3])
+        r.backward(dout.to(r.dtype))
+        return [r.detach(), ts[0].grad, ts[1].grad, ts[2].grad, ts[3].grad]
+
+    r64, lowp = ref(torch.float64), ref(None)
+    for name, a, b, c in zip(("out", "dx", "dw_gate_up", "dw_down", "dweights"), got, r64, lowp):
+        assert a.shape == b.shape, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.double(), b, **tol("gemm", dtype), msg=lambda m: f"{name}: {m}")
+        else:
+            bound = twice_torch_error_bound(b, c, floor=1e-5 * max(1.0, b.abs().max().item()))
+            assert (a.double() - b).abs().max().item() <= bound, name
+
+
 def test_activation_changes_the_result_and_unknown_names_are_refused():
     """A test that could not fail otherwise: each activation gives different outputs on the same inputs, and a name
     the kernels do not compute is a ValueError naming the choices."""

@@ -111,7 +111,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}),
         "cpu_threads": torch.get_num_threads(),
-        # the C++ CPU experts kernel's path (avx512_bf16, avx512, avx2, generic) and the overrides in force
+        # the C++ CPU experts kernel's path (avx512_bf16, avx512, avx2, generic, "torch: why") and the overrides
         "cpu_isa": _cpu_isa_or_error(),
         "env": {k: os.environ[k] for k in ("QWEN3MOE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
                                            "OMP_NUM_THREADS") if k in os.environ},

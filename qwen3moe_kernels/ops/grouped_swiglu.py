@@ -219,8 +219,9 @@ def _register(op: str, body) -> None:
 
 def cpu_experts_impl() -> str:
     """What the CPU experts forward runs, as ``implementations()`` records it: ``"cpu (avx512_bf16)"`` (the C++
-    kernel and its ISA path: avx512_bf16, avx512, avx2 or generic), or ``"cpu (torch: why)"`` where there is no C++
-    kernel. A ``QWEN3MOE_CPU_ISA`` the CPU cannot run is a ValueError."""
+    kernel and its ISA path: avx512_bf16, avx512, avx2 or generic), or ``"cpu (torch: why)"`` where the torch
+    implementation runs (no C++ kernel, a CPU without AVX2/FMA/F16C, or ``QWEN3MOE_CPU_ISA=torch``). A
+    ``QWEN3MOE_CPU_ISA`` the CPU cannot run is a ValueError."""
     isa = _ext.cpu_isa()
     if isa is not None:
         return f"cpu ({isa})"

@@ -72,16 +72,27 @@ def _grouped_mm_runs(dtype: torch.dtype) -> bool:
 
 def grouped_mm_fits(*ts: torch.Tensor) -> bool:
     """``torch._grouped_mm`` applies to these operands: CPU tensors (a GPU without triton keeps the per-expert
-    loop: CUDA's grouped GEMM has other requirements), its CPU kernel for their dtype exists, and every stride but
-    the unit one, and each base address, is a multiple of 16 bytes (what it requires of 16-bit operands; every
-    real Qwen3 shape has it, odd test shapes do not)."""
+    loop: CUDA's grouped GEMM has other requirements), its CPU kernel for their dtype exists, each base address is a
+    multiple of 16 bytes, and the strides pass its check (every real Qwen3 shape does, odd test shapes do not)."""
     if ts[0].device.type != "cpu" or not _grouped_mm_runs(ts[0].dtype):
         return False
-    for t in ts:
-        es = t.element_size()
-        if t.data_ptr() % 16 or any((st * es) % 16 for st, n in zip(t.stride(), t.shape) if st != 1 and n > 1):
-            return False
-    return True
+    return all(t.data_ptr() % 16 == 0 and _grouped_mm_strides_ok(t) for t in ts)
+
+
+def _grouped_mm_strides_ok(t: torch.Tensor) -> bool:
+    """torch's own rule (``check_valid_strides_and_return_transposed`` in ATen/native/GroupedMMUtils.h) for the last
+    two dims: one has stride 1, the other a stride that spans it and is a multiple of 16 bytes. It looks at the
+    strides of size-1 dims too ([S, 1] or [E, 1, 1] operands fail it); earlier dims: 16-byte strides where the size
+    is over 1 (CUDA's rule, kept on CPU too: every real shape has them)."""
+    es = t.element_size()
+    (r, c), (sr, sc) = t.shape[-2:], t.stride()[-2:]
+    if sr == 1 and sc >= max(1, r):
+        inner_ok = (sc * es) % 16 == 0
+    elif sc == 1 and sr >= max(1, c):
+        inner_ok = (sr * es) % 16 == 0
+    else:
+        inner_ok = False
+    return inner_ok and not any((st * es) % 16 for st, n in zip(t.stride()[:-2], t.shape[:-2]) if n > 1)
 
 
 def _expert_mm(a: torch.Tensor, w: torch.Tensor, order: _Order, transpose_w: bool) -> torch.Tensor:
