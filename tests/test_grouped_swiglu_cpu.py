@@ -133,7 +133,8 @@ def test_real_size_within_a_multiple_of_torch_error(dtype, monkeypatch):
                 assert torch.isfinite(a).all(), (isa, T, name)
                 err = (a.double() - b).abs().max().item()
                 bound = REAL_FACTOR[dtype] * te
-                assert err <= bound, f"{isa} T={T} {name}: error {err:.3e} > {bound:.3e} ({REAL_FACTOR[dtype]} x torch's)"
+                assert err <= bound, (f"{isa} T={T} {name}: error {err:.3e} > {bound:.3e} "
+                                      f"({REAL_FACTOR[dtype]} x torch's)")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -185,7 +186,8 @@ def test_a_million_slots():
     T, k = 1 << 18, 4
     x, ids, w, wgu, wd = _inputs(T, 8, 4, 16, k, torch.float32, seed=9)
     out = OPS.grouped_swiglu(x, wgu, wd, ids, w, False)[0]
-    torch.testing.assert_close(out, grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, False)[0], **tol("gemm", torch.float32))
+    torch.testing.assert_close(out, grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, False)[0],
+                               **tol("gemm", torch.float32))
 
 
 def test_strided_and_noncontiguous_inputs(isa):

@@ -6,7 +6,8 @@ first), w_down ``[E, H, I]``, ids ``[T, k]`` int32/int64, weights ``[T, k]`` fp3
 as transformers does). ``grouped_swiglu(x, w_gate_up, w_down, ids, weights, save_activations, activation="silu")
 -> (out [T, H], h [T*k, I], gate_up [T*k, 2I])``: ``out[t] = sum_j weights[t, j] * (act(gate) * up)[s] @ w_down[e].T``
 (act: silu, gelu, gelu_tanh or relu), the k slots summed in fp32 in the order j = 0..k-1 (deterministic); h and
-gate_up (slot order) only when ``save_activations`` (the backward's inputs), else empty. A gradient not asked of the backward comes back empty ``[0, ...]``.
+gate_up (slot order) only when ``save_activations`` (the backward's inputs), else empty. A gradient not asked of the
+backward comes back empty ``[0, ...]``.
 Implementations: CUDA ``ops/grouped_swiglu_triton.py``; CPU: the forward ``grouped_swiglu`` is C++
 (``csrc/grouped_swiglu_cpu.cpp``, per-ISA kernels chosen at run time; ``cpu_experts_impl`` names the path), the
 parts and the backward ops ``ops/grouped_swiglu_cpu.py`` (torch; also the forward's reference in the tests). Each
