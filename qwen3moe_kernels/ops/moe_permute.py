@@ -128,15 +128,18 @@ def moe_unpermute(
     return out
 
 
-def sum_slots(rows: torch.Tensor, T: int, k: int, inv: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_j rows[inv[t*k + j]]``, ``[T, H]`` in rows' dtype: each token's k slot rows summed.
+def sum_slots(rows: torch.Tensor, T: int, k: int, inv: torch.Tensor,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j rows[inv[t*k + j]]``, ``[T, H]`` in rows' dtype: each token's k slot rows summed (weighted
+    by ``weights [T, k]`` when given).
 
-    ``moe_unpermute`` with unit weights: fp32 (float64 for float64 rows) in the order j = 0..k-1, one rounding
-    (``1.0 * v`` and the add are exact), so deterministic, and bit for bit the Triton ``sum_slots`` kernel's sum over
-    slot-ordered rows. Not ``rows.view(T, k, H).sum(1)``: torch's reduction order and accumulation dtype are
-    implementation details."""
-    ones = torch.ones((T, k), dtype=torch.float32, device=rows.device)
+    ``moe_unpermute`` (unit weights by default): fp32 (float64 for float64 rows, through the reference) in the order
+    j = 0..k-1, one rounding (``1.0 * v`` and the add are exact), so deterministic, and bit for bit the Triton
+    ``sum_slots`` kernel's sum over slot-ordered rows. Not ``rows.view(T, k, H).sum(1)``: torch's reduction order
+    and accumulation dtype are implementation details."""
+    if weights is None:
+        weights = torch.ones((T, k), dtype=torch.float32, device=rows.device)
     if rows.dtype in FLOAT_DTYPES:
-        return moe_unpermute(rows, ones, inv)
-    return reference.moe_unpermute(rows, ones, inv)
+        return moe_unpermute(rows, weights, inv)
+    return reference.moe_unpermute(rows, weights, inv)
 

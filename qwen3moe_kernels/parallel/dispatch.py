@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import reference
-from ..ops._checks import FLOAT_DTYPES
-from ..ops.moe_permute import moe_permute, moe_sort, moe_unpermute, sum_slots
+from ..ops.moe_permute import moe_permute, moe_sort, sum_slots
 from . import checks
 from .comm import host_device, exchange_equal, exchange_rows, rank_world
 
@@ -134,14 +132,6 @@ def permute_tokens(x: torch.Tensor, handle: EPHandle) -> torch.Tensor:
     return moe_permute(x, handle.sorted_slots, handle.top_k)
 
 
-def unpermute(rows: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """``moe_unpermute``: ``out[t] = sum_j weights[t, j] * rows[inv[t*k + j]]`` in fp32, j in order; the
-    reference's (float64 for float64) for dtypes the kernel does not take."""
-    if rows.dtype in FLOAT_DTYPES:
-        return moe_unpermute(rows, weights, inv)
-    return reference.moe_unpermute(rows, weights, inv)
-
-
 # ------------------------------------------------------------------------------------------- autograd
 
 
@@ -164,7 +154,7 @@ class _Combine(torch.autograd.Function):
         back = handle.send_back(handle.ungroup_rows(y.contiguous()))  # [T*k, H] expert-sorted slot order
         ctx.handle = handle
         ctx.save_for_backward(back, weights)
-        return unpermute(back, weights, handle.inv)
+        return sum_slots(back, handle.num_tokens, handle.top_k, handle.inv, weights)
 
     @staticmethod
     def backward(ctx, dout):
