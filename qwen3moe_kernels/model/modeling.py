@@ -210,15 +210,16 @@ class Qwen3MoeForCausalLM(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend, ep_group=ep_group)
 
-    def _ep_agree(self, check) -> None:
+    def _ep_agree(self, check, what: str = "Qwen3MoeForCausalLM", agree: dict | None = None) -> None:
         """Run ``check()`` (input validation); under expert parallelism every rank learns whether any rank's
-        failed and raises too, so a bad batch on one rank never leaves the others waiting in an exchange."""
+        failed, or whether the ranks disagree on the ``agree`` values, and raises too, so a bad batch on one rank
+        never leaves the others waiting in an exchange."""
         if self.ep_group is None:
             check()
             return
         from ..parallel import raise_together
 
-        raise_together(check, self.ep_group, "Qwen3MoeForCausalLM")
+        raise_together(check, self.ep_group, what, agree)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -336,13 +337,9 @@ class Qwen3MoeForCausalLM(nn.Module):
                 raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask)}")
 
-        if self.ep_group is None:
-            check()
-        else:  # the same number of steps everywhere: each step's MoE layers are collectives
-            from ..parallel import raise_together
-
-            raise_together(check, self.ep_group, "generate", agree={"max_new_tokens": max_new_tokens,
-                                                                   "eos_token_id set": eos_token_id is not None})
+        # under expert parallelism, the same number of steps everywhere: each step's MoE layers are collectives
+        self._ep_agree(check, "generate", agree={"max_new_tokens": max_new_tokens,
+                                                 "eos_token_id set": eos_token_id is not None})
         positions = None
         if attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
