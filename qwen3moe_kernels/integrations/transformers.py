@@ -109,7 +109,9 @@ def _owned_slots_only(self, x, ids, weights, owned):
                         weights.reshape(-1)[slot, None].float(), activation=kernel_activation(self))  # [N, H]
     rows = y.new_zeros((T * k, x.shape[1])).index_copy(0, slot, y).view(T, k, -1)  # [T, k, H]
     out = rows[:, 0].float()
-    for j in range(1, k):  # fp32, j in order: as the kernels sum the k slots (adding a sentinel's 0 is exact)
+    # fp32, j in order, as the kernels sum the k slots (adding a sentinel's 0 is exact): sum_slots' arithmetic, in
+    # torch ops because it must be differentiable and the moe_unpermute op has no backward
+    for j in range(1, k):
         out = out + rows[:, j].float()
     return out.to(x.dtype)
 

@@ -27,7 +27,7 @@ from . import grouped_swiglu_cpu as _torch_impl
 from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_like
 
 _IDS = (torch.int32, torch.int64)
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # the gate's activation the kernels compute
+ACTIVATIONS = tuple(reference.ACTIVATIONS)  # the gate's activations the kernels compute: silu, gelu, gelu_tanh, relu
 
 
 # ------------------------------------------------------------------------------------------------ checks
