@@ -103,9 +103,15 @@ def test_ep_benchmark_runs_at_tiny_size():
     shapes = dict(hidden=64, moe_intermediate=32, experts=8, top_k=2)
     rows = ep.run("cpu", [1, 5], torch.float32, shapes=shapes, budget_s=0.01, min_runs=2, log=None)
     assert [(r["op"], r["tokens"]) for r in rows] == [
-        (op, t) for t in (1, 5) for op in ("ep_dispatch", "ep_experts", "ep_combine", "ep_fused_moe", "fused_moe")]
+        (op, t) for t in (1, 5) for op in ("ep_dispatch", "ep_experts", "ep_combine", "ep_fused_moe", "fused_moe",
+                                           "cpu_limit", "cpu_limit")]
     for r in rows:
         assert r["check"] == "pass" and r["median_ms"] > 0 and r["threads_per_rank"] == 1, r
         assert len(r["per_rank_median_ms"]) == 2, r
     block = [r for r in rows if r["op"] == "ep_fused_moe"]
     assert all(0 < r["alltoall_share"] < 1 and r["alltoall_ms"] > 0 for r in block), block
+    # the limits measured in the same run, and the experts' weight read and rate as fractions of them
+    limits = [r for r in rows if r["op"] == "cpu_limit"]
+    assert [r["impl"].split(":")[0] for r in limits] == ["read", "mm"] * 2 and all(
+        r.get("gbps", 0) > 0 or r.get("tflops", 0) > 0 for r in limits), limits
+    assert all(r["frac_read_bw"] > 0 and r["frac_mm"] > 0 for r in rows if r["op"] == "ep_experts"), rows

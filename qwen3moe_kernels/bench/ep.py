@@ -5,8 +5,11 @@ Rows per T (tokens per rank), each the slowest rank's median: ``ep_dispatch``, `
 the rows received) and ``ep_combine``, timed apart, with the all-to-all time inside them (``alltoall_ms``, waiting
 for the other rank included); ``ep_fused_moe``, the whole block (``ops.fused_moe(..., ep_group=)``, router
 included), with the three steps' medians and the all-to-all share of their sum; and ``fused_moe`` on one process
-with all the experts on the same T tokens (impl "1 process"). Checked first against single-process ``fused_moe``
-on every rank's tokens. On GPUs the same code runs under torchrun (``docs/parallel.md``); this module is CPU only.
+with all the experts on the same T tokens (impl "1 process": 1 thread, every rank at once); and the CPU's limits
+under the same load, every rank at once (op "cpu_limit": an fp32 sum over 512 MB, torch.mm at M=512), of which
+``ep_experts`` reports its local weight read (``frac_read_bw``) and its rate (``frac_mm``). Checked first against
+single-process ``fused_moe`` on every rank's tokens. On GPUs the same code runs under torchrun
+(``docs/parallel.md``); this module is CPU only.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .fused_moe import QWEN3_30B_A3B, make_moe_weights
+from .fused_moe import QWEN3_30B_A3B, add_limit_fractions, cpu_limit_fns, make_moe_weights
 from .machine import default_dtype, dtype_name, machine_info
-from .report import op_row
+from .report import add_rates, op_row
 from .timing import summarize
 
 COLLECTIVE_TIMEOUT_S = 600
@@ -57,6 +60,7 @@ def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch
     router = full["router_weight"]
     wgu, wd = (parallel.shard_experts(full[n], group).clone() for n in ("w_gate_up", "w_down"))
     impl = f"gloo {world} ranks x 1 thread"
+    limit_fns, limit_fields = cpu_limit_fns(dtype)
     rows = []
     for T in token_counts:
         g = torch.Generator().manual_seed(1000 + T)
@@ -88,7 +92,10 @@ def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch
                     parallel.combine(y, handle)
                     t4 = time.perf_counter()
                 step_times.append((t1 - t0, t3 - t2, t4 - t3, a2a_d["seconds"], a2a_c["seconds"]))
+                last_handle[:] = [handle]  # the same routing every call: its rows per local expert
                 return t4 - t0
+
+            last_handle: list = []
 
             def block():
                 dist.barrier(group=group)
@@ -101,6 +108,14 @@ def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch
                 ops.fused_moe(x, router, full["w_gate_up"], full["w_down"], k, True)
                 return time.perf_counter() - t0
 
+            def limit(fn):
+                def timed():
+                    dist.barrier(group=group)  # every rank at once: the load the steps run under
+                    t0 = time.perf_counter()
+                    fn(x)
+                    return time.perf_counter() - t0
+                return timed
+
             step_times: list[tuple] = []
             steps()  # warm-up
             step_times.clear()
@@ -109,6 +124,9 @@ def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch
             block_s = _runs(block, budget_s, min_runs, 200, group)
             single()
             single_s = _runs(single, budget_s, min_runs, 200, group)
+            limit_s = {n: _runs(limit(fn), budget_s, min_runs, 200, group) for n, fn in limit_fns.items()}
+            hit = last_handle[0].expert_ids.unique().numel()  # the local experts whose weights ep_experts reads
+            n_rows = last_handle[0].expert_ids.numel()
 
         def ms(values):
             return summarize([v * 1e3 for v in values])
@@ -118,14 +136,26 @@ def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch
         step_sum = [d + e + c for d, e, c in zip(cols[0], cols[1], cols[2])]
         common = dict(shape=f"H={H} I={I} E={E} k={k}, {E // world} experts per rank", ranks=world,
                       threads_per_rank=torch.get_num_threads(), rank=rank, check=check, bit_identical=identical)
+        limits = {}
+        for n, f in limit_fields.items():  # read: fp32; mm: the block's dtype
+            limits[n] = op_row(f["op"], f["impl"], T, torch.float32 if n == "read" else dtype, info, ms(limit_s[n]),
+                               **common)
+            add_rates(limits[n], f.get("flops"), f.get("bytes"), None)
+        step_rows = []
         for op, values, extra in (("ep_dispatch", cols[0], {"alltoall_ms": ms(cols[3])["median_ms"]}),
                                   ("ep_experts", cols[1], {}),
                                   ("ep_combine", cols[2], {"alltoall_ms": ms(cols[4])["median_ms"]})):
-            rows.append(op_row(op, impl, T, dtype, info, ms(values), **extra, **common))
+            step_rows.append(op_row(op, impl, T, dtype, info, ms(values), **extra, **common))
+        experts = step_rows[1]  # its weight read (the hit local experts) and GEMM rate against the limits
+        experts["weight_bytes"] = hit * 3 * I * H * full["w_down"].element_size()
+        add_rates(experts, 2.0 * n_rows * 3 * I * H, None, None)
+        add_limit_fractions([experts], limits["read"], limits["mm"])
+        rows += step_rows
         rows.append(op_row("ep_fused_moe", impl, T, dtype, info, ms(block_s),
                            alltoall_share_this_rank=statistics.median(a / s for a, s in zip(a2a, step_sum)),
                            **common))
         rows.append(op_row("fused_moe", "1 process (all experts)", T, dtype, info, ms(single_s), **common))
+        rows += [limits["read"], limits["mm"]]
     return rows
 
 
@@ -203,10 +233,17 @@ def run(device, token_counts: Sequence[int], dtype: torch.dtype | None = None, s
     if log:
         log(f"ep: {world} gloo ranks x 1 thread, {dtype_name(dtype)}, {shapes}; per T (tokens per rank), the "
             f"slowest rank's medians:")
+        by = {(r["op"], r["impl"][:4], r["tokens"]): r for r in rows}
         for r in rows:
             if r["op"] == "ep_fused_moe":
-                log(f"  T={r['tokens']:>4}: block {r['median_ms']:8.2f} ms = dispatch {r['dispatch_ms']:.2f} + "
+                T = r["tokens"]
+                ex, read, mm = by[("ep_experts", "gloo", T)], by[("cpu_limit", "read", T)], by[("cpu_limit", "mm: ", T)]
+                log(f"  T={T:>4}: block {r['median_ms']:8.2f} ms = dispatch {r['dispatch_ms']:.2f} + "
                     f"experts {r['experts_ms']:.2f} + combine {r['combine_ms']:.2f} (+ router); all-to-all "
                     f"{r['alltoall_ms']:.2f} ms = {100 * r['alltoall_share']:.1f}% of the three steps "
                     f"({r['check']}{', bit-identical' if r['bit_identical'] else ''})")
+                log(f"          experts read {ex.get('weight_gbps', 0):.1f} GB/s = "
+                    f"{ex.get('frac_read_bw', 0):.0f}% of read {read.get('gbps', 0):.1f} GB/s, "
+                    f"{ex.get('frac_mm', 0):.0f}% of mm {1e3 * mm.get('tflops', 0):.0f} GFLOP/s (per rank, "
+                    f"every rank at once)")
     return rows
