@@ -35,15 +35,21 @@ from .timing import summarize
 COLLECTIVE_TIMEOUT_S = 600
 
 
-def _runs(fn, budget_s: float, min_runs: int, max_runs: int, group) -> list[float]:
-    """Time ``fn()`` (returning its own seconds) the same number of times on every rank: the ranks agree on the
-    count from a timed first call (the slowest rank's), since each call is a collective."""
+def _runs(fns: dict, budget_s: float, min_runs: int, max_runs: int, group) -> dict[str, list[float]]:
+    """Time each of ``fns`` (each returning its own seconds) the same number of times on every rank, interleaved
+    (round i starts at function i mod len(fns): the machine's drift spreads over all of them): the ranks agree on
+    the count from a timed first round (the slowest rank's), since each call is a collective."""
     from ..parallel.comm import gather_ints
 
-    first = fn()
-    want = max(min_runs, min(max_runs, int(budget_s / max(first, 1e-6))))
-    n = max(v[0] for v in gather_ints([want], group))
-    return [fn() for _ in range(n)]
+    names = list(fns)
+    times = {n: [fns[n]()] for n in names}  # the first round, which sets the count
+    first = sum(t[0] for t in times.values())
+    want = max(min_runs, min(max_runs, int(budget_s * len(names) / max(first, 1e-6))))
+    rounds = max(v[0] for v in gather_ints([want], group))
+    for i in range(1, rounds):
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            times[n].append(fns[n]())
+    return times
 
 
 def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch.dtype, shapes: dict,
@@ -117,14 +123,13 @@ def _bench_rank(rank: int, world: int, token_counts: Sequence[int], dtype: torch
                 return timed
 
             step_times: list[tuple] = []
-            steps()  # warm-up
+            fns = {"steps": steps, "block": block, "single": single, **{n: limit(f) for n, f in limit_fns.items()}}
+            for f in fns.values():  # warm-up
+                f()
             step_times.clear()
-            _runs(steps, budget_s, min_runs, 200, group)
-            block()
-            block_s = _runs(block, budget_s, min_runs, 200, group)
-            single()
-            single_s = _runs(single, budget_s, min_runs, 200, group)
-            limit_s = {n: _runs(limit(fn), budget_s, min_runs, 200, group) for n, fn in limit_fns.items()}
+            timed = _runs(fns, budget_s, min_runs, 200, group)
+            block_s, single_s = timed["block"], timed["single"]
+            limit_s = {n: timed[n] for n in limit_fns}
             hit = last_handle[0].expert_ids.unique().numel()  # the local experts whose weights ep_experts reads
             n_rows = last_handle[0].expert_ids.numel()
 
