@@ -72,13 +72,13 @@ def no_cuda_reason():
 
 # The per-ISA kernels of the CPU experts (csrc/grouped_swiglu_cpu_impl.h): each file is compiled with its own -m
 # flags and nothing else is, so one build runs on every x86-64 CPU; the op picks the best its CPU has at run time.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"] + _AVX2
 ISA_SOURCES = {
     os.path.join("csrc", "grouped_swiglu_cpu_generic.cpp"): [],
-    os.path.join("csrc", "grouped_swiglu_cpu_avx2.cpp"): ["-mavx2", "-mfma", "-mf16c"],
-    os.path.join("csrc", "grouped_swiglu_cpu_avx512.cpp"): [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
-    os.path.join("csrc", "grouped_swiglu_cpu_avx512bf16.cpp"): [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
+    os.path.join("csrc", "grouped_swiglu_cpu_avx2.cpp"): _AVX2,
+    os.path.join("csrc", "grouped_swiglu_cpu_avx512.cpp"): _AVX512,
+    os.path.join("csrc", "grouped_swiglu_cpu_avx512bf16.cpp"): _AVX512 + ["-mavx512bf16"],
 }
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -87,11 +87,14 @@ def extension():
     # the per-ISA files are built by BuildWithRecord.build_extension (x86-64 only; elsewhere the CPU experts run the
     # torch implementation)
     cpp = sorted(f for f in glob.glob(os.path.join("csrc", "*.cpp")) if f not in ISA_SOURCES)
+    # setuptools relinks only when a source or dependency is newer than the library: the per-ISA files and the
+    # headers count too
+    depends = sorted(list(ISA_SOURCES) + glob.glob(os.path.join("csrc", "*.h")))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     if no_cuda_reason() is not None:
         print(f"qwen3moe_kernels: building the CPU kernels only ({no_cuda_reason()})")
         return CppExtension("qwen3moe_kernels._C", cpp, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+                            extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")], depends=depends)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
@@ -103,6 +106,7 @@ def extension():
         include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_include_dirs(),
         extra_compile_args={"cxx": cxx_flags + ["-DQWEN3MOE_WITH_CUDA"], "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
+        depends=depends,
     )
 
 
@@ -122,9 +126,6 @@ class BuildWithRecord(BuildExtension):
                                                  extra_postargs={"cxx": list(base) + flags, "nvcc": []},
                                                  depends=ext.depends)
             ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in objects] + objects
-        # setuptools relinks only when a source or dependency is newer than the library: the per-ISA files and
-        # the headers count too
-        ext.depends = sorted(set((ext.depends or []) + list(ISA_SOURCES) + glob.glob(os.path.join("csrc", "*.h"))))
         super().build_extension(ext)
 
     def run(self):

@@ -117,7 +117,6 @@ struct Problem {
 
 // What each ISA's translation unit exports (grouped_swiglu_cpu_impl.h builds it).
 struct Kernels {
-  Isa isa;
   int lanes;           // m_pad granularity of the packed layouts (the vector width in fp32 lanes)
   bool bf16_pairs;     // bf16 inputs take the dot-product (pair) path: hp holds 32-bit pair words
   int col_step;        // gate_up column blocks are multiples of this (pairs of the packed h stay in one block)

@@ -24,6 +24,7 @@
 #endif
 
 #include "grouped_swiglu.h"
+#include "moe_sort_cpu.h"
 
 namespace qwen3moe::experts {
 
@@ -87,7 +88,6 @@ Path selected_path() {
   TORCH_CHECK_VALUE(false, "QWEN3MOE_CPU_ISA=", want, " is not one of torch, generic, avx2, avx512, avx512_bf16");
   return {best, nullptr};
 }
-#endif
 
 // ------------------------------------------------------------------------------------------------ checks
 
@@ -143,19 +143,17 @@ Act check_args(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tenso
   TORCH_CHECK_VALUE(1 <= k && k <= E, kOp, ": top_k (ids.shape[1]) must be in [1, E=", E, "], got ", k);
   if (ids.numel() > 0) {  // the first position of the smallest bad value, or else of the largest
     const at::Tensor ic = ids.contiguous();
-    const int64_t n = ic.numel();
-    std::vector<int64_t> v(n);
     AT_DISPATCH_INDEX_TYPES(ic.scalar_type(), "grouped_swiglu_ids", [&] {
       const index_t* p = ic.const_data_ptr<index_t>();
-      for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+      const index_t* end = p + ic.numel();
+      const auto [lo, hi] = std::minmax_element(p, end);
+      if (*lo < 0 || *hi >= E) {
+        const index_t bad = *lo < 0 ? *lo : *hi;
+        const int64_t pos = std::find(p, end, bad) - p;
+        TORCH_CHECK_VALUE(false, kOp, ": ids[", pos / k, ", ", pos % k, "] = ", static_cast<int64_t>(bad),
+                          " is not an expert id in [0, E=", E, ")");
+      }
     });
-    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
-    if (*lo < 0 || *hi >= E) {
-      const int64_t bad = *lo < 0 ? *lo : *hi;
-      const int64_t pos = std::find(v.begin(), v.end(), bad) - v.begin();
-      TORCH_CHECK_VALUE(false, kOp, ": ids[", pos / k, ", ", pos % k, "] = ", bad,
-                        " is not an expert id in [0, E=", E, ")");
-    }
   }
   check_like("w_down", w_down, x);
   TORCH_CHECK_VALUE(w_down.dim() == 3 && w_down.size(0) == E && w_down.size(1) == H && w_down.size(2) == I, kOp,
@@ -214,7 +212,6 @@ void round_weights(const float* w, float* rw, int64_t n) {
 
 // -------------------------------------------------------------------------------------------------- the op
 
-#if defined(__x86_64__)
 namespace {
 
 // The torch implementation, as its two parts ops (registered from Python, ops/grouped_swiglu.py): gate_up then
@@ -273,15 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_cpu(const at::Tens
   }
   P.rw = rw.data();
 
-  // the slots grouped by expert: a stable counting sort (the checks proved the ids in range)
-  std::vector<int64_t> count(E + 1, 0);
-  std::vector<int32_t> sorted(S);
+  // the slots grouped by expert: moe_sort's stable counting sort (the checks proved the ids in range)
+  std::vector<int32_t> count(E + 1), sorted(S);  // count: where each expert's slots start
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "grouped_swiglu_sort", [&] {
-    const index_t* ip = ids.const_data_ptr<index_t>();
-    for (int64_t s = 0; s < S; ++s) ++count[ip[s] + 1];
-    for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
-    std::vector<int64_t> pos(count.begin(), count.end() - 1);
-    for (int64_t s = 0; s < S; ++s) sorted[pos[ip[s]]++] = static_cast<int32_t>(s);
+    counting_sort(ids.const_data_ptr<index_t>(), S, E, sorted.data(), nullptr, count.data());
   });
   P.sorted = sorted.data();
 

@@ -32,21 +32,17 @@
 #if defined(QWEN3MOE_ISA_AVX512_BF16)
 #define QWEN3MOE_V512 1
 #define QWEN3MOE_DP 1
-#define QWEN3MOE_ISA_ENUM Isa::avx512_bf16
 #define QWEN3MOE_KERNELS_FN kernels_avx512_bf16
 #elif defined(QWEN3MOE_ISA_AVX512)
 #define QWEN3MOE_V512 1
 #define QWEN3MOE_DP 0
-#define QWEN3MOE_ISA_ENUM Isa::avx512
 #define QWEN3MOE_KERNELS_FN kernels_avx512
 #elif defined(QWEN3MOE_ISA_AVX2)
 #define QWEN3MOE_V256 1
 #define QWEN3MOE_DP 0
-#define QWEN3MOE_ISA_ENUM Isa::avx2
 #define QWEN3MOE_KERNELS_FN kernels_avx2
 #elif defined(QWEN3MOE_ISA_GENERIC)
 #define QWEN3MOE_DP 0
-#define QWEN3MOE_ISA_ENUM Isa::generic
 #define QWEN3MOE_KERNELS_FN kernels_generic
 #else
 #error "define one QWEN3MOE_ISA_* before including grouped_swiglu_cpu_impl.h"
@@ -55,7 +51,7 @@
 namespace qwen3moe::experts {
 namespace {
 
-#define QI inline __attribute__((always_inline))
+#define QI QWEN3MOE_LOCAL  // every helper below: inlined, so no copy of it outlives this translation unit
 
 QI int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 QI int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -1052,7 +1048,7 @@ int64_t scratch_bytes(const Problem& P, int64_t cols, int64_t hb) {
 const Kernels& QWEN3MOE_KERNELS_FN() {
   // kWideRows / kNarrowRemainder: see the tile parameters
   static const Kernels table = {
-      QWEN3MOE_ISA_ENUM, W, QWEN3MOE_DP != 0, 12, {kWideRows[0], kWideRows[1], kWideRows[2]},
+      W, QWEN3MOE_DP != 0, 12, {kWideRows[0], kWideRows[1], kWideRows[2]},
       {kNarrowRemainder[0], kNarrowRemainder[1], kNarrowRemainder[2]}, &scratch_bytes, &gate_up_entry, &down_entry,
   };
   return table;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe_permute.h"
+#include "moe_sort_cpu.h"
 
 namespace qwen3moe {
 
@@ -82,9 +83,6 @@ void check_unpermute_out(const at::Tensor& y, const at::Tensor& weights, const a
                     ", got ", out.sizes(), " on ", out.device());
 }
 
-namespace {
-
-// Stable counting sort of the slots by expert. sorted/inv may be null (not wanted); counts gets E entries.
 template <typename id_t>
 void counting_sort(const id_t* ids, int64_t N, int64_t E, int32_t* sorted, int32_t* inv, int32_t* offsets) {
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 16383) / 16384));
@@ -131,6 +129,11 @@ void counting_sort(const id_t* ids, int64_t N, int64_t E, int32_t* sorted, int32
     }
   });
 }
+
+template void counting_sort<int32_t>(const int32_t*, int64_t, int64_t, int32_t*, int32_t*, int32_t*);
+template void counting_sort<int64_t>(const int64_t*, int64_t, int64_t, int32_t*, int32_t*, int32_t*);
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_cpu(const at::Tensor& ids, int64_t num_experts) {
   check_ids(ids, num_experts, "moe_sort");
