@@ -11,6 +11,7 @@ one: a case records its mismatches and raises at its end, so the ranks stay in s
 
 from __future__ import annotations
 
+import functools
 import gc
 import re
 import traceback
@@ -148,7 +149,6 @@ def case_one_rank(dtype):
     def run(rank, world):
         E, k = 8, 2
         router, w_gate_up, w_down = _weights(E, dtype, 5)
-        lo, hi = parallel.expert_range(E, None)
         last = range(E - E // world, E)
         router = router.float().abs() * torch.tensor([1.0 if e in last else -1.0 for e in range(E)])[:, None]
         xs = [x.float().abs().to(dtype) for x in _tokens(TOKENS[world][1], dtype, 6)]
@@ -156,7 +156,7 @@ def case_one_rank(dtype):
         # the rows each rank receives, through the public dispatch
         logits = torch.nn.functional.linear(xs[rank], router)
         weights, ids = ops.router_topk(logits, k, True)
-        x_local, handle = parallel.dispatch(xs[rank], ids, weights, None, E)
+        x_local, _ = parallel.dispatch(xs[rank], ids, weights, None, E)
         received = x_local.shape[0]
         all_received = [[0]] * world
         dist.all_gather_object(all_received, received)
@@ -425,18 +425,21 @@ def op_cases(world) -> dict:
 
 
 def _model_cases(small):
-    def load(rank, world):
-        ref = Qwen3MoeForCausalLM.from_pretrained(small["per_expert"], backend="fused")
-        ep = Qwen3MoeForCausalLM.from_pretrained(small["per_expert"], ep_group=dist.group.WORLD)
-        ep_fused = Qwen3MoeForCausalLM.from_pretrained(small["fused"], ep_group=dist.group.WORLD)
-        return ref, ep, ep_fused
+    @functools.cache
+    def load(which):
+        """Loaded once per process (no case changes a model): "ref" the single-process model, "ep" / "ep_fused"
+        this rank's expert-parallel model from the per-expert / the fused checkpoint."""
+        if which == "ref":
+            return Qwen3MoeForCausalLM.from_pretrained(small["per_expert"], backend="fused")
+        path = small["per_expert"] if which == "ep" else small["fused"]
+        return Qwen3MoeForCausalLM.from_pretrained(path, ep_group=dist.group.WORLD)
 
     def batch(rank, vocab, seed=0):
         g = torch.Generator().manual_seed(100 * seed + rank)
         return torch.randint(0, vocab, (1 + rank % 2, 5 + 2 * rank), generator=g)
 
     def shards(rank, world):
-        ref, ep, ep_fused = load(rank, world)
+        ref, ep, ep_fused = load("ref"), load("ep"), load("ep_fused")
         m = Mismatches()
         lo, hi = parallel.expert_range(ref.config.num_experts, None)
         full = dict(ref.named_parameters())
@@ -448,7 +451,7 @@ def _model_cases(small):
         return {}
 
     def forward(rank, world):
-        ref, ep, _ = load(rank, world)
+        ref, ep = load("ref"), load("ep")
         ids = batch(rank, ref.config.vocab_size)
         with torch.no_grad():
             got, want = ep(ids, output_router_logits=True), ref(ids, output_router_logits=True)
@@ -459,7 +462,7 @@ def _model_cases(small):
         return m.done()
 
     def generate(rank, world):
-        ref, ep, _ = load(rank, world)
+        ref, ep = load("ref"), load("ep")
         ids = batch(rank, ref.config.vocab_size, seed=1)
         m = Mismatches()
         m.equal("greedy tokens", ep.generate(ids, max_new_tokens=5), ref.generate(ids, max_new_tokens=5))
@@ -473,7 +476,7 @@ def _model_cases(small):
         return m.done()
 
     def bad_batch(rank, world):
-        _, ep, _ = load(rank, world)
+        ep = load("ep")
         ids = batch(rank, ep.config.vocab_size)
         if rank == world - 1:
             ids[0, 0] = ep.config.vocab_size

@@ -104,13 +104,11 @@ def results_or_raise(world: int, target: str, *args) -> list:
 def raise_or_wait(rank: int, world: int, hang: bool) -> int:
     """For the harness's own test: the last rank raises (or, ``hang``, sleeps past any deadline), the others wait
     for it in a barrier."""
-    import time as _time
-
     import torch.distributed as dist
 
     if rank == world - 1:
         if hang:
-            _time.sleep(600)
+            time.sleep(600)
         raise ValueError(f"rank {rank} fails on purpose")
     dist.barrier()
     return rank

@@ -17,7 +17,8 @@ from qwen3moe_kernels import reference
 from qwen3moe_kernels.cpu import cpu_compute_dtype
 from qwen3moe_kernels.kernels import grouped_swiglu
 from qwen3moe_kernels.ops import grouped_swiglu_cpu
-from helpers import DEVICES
+from qwen3moe_kernels.ops.grouped_swiglu import ACTIVATIONS
+from helpers import DEVICES, experts_inputs
 from tolerances import tol
 
 HERE = Path(__file__).parent
@@ -72,15 +73,6 @@ def test_default_config_phases():
 # ----------------------------------------------------------------------------------------- CPU ops
 
 
-def _inputs(T, H, I, E, k, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g).to(dtype)
-    wgu = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
-    wd = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
-    w, ids = reference.router_topk(torch.randn(T, E, generator=g), k, True)
-    return x, ids, w, wgu, wd
-
-
 def _ref_gate_up(x, wgu, ids):
     k = ids.shape[1]
     gu = torch.einsum("sh,sih->si", x.double().repeat_interleave(k, 0), wgu.double()[ids.reshape(-1).long()])
@@ -89,7 +81,7 @@ def _ref_gate_up(x, wgu, ids):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_ops_match_reference(dtype):
-    x, ids, w, wgu, wd = _inputs(29, 40, 24, 7, 3, dtype)
+    x, ids, w, wgu, wd = experts_inputs(29, 40, 24, 7, 3, dtype)
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     h_ref, gu_ref = _ref_gate_up(x, wgu, ids)
     t = tol("gemm", dtype)
@@ -108,7 +100,7 @@ def test_cpu_whole_forward_agrees_with_the_two_ops(dtype):
     the GEMM tolerance (h: one more rounding apart, the C++ kernel rounds act(gate) * up from its fp32 accumulators);
     the routing weights are rounded to x's dtype inside it (fp32 weights bf16 cannot hold give, bit for bit, what
     the pre-rounded ones give). The C++ kernel on every ISA path: tests/test_grouped_swiglu_cpu.py."""
-    x, ids, w, wgu, wd = _inputs(23, 40, 24, 7, 3, dtype, seed=7)
+    x, ids, w, wgu, wd = experts_inputs(23, 40, 24, 7, 3, dtype, seed=7)
     w = w + 1e-3
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     want = OPS.grouped_swiglu_down(h, wd, ids, w.to(dtype).float())
@@ -125,7 +117,7 @@ def test_cpu_whole_forward_agrees_with_the_two_ops(dtype):
 
 def test_cpu_backward_ops_match_autograd():
     """down_backward and gate_up_backward against autograd of the same math in float64."""
-    x, ids, w, wgu, wd = _inputs(31, 36, 20, 6, 2, torch.float32, seed=3)
+    x, ids, w, wgu, wd = experts_inputs(31, 36, 20, 6, 2, torch.float32, seed=3)
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     dout = torch.randn(31, 36, generator=torch.Generator().manual_seed(4))
     dgu, dwd, drw = OPS.grouped_swiglu_down_backward(dout, h, gu, wd, ids, w)
@@ -147,7 +139,7 @@ FLAGS = [(True, True, True), (True, False, False), (False, True, False), (False,
 def test_cpu_whole_backward_is_the_two_ops(dtype):
     """grouped_swiglu_backward (one grouping, d_gate_up kept in expert order) gives, bit for bit, down_backward then
     gate_up_backward, for every combination of the gradients asked for; the ones not asked for come back empty."""
-    x, ids, w, wgu, wd = _inputs(21, 40, 24, 7, 3, dtype, seed=8)
+    x, ids, w, wgu, wd = experts_inputs(21, 40, 24, 7, 3, dtype, seed=8)
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     dout = torch.randn(21, 40, generator=torch.Generator().manual_seed(9)).to(dtype)
     dgu, dwd, drw = OPS.grouped_swiglu_down_backward(dout, h, gu, wd, ids, w)
@@ -174,7 +166,7 @@ def test_cpu_grouped_mm_path_is_the_per_expert_loop(dtype, monkeypatch):
     grouped_expected = cpu_compute_dtype(dtype) == dtype
 
     def run():
-        x, ids, w, wgu, wd = _inputs(21, 64, 32, 9, 2, dtype, seed=12)
+        x, ids, w, wgu, wd = experts_inputs(21, 64, 32, 9, 2, dtype, seed=12)
         ids[ids == 4] = 5  # expert 4 gets no rows
         dout = torch.randn(21, 64, generator=torch.Generator().manual_seed(13)).to(dtype)
         out, h, gu = grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, True)  # the torch forward (the reference)
@@ -191,14 +183,14 @@ def test_cpu_grouped_mm_path_is_the_per_expert_loop(dtype, monkeypatch):
         assert torch.equal(a, b)
     monkeypatch.undo()
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x, ids, w, wgu, wd = _inputs(5, 83, 33, 4, 2, dtype)  # rows of 83 elements: no 16-byte stride in any dtype
+    x, ids, w, wgu, wd = experts_inputs(5, 83, 33, 4, 2, dtype)  # rows of 83 elements: no 16-byte stride in any dtype
     grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, False)
     assert not calls
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    x, ids, w, wgu, wd = (t.to(device) for t in _inputs(9, 32, 16, 5, 2, torch.float32, seed=5))
+    x, ids, w, wgu, wd = (t.to(device) for t in experts_inputs(9, 32, 16, 5, 2, torch.float32, seed=5))
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     dout = torch.randn(9, 32, device=device)
     dgu = torch.randn(18, 32, device=device)
@@ -227,7 +219,6 @@ def test_opcheck(device):
         torch.library.opcheck(op, args)
 
 
-ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -235,13 +226,18 @@ ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu"]
 def test_cpu_every_activation_forward_backward(activation, dtype):
     """The forward and the whole backward for each activation the kernels compute, against autograd of
     reference.moe_experts in float64 (fp32 by the gemm tolerance, bf16 within twice PyTorch's own bf16 error)."""
-    from tolerances import twice_torch_error_bound
-
-    x, ids, w, wgu, wd = _inputs(23, 40, 24, 7, 3, dtype, seed=31)
+    x, ids, w, wgu, wd = experts_inputs(23, 40, 24, 7, 3, dtype, seed=31)
     dout = torch.randn(23, 40, generator=torch.Generator().manual_seed(32)).to(dtype)
     wr = w.to(dtype).float()
     out, h, gu = OPS.grouped_swiglu(x, wgu, wd, ids, w, True, activation)
     got = [out, *OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, wr, True, True, True, activation)]
+    _assert_like_float64_autograd(got, x, wgu, wd, ids, w, dout, activation)
+
+
+def _assert_like_float64_autograd(got, x, wgu, wd, ids, w, dout, activation="silu"):
+    """``got`` = [out, dx, dw_gate_up, dw_down, dweights] against autograd of reference.moe_experts in float64:
+    fp32 by the gemm tolerance, 16-bit within twice PyTorch's own error at that dtype (+ a 1e-5 floor)."""
+    from tolerances import twice_torch_error_bound
 
     def ref(cast):
         ts = [t.detach().to(cast or t.dtype).clone().requires_grad_() for t in (x, wgu, wd, w)]
@@ -251,8 +247,9 @@ def test_cpu_every_activation_forward_backward(activation, dtype):
 
     r64, lowp = ref(torch.float64), ref(None)
     for name, a, b, c in zip(("out", "dx", "dw_gate_up", "dw_down", "dweights"), got, r64, lowp):
-        if dtype == torch.float32:
-            torch.testing.assert_close(a.double(), b, **tol("gemm", dtype), msg=lambda m: f"{activation} {name}: {m}")
+        assert a.shape == b.shape, name
+        if x.dtype == torch.float32:
+            torch.testing.assert_close(a.double(), b, **tol("gemm", x.dtype), msg=lambda m: f"{activation} {name}: {m}")
         else:
             bound = twice_torch_error_bound(b, c, floor=1e-5 * max(1.0, b.abs().max().item()))
             assert (a.double() - b).abs().max().item() <= bound, (activation, name)
@@ -264,9 +261,7 @@ def test_cpu_size_one_dims_forward_backward(H, I, dtype):
     """I = 1 or H = 1: operands of shape [S, 1] or [E, 1, 1], whose unit strides torch._grouped_mm refuses ("strides
     should be multiple of 16 bytes"), take the per-expert loop. The torch forward, the parts ops and the whole
     backward (what training runs) against autograd of reference.moe_experts in float64."""
-    from tolerances import twice_torch_error_bound
-
-    x, ids, w, wgu, wd = _inputs(9, H, I, 4, 2, dtype, seed=33)
+    x, ids, w, wgu, wd = experts_inputs(9, H, I, 4, 2, dtype, seed=33)
     dout = torch.randn(9, H, generator=torch.Generator().manual_seed(34)).to(dtype)
     wr = w.to(dtype).float()
     out, h, gu = grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, True)
@@ -274,27 +269,13 @@ def test_cpu_size_one_dims_forward_backward(H, I, dtype):
     assert torch.equal(h2, h) and torch.equal(gu2, gu)
     assert torch.equal(OPS.grouped_swiglu_down(h, wd, ids, wr), out)
     got = [out, *OPS.grouped_swiglu_backward(dout, x, h, gu, wgu, wd, ids, wr, True, True, True)]
-
-    def ref(cast):
-        ts = [t.detach().to(cast or t.dtype).clone().requires_grad_() for t in (x, wgu, wd, w)]
-        r = reference.moe_experts(ts[0], ts[1], ts[2], ids, ts[3])
-        r.backward(dout.to(r.dtype))
-        return [r.detach(), ts[0].grad, ts[1].grad, ts[2].grad, ts[3].grad]
-
-    r64, lowp = ref(torch.float64), ref(None)
-    for name, a, b, c in zip(("out", "dx", "dw_gate_up", "dw_down", "dweights"), got, r64, lowp):
-        assert a.shape == b.shape, name
-        if dtype == torch.float32:
-            torch.testing.assert_close(a.double(), b, **tol("gemm", dtype), msg=lambda m: f"{name}: {m}")
-        else:
-            bound = twice_torch_error_bound(b, c, floor=1e-5 * max(1.0, b.abs().max().item()))
-            assert (a.double() - b).abs().max().item() <= bound, name
+    _assert_like_float64_autograd(got, x, wgu, wd, ids, w, dout)
 
 
 def test_activation_changes_the_result_and_unknown_names_are_refused():
     """A test that could not fail otherwise: each activation gives different outputs on the same inputs, and a name
     the kernels do not compute is a ValueError naming the choices."""
-    x, ids, w, wgu, wd = _inputs(9, 32, 16, 5, 2, torch.float32, seed=4)
+    x, ids, w, wgu, wd = experts_inputs(9, 32, 16, 5, 2, torch.float32, seed=4)
     outs = [OPS.grouped_swiglu(x, wgu, wd, ids, w, False, a)[0] for a in ACTIVATIONS]
     assert all(not torch.allclose(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
     for op, args in ((OPS.grouped_swiglu, (x, wgu, wd, ids, w, False, "mish")),
@@ -304,7 +285,7 @@ def test_activation_changes_the_result_and_unknown_names_are_refused():
 
 
 def test_op_errors_name_the_argument():
-    x, ids, w, wgu, wd = _inputs(4, 32, 16, 5, 2, torch.float32)
+    x, ids, w, wgu, wd = experts_inputs(4, 32, 16, 5, 2, torch.float32)
     h, gu = OPS.grouped_swiglu_gate_up(x, wgu, ids, True)
     cases = [
         (lambda: OPS.grouped_swiglu_gate_up(x.int(), wgu, ids, False), TypeError, "x must be float32/float16/bfloat16"),

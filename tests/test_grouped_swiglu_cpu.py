@@ -12,6 +12,8 @@ import torch
 
 from qwen3moe_kernels import _ext, ops, recorder, reference
 from qwen3moe_kernels.ops import grouped_swiglu_cpu
+from qwen3moe_kernels.ops.grouped_swiglu import ACTIVATIONS
+from helpers import experts_inputs
 from tolerances import tol
 
 pytestmark = pytest.mark.skipif(not _ext.CPU_EXPERTS, reason="no C++ CPU experts kernel in this build (not x86-64)")
@@ -21,7 +23,6 @@ LEVELS = ["generic", "avx2", "avx512", "avx512_bf16"]
 BEST = _ext.cpu_isa() if _ext.CPU_EXPERTS else "generic"
 ISAS = LEVELS[: LEVELS.index(BEST) + 1] if BEST in LEVELS else ["generic"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu"]
 
 
 @pytest.fixture(params=ISAS)
@@ -43,15 +44,6 @@ def poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(old[0])
         torch.utils.deterministic.fill_uninitialized_memory = old[1]
-
-
-def _inputs(T, H, I, E, k, dtype, seed=0, ids=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g).to(dtype)
-    wgu = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
-    wd = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
-    w, top = reference.router_topk(torch.randn(T, E, generator=g), k, True)
-    return x, (top if ids is None else ids), w, wgu, wd
 
 
 def _check_against_float64(x, wgu, wd, ids, w, activation="silu", save=True):
@@ -87,7 +79,7 @@ SHAPES = [(1, 64, 48, 8, 2), (29, 40, 24, 7, 3), (5, 83, 33, 4, 2), (64, 128, 96
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_matches_float64_every_path(isa, dtype):
     for i, (T, H, I, E, k) in enumerate(SHAPES):
-        x, ids, w, wgu, wd = _inputs(T, H, I, E, k, dtype, seed=i)
+        x, ids, w, wgu, wd = experts_inputs(T, H, I, E, k, dtype, seed=i)
         _check_against_float64(x, wgu, wd, ids, w, save=i % 2 == 0)
 
 
@@ -119,7 +111,7 @@ def test_real_size_within_a_multiple_of_torch_error(dtype, monkeypatch):
     two packed blocks of x and a narrow remainder on AVX2 and AVX-512) and a 2-token decode (narrow), each output
     within REAL_FACTOR x the torch implementation's max error against float64."""
     H, I, E = 2048, 768, 2
-    x, ids, w, wgu, wd = _inputs(100, H, I, E, 2, dtype, seed=14)  # k = E: every expert gets every token
+    x, ids, w, wgu, wd = experts_inputs(100, H, I, E, 2, dtype, seed=14)  # k = E: every expert gets every token
     for T in (100, 2):
         xs, ids_t, w_t = x[:T], ids[:T], w[:T]
         want = _float64_by_expert(xs, wgu, wd, ids_t, w_t)
@@ -141,20 +133,20 @@ def test_real_size_within_a_multiple_of_torch_error(dtype, monkeypatch):
 def test_every_activation(isa, activation):
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((7, 40, 24, 5, 2), (96, 48, 20, 3, 2)):  # narrow, wide
-            x, ids, w, wgu, wd = _inputs(*shape, dtype, seed=3)
+            x, ids, w, wgu, wd = experts_inputs(*shape, dtype, seed=3)
             _check_against_float64(x, wgu, wd, ids, w, activation)
 
 
 def test_routing_corner_cases(isa):
     """All tokens on one expert, k = E, experts without rows, T = 0."""
     for dtype in (torch.float32, torch.bfloat16):
-        x, _, w, wgu, wd = _inputs(37, 48, 32, 6, 1, dtype, seed=5)
+        x, _, w, wgu, wd = experts_inputs(37, 48, 32, 6, 1, dtype, seed=5)
         _check_against_float64(x, wgu, wd, torch.full((37, 1), 4, dtype=torch.int32), w)  # one expert, wide
-        x, _, w, wgu, wd = _inputs(3, 48, 32, 6, 1, dtype, seed=6)
+        x, _, w, wgu, wd = experts_inputs(3, 48, 32, 6, 1, dtype, seed=6)
         _check_against_float64(x, wgu, wd, torch.full((3, 1), 5, dtype=torch.int64), w)  # one expert, narrow
-        x, ids, w, wgu, wd = _inputs(11, 40, 16, 5, 5, dtype, seed=7)  # k = E: every expert, every token
+        x, ids, w, wgu, wd = experts_inputs(11, 40, 16, 5, 5, dtype, seed=7)  # k = E: every expert, every token
         _check_against_float64(x, wgu, wd, ids, w)
-        x, ids, w, wgu, wd = _inputs(9, 32, 16, 64, 2, dtype, seed=8)  # most of 64 experts get no rows
+        x, ids, w, wgu, wd = experts_inputs(9, 32, 16, 64, 2, dtype, seed=8)  # most of 64 experts get no rows
         _check_against_float64(x, wgu, wd, ids, w)
         out, h, gu = OPS.grouped_swiglu(x[:0], wgu, wd, ids[:0], w[:0], True)
         assert (out.shape, h.shape, gu.shape) == ((0, 32), (0, 16), (0, 32))
@@ -167,7 +159,7 @@ def test_bitwise_deterministic_and_thread_independent(isa):
     try:
         for dtype in DTYPES:
             for T in (1, 5, 70):  # narrow, narrow, mixed/wide
-                x, ids, w, wgu, wd = _inputs(T, 136, 60, 6, 3, dtype, seed=T)
+                x, ids, w, wgu, wd = experts_inputs(T, 136, 60, 6, 3, dtype, seed=T)
                 torch.set_num_threads(2)
                 a = OPS.grouped_swiglu(x, wgu, wd, ids, w, True)
                 b = OPS.grouped_swiglu(x, wgu, wd, ids, w, True)
@@ -184,14 +176,14 @@ def test_bitwise_deterministic_and_thread_independent(isa):
 def test_a_million_slots():
     """T*k in the millions (tiny H and I): the grouping, the split and the combine at that scale."""
     T, k = 1 << 18, 4
-    x, ids, w, wgu, wd = _inputs(T, 8, 4, 16, k, torch.float32, seed=9)
+    x, ids, w, wgu, wd = experts_inputs(T, 8, 4, 16, k, torch.float32, seed=9)
     out = OPS.grouped_swiglu(x, wgu, wd, ids, w, False)[0]
     torch.testing.assert_close(out, grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, False)[0],
                                **tol("gemm", torch.float32))
 
 
 def test_strided_and_noncontiguous_inputs(isa):
-    x, ids, w, wgu, wd = _inputs(13, 40, 24, 5, 2, torch.bfloat16, seed=10)
+    x, ids, w, wgu, wd = experts_inputs(13, 40, 24, 5, 2, torch.bfloat16, seed=10)
     want = OPS.grouped_swiglu(x, wgu, wd, ids, w, False)[0]
     wide = torch.zeros(13, 64, dtype=x.dtype)
     wide[:, 8:48] = x  # rows with a stride
@@ -201,7 +193,7 @@ def test_strided_and_noncontiguous_inputs(isa):
 
 
 def test_implementations_name_the_path(isa):
-    x, ids, w, wgu, wd = _inputs(4, 32, 16, 5, 2, torch.float32)
+    x, ids, w, wgu, wd = experts_inputs(4, 32, 16, 5, 2, torch.float32)
     recorder.reset()
     with torch.no_grad():
         ops.moe_experts(x, wgu, wd, ids, w)
@@ -218,7 +210,7 @@ def test_isa_override_errors(monkeypatch):
     with pytest.raises(ValueError, match="QWEN3MOE_CPU_ISA=sse9 is not one of torch, generic, avx2, avx512, "
                                          "avx512_bf16"):
         _ext.cpu_isa()
-    x, ids, w, wgu, wd = _inputs(2, 16, 8, 3, 1, torch.float32)
+    x, ids, w, wgu, wd = experts_inputs(2, 16, 8, 3, 1, torch.float32)
     with pytest.raises(ValueError, match="sse9"):
         OPS.grouped_swiglu(x, wgu, wd, ids, w, False)
     if BEST != LEVELS[-1]:  # a path above this CPU's: an error naming both
@@ -234,7 +226,7 @@ def test_torch_path(monkeypatch):
     monkeypatch.setenv("QWEN3MOE_CPU_ISA", "torch")
     assert _ext.cpu_isa() == "torch: QWEN3MOE_CPU_ISA=torch"
     for dtype in (torch.float32, torch.bfloat16):
-        x, ids, w, wgu, wd = _inputs(29, 40, 24, 7, 3, dtype, seed=13)
+        x, ids, w, wgu, wd = experts_inputs(29, 40, 24, 7, 3, dtype, seed=13)
         for save in (True, False):
             got = OPS.grouped_swiglu(x, wgu, wd, ids, w, save, "gelu")
             want = grouped_swiglu_cpu.experts(x, wgu, wd, ids, w, save, "gelu")
@@ -248,7 +240,7 @@ def test_torch_path(monkeypatch):
 
 def test_training_saves_what_the_backward_needs(isa):
     """save_activations: moe_experts' gradients (the backward stays on the torch implementation) match float64."""
-    x, ids, w, wgu, wd = _inputs(21, 40, 24, 7, 3, torch.float32, seed=11)
+    x, ids, w, wgu, wd = experts_inputs(21, 40, 24, 7, 3, torch.float32, seed=11)
     dout = torch.randn(21, 40, generator=torch.Generator().manual_seed(12))
     ours = [t.clone().requires_grad_() for t in (x, wgu, wd, w)]
     ops.moe_experts(ours[0], ours[1], ours[2], ids, ours[3]).backward(dout)
@@ -259,8 +251,8 @@ def test_training_saves_what_the_backward_needs(isa):
 
 
 def test_opcheck_and_compile(isa):
-    x, ids, w, wgu, wd = _inputs(9, 32, 16, 5, 2, torch.float32, seed=5)
-    xb, idsb, wb, wgub, wdb = _inputs(40, 32, 16, 2, 1, torch.bfloat16, seed=6)  # wide experts
+    x, ids, w, wgu, wd = experts_inputs(9, 32, 16, 5, 2, torch.float32, seed=5)
+    xb, idsb, wb, wgub, wdb = experts_inputs(40, 32, 16, 2, 1, torch.bfloat16, seed=6)  # wide experts
     for args in ((x, wgu, wd, ids, w, True), (x, wgu, wd, ids.long(), w, False, "gelu"),
                  (x[:0], wgu, wd, ids[:0], w[:0], True), (xb, wgub, wdb, idsb, wb, True, "relu")):
         torch.library.opcheck(OPS.grouped_swiglu, args)

@@ -252,8 +252,6 @@ def test_mixed_precision_norm_falls_back_visibly():
     assert qwen3moe_kernels.implementations()["rms_norm"].startswith("reference (")
 
 
-# bf16: the tiny model's 12 greedy tokens were checked to be the same patched and unpatched (no near-tie flips
-# them); if a change of the kernels' rounding ever flips one, the test says so rather than hiding it.
 def _greedy(model, ids):
     return model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
                           return_dict_in_generate=True)
